@@ -1,0 +1,403 @@
+"""
+Tests for trb.py and eval.py: pytest, CPU, tiny models built here (no downloads).
+  python -m pytest -q test_trb.py
+Opt-in checks on the real SmolLM2 pair run with TRB_SLOW=1.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import trb
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# -----------------------------------------------------------------------------
+# helpers: float64 references
+
+def exact_kl_mu_s(beta, s, t):
+    """KL(mu_beta || pi_S) in float64 for the blend of eq. 1, rows of (N, V)."""
+    ls, lt = F.log_softmax(s.double(), -1), F.log_softmax(t.double(), -1)
+    b = beta.double().reshape(-1, 1)
+    lm = F.log_softmax(torch.where(b > 0, (1 - b) * ls + b * lt, ls), -1)
+    pm = lm.exp()
+    return (pm * torch.where(pm > 0, lm - ls, 0.0)).sum(-1)
+
+def brute_beta(s, t, eps, iters=200):
+    """float64 bisection on KL(mu_beta||pi_S) <= eps, one row at a time (the reference)."""
+    out = []
+    for i in range(s.shape[0]):
+        si, ti = s[i:i + 1], t[i:i + 1]
+        if exact_kl_mu_s(torch.ones(1), si, ti).item() <= eps: out.append(1.0); continue
+        lo, hi = 0.0, 1.0
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            if exact_kl_mu_s(torch.tensor([mid]), si, ti).item() <= eps: lo = mid
+            else: hi = mid
+        out.append(lo)
+    return torch.tensor(out, dtype=torch.float64)
+
+def kl64(lp, lq):
+    """KL(p||q) in float64 from log-probs (p renormalised), 0 log 0 = 0."""
+    lp, lq = F.log_softmax(lp.double(), -1), lq.double()
+    p = lp.exp()
+    return (p * torch.where(p > 0, lp - lq, 0.0)).sum(-1)
+
+# -----------------------------------------------------------------------------
+# the blend: the budget constraint, the reference, the endpoints, optimality
+
+@pytest.mark.parametrize("V", [2, 7, 100, 5000, 50000])
+def test_budget_never_exceeded(V):
+    g = torch.Generator().manual_seed(V)
+    worst = 0.0
+    for scale in (0.1, 1.0, 4.0, 15.0):
+        for eps in (1e-4, 1e-3, 1e-2, 0.1, 1.0, 50.0):
+            N = 256 if V <= 5000 else 32
+            s = torch.randn(N, V, generator=g) * scale
+            t = torch.randn(N, V, generator=g) * scale
+            logp_mu, beta = trb.trust_region_blend(s, t, eps)
+            kl = kl64(logp_mu, F.log_softmax(s.double(), -1))  # renormalised, as sampling does
+            assert torch.isfinite(logp_mu).all() and ((beta >= 0) & (beta <= 1)).all()
+            assert (kl <= eps * (1 + 1e-3)).all(), f"V={V} scale={scale} eps={eps}: KL(mu||pi_S)/eps = {(kl / eps).max().item():.6f}"
+            # and the returned mu is the blend at the returned beta
+            kb = exact_kl_mu_s(beta, s, t)
+            assert torch.allclose(kl, kb, rtol=1e-3, atol=1e-7), f"V={V}: logp_mu is not mu_beta"
+            inner = beta < 1
+            if inner.any():  # where beta < 1 the budget is used up, not wasted
+                assert (kl[inner] >= eps * (1 - 2e-3)).all(), f"V={V} scale={scale} eps={eps}: budget left unused"
+            worst = max(worst, (kl / eps).max().item())
+    print(f"V={V}: worst KL/eps {worst:.6f}")
+
+@pytest.mark.parametrize("V,scale", [(5, 1.0), (300, 3.0), (4000, 8.0)])
+def test_beta_matches_bruteforce(V, scale):
+    g = torch.Generator().manual_seed(7)
+    s, t = torch.randn(12, V, generator=g) * scale, torch.randn(12, V, generator=g) * scale
+    for eps in (1e-4, 1e-2, 0.3):
+        _, beta = trb.trust_region_blend(s, t, eps)
+        ref = brute_beta(s, t, eps)
+        err = ((beta.double() - ref).abs() / ref.clamp(min=1e-12)).max().item()
+        assert err < 1e-3, f"V={V} eps={eps}: beta relative error {err:.2e} against float64 bisection"
+
+def test_closed_form_endpoints():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(16, 50, generator=g) * 2, torch.randn(16, 50, generator=g) * 2
+    lp, beta = trb.trust_region_blend(s, t, 0.0)
+    assert torch.equal(beta, torch.zeros(16)) and torch.equal(lp, F.log_softmax(s, -1)), "eps=0 must give the student exactly"
+    kl_ts = kl64(F.log_softmax(t, -1), F.log_softmax(s, -1))
+    lp, beta = trb.trust_region_blend(s, t, kl_ts.float() * 1.01)
+    assert torch.equal(beta, torch.ones(16)), "KL(T||S) <= eps must give beta = 1"
+    assert torch.allclose(lp, F.log_softmax(t, -1), atol=1e-5), "KL(T||S) <= eps must give the teacher"
+    lp, beta = trb.trust_region_blend(s, t, -1.0)
+    assert torch.equal(beta, torch.zeros(16)), "eps < 0 gives the student"
+
+def test_optimal_against_dense_search():
+    """mu_beta* beats every feasible q on a dense grid of the 3-simplex in KL(q||pi_T)."""
+    g = torch.Generator().manual_seed(3)
+    n = 400
+    a, b = torch.meshgrid(torch.linspace(0, 1, n, dtype=torch.float64), torch.linspace(0, 1, n, dtype=torch.float64), indexing="ij")
+    q = torch.stack([a, b, 1 - a - b], -1).reshape(-1, 3)
+    q = q[(q >= 0).all(-1)].clamp(min=1e-300)
+    for _ in range(5):
+        s, t = torch.randn(1, 3, generator=g) * 2, torch.randn(1, 3, generator=g) * 2
+        ls, lt = F.log_softmax(s.double(), -1), F.log_softmax(t.double(), -1)
+        for eps in (0.01, 0.1):
+            lp, beta = trb.trust_region_blend(s, t, eps)
+            ours = kl64(lp, lt).item()
+            kq_s = (q * (q.log() - ls)).sum(-1)
+            kq_t = (q * (q.log() - lt)).sum(-1)
+            best = kq_t[kq_s <= eps].min().item()
+            assert ours <= best + 1e-6, f"eps={eps}: a feasible grid point is closer to the teacher ({best:.6f} < {ours:.6f})"
+
+def test_per_row_eps_equals_row_by_row():
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(2, 3, 40, generator=g) * 3, torch.randn(2, 3, 40, generator=g) * 3
+    eps = torch.tensor([[0.0, 1e-3, 0.05], [0.5, 1e9, 2e-2]])
+    lp, beta = trb.trust_region_blend(s, t, eps)
+    assert lp.shape == (2, 3, 40) and beta.shape == (2, 3)
+    for i in range(2):
+        for j in range(3):
+            lp1, b1 = trb.trust_region_blend(s[i, j], t[i, j], float(eps[i, j]))
+            assert torch.allclose(lp[i, j], lp1, atol=1e-6) and abs(beta[i, j] - b1) < 1e-6, f"row ({i},{j}) differs from its batched value"
+
+def test_edge_cases_no_nan():
+    V = 64
+    g = torch.Generator().manual_seed(9)
+    s, t = torch.randn(4, V, generator=g), torch.randn(4, V, generator=g)
+    # -inf student logits (vocab padding) stay impossible under mu
+    s_pad = s.clone(); s_pad[:, -8:] = float("-inf")
+    t_big = t.clone(); t_big[:, -8:] = 50.0  # the teacher likes exactly those tokens
+    lp, beta = trb.trust_region_blend(s_pad, t_big, 0.5)
+    assert torch.isinf(lp[:, -8:]).all() and torch.isfinite(lp[:, :-8]).all(), "padding must stay impossible"
+    assert (kl64(lp, F.log_softmax(s_pad.double(), -1)) <= 0.5 * (1 + 1e-3)).all()
+    # -inf teacher logits: impossible under mu for beta > 0, and the budget still holds
+    t_inf = t.clone(); t_inf[:, :5] = float("-inf")
+    for eps in (1e-3, 0.05, 0.5, 10.0):
+        lp, beta = trb.trust_region_blend(s, t_inf, eps)
+        assert not torch.isnan(lp).any() and not torch.isnan(beta).any()
+        assert (kl64(lp, F.log_softmax(s.double(), -1)) <= eps * (1 + 1e-3)).all(), f"teacher -inf, eps={eps}"
+        assert (torch.isinf(lp[:, :5]) | (beta[:, None] == 0)).all(), "teacher-impossible tokens must vanish for beta > 0"
+    # huge logits
+    lp, beta = trb.trust_region_blend(s * 1e4, t * 1e4, 0.02)
+    assert torch.isfinite(beta).all() and not torch.isnan(lp).any()
+    assert (kl64(lp, F.log_softmax(s.double() * 1e4, -1)) <= 0.02 * (1 + 1e-3)).all(), "huge logits"
+    # identical policies: mu = pi_S = pi_T, beta = 1 for any eps > 0
+    lp, beta = trb.trust_region_blend(s, s.clone(), 1e-3)
+    assert torch.equal(beta, torch.ones(4)) and torch.allclose(lp, F.log_softmax(s, -1), atol=1e-6)
+    # one-hot teacher, both as -inf elsewhere and as a huge margin
+    oh = torch.full((4, V), float("-inf")); oh[:, 3] = 0.0
+    for tt in (oh, torch.where(torch.isinf(oh), 0.0, 1e4)):
+        for eps in (1e-3, 0.1, 100.0):
+            lp, beta = trb.trust_region_blend(s, tt, eps)
+            assert not torch.isnan(lp).any()
+            assert (kl64(lp, F.log_softmax(s.double(), -1)) <= eps * (1 + 1e-3)).all(), f"one-hot teacher, eps={eps}"
+        assert torch.allclose(lp[:, 3].exp(), torch.ones(4), atol=1e-5), "a large budget reaches the one-hot teacher"
+    # disjoint supports: no beta > 0 is defined, so mu = pi_S
+    sd, td = s.clone(), t.clone(); sd[:, 32:] = float("-inf"); td[:, :32] = float("-inf")
+    lp, beta = trb.trust_region_blend(sd, td, 1.0)
+    assert torch.equal(beta, torch.zeros(4)) and torch.allclose(lp, F.log_softmax(sd, -1))
+    # bf16 inputs work and agree with float32 on the same values
+    lp16, b16 = trb.trust_region_blend(s.bfloat16(), t.bfloat16(), 0.01)
+    lp32, b32 = trb.trust_region_blend(s.bfloat16().float(), t.bfloat16().float(), 0.01)
+    assert lp16.dtype == torch.float32 and torch.equal(lp16, lp32) and torch.equal(b16, b32)
+
+def test_app_e_small_eps_asymptote():
+    """Paper App. E: beta* ~ sqrt(2 eps / sigma^2), sigma^2 = Var_S[log pi_T - log pi_S], better as eps -> 0."""
+    g = torch.Generator().manual_seed(11)
+    s, t = torch.randn(64, 1000, generator=g) * 2, torch.randn(64, 1000, generator=g) * 2
+    ls, lt = F.log_softmax(s.double(), -1), F.log_softmax(t.double(), -1)
+    d = lt - ls
+    sig2 = (ls.exp() * d * d).sum(-1) - (ls.exp() * d).sum(-1) ** 2
+    errs = []
+    for eps in (1e-2, 1e-3, 1e-4, 1e-5):
+        _, beta = trb.trust_region_blend(s, t, eps)
+        errs.append(((beta.double() - (2 * eps / sig2).sqrt()).abs() / beta.double()).mean().item())
+    assert all(b < a for a, b in zip(errs, errs[1:])), f"App. E relative error must shrink as eps -> 0: {errs}"
+    assert errs[-1] < 0.01, f"App. E estimate off by {errs[-1]:.3%} at eps=1e-5"
+
+# -----------------------------------------------------------------------------
+# the loss
+
+def test_reverse_kl_matches_float64_and_autograd():
+    g = torch.Generator().manual_seed(2)
+    s = (torch.randn(3, 5, 200, generator=g) * 3).requires_grad_()
+    t = torch.randn(3, 5, 200, generator=g) * 3
+    kl = trb.reverse_kl(s, t)
+    ref = kl64(F.log_softmax(s.detach().double(), -1), F.log_softmax(t.double(), -1))
+    assert torch.allclose(kl.double(), ref, rtol=1e-5, atol=1e-6), "full-vocab KL vs float64"
+    w = torch.randn(3, 5, generator=g)
+    (kl * w).sum().backward()
+    s2 = s.detach().double().requires_grad_()
+    naive = (F.softmax(s2, -1) * (F.log_softmax(s2, -1) - F.log_softmax(t.double(), -1))).sum(-1)
+    (naive * w.double()).sum().backward()
+    assert torch.allclose(s.grad.double(), s2.grad, atol=1e-5), "gradient vs autograd on the naive formula"
+    tt = t.clone().requires_grad_()
+    trb.reverse_kl(s, tt).sum().backward()
+    assert tt.grad is None, "no gradient may reach the teacher"
+
+def test_reverse_kl_topk_renormalised():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(6, 300, generator=g) * 2, torch.randn(6, 300, generator=g) * 2
+    k = 16
+    idx = s.topk(k, -1).indices
+    ref = kl64(F.log_softmax(s.gather(-1, idx).double(), -1), F.log_softmax(t.gather(-1, idx).double(), -1))
+    got = trb.reverse_kl(s, t, topk=k)
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-7), "top-k KL must renormalise both sides on the student's top-k"
+    assert not torch.allclose(got, trb.reverse_kl(s, t)), "top-k differs from the full-vocab value"
+    assert torch.allclose(trb.reverse_kl(s, t, topk=300), trb.reverse_kl(s, t), atol=1e-5), "k = V is the full KL"
+
+def test_reverse_kl_zero_when_equal_and_sampled_estimator():
+    s = torch.randn(4, 7, 50)
+    assert trb.reverse_kl(s, s.clone()).abs().max() < 1e-6 and trb.reverse_kl(s, s.clone(), topk=16).abs().max() < 1e-6
+    t = torch.randn(4, 7, 50)
+    y = torch.randint(0, 50, (4, 7))
+    sp = s.clone().requires_grad_()
+    est = trb.reverse_kl(sp, t, tokens=y)
+    ref = F.log_softmax(s, -1).gather(-1, y[..., None])[..., 0] - F.log_softmax(t, -1).gather(-1, y[..., None])[..., 0]
+    assert torch.allclose(est, ref, atol=1e-6), "single-sample value is log pi_S(y) - log pi_T(y)"
+    est.sum().backward()
+    s2 = s.clone().requires_grad_()
+    ((ref.detach()) * F.log_softmax(s2, -1).gather(-1, y[..., None])[..., 0]).sum().backward()
+    assert torch.allclose(sp.grad, s2.grad, atol=1e-6), "single-sample gradient is the score-function one"
+
+@pytest.mark.parametrize("topk", [0, 4])
+def test_chunked_loss_equals_unchunked(topk):
+    g = torch.Generator().manual_seed(6)
+    s = (torch.randn(3, 11, 64, generator=g) * 2).requires_grad_()
+    t = torch.randn(3, 11, 64, generator=g) * 2
+    m = torch.rand(3, 11, generator=g) > 0.3
+    eos = [5, 9]
+    full = (trb.reverse_kl(trb.fold_eos(s, eos), trb.fold_eos(t, eos), topk) * m).sum()
+    (gf,) = torch.autograd.grad(full, s)
+    for chunk in (1, 4, 1000):
+        part = trb.opd_loss(s, t, m, topk, eos, chunk)
+        (gp,) = torch.autograd.grad(part, s)
+        assert torch.allclose(full, part, atol=1e-5), f"chunk={chunk}: loss differs"
+        assert torch.allclose(gf, gp, atol=1e-6), f"chunk={chunk}: gradient differs"
+    assert gf[~m].abs().max() == 0, "masked positions contribute nothing"
+
+# -----------------------------------------------------------------------------
+# schedule and EOS folding
+
+def test_kl_budget_schedule():
+    sched = [trb.kl_budget(k, 0.02, 50) for k in range(80)]
+    assert sched[0] == 0.02 and sched[25] == pytest.approx(0.01) and sched[50] == 0.0
+    assert all(a > b for a, b in zip(sched[:50], sched[1:51])), "strictly decreasing during warmup"
+    assert all(math.isclose(sched[k] - sched[k + 1], 0.02 / 50) for k in range(49)), "linear"
+    assert all(e == 0.0 for e in sched[50:]), "0 after K"
+    assert trb.kl_budget(0, 0.05, 0) == 0.0, "K=0 is pure OPD from step 0"
+
+def test_fold_eos():
+    x = torch.randn(3, 20)
+    y = trb.fold_eos(x, [4, 17, 2])
+    assert torch.allclose(y.logsumexp(-1), x.logsumexp(-1), atol=1e-6), "folding keeps the total mass"
+    assert torch.allclose(y.softmax(-1)[:, 4], x.softmax(-1)[:, [4, 17, 2]].sum(-1), atol=1e-6)
+    assert torch.isinf(y[:, [17, 2]]).all()
+    keep = [i for i in range(20) if i not in (4, 17, 2)]
+    assert torch.equal(y[:, keep], x[:, keep])
+    assert trb.fold_eos(x, [4]) is x
+    # two EOS ids carrying the same mass differently add no divergence once folded
+    s, t = x.clone(), x.clone()
+    t[:, 17], t[:, 4] = x[:, 4], x[:, 17]
+    assert trb.reverse_kl(s, t).min() > 0 and trb.reverse_kl(trb.fold_eos(s, [4, 17]), trb.fold_eos(t, [4, 17])).abs().max() < 1e-6
+
+def test_import_has_no_side_effects():
+    code = "import sys, trb; print('transformers' in sys.modules, 'datasets' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code, "--bogus-flag"], cwd=HERE, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"], f"import trb must not load models or parse args: {out.stdout} {out.stderr}"
+
+# -----------------------------------------------------------------------------
+# tiny models, built and saved here, loaded through the same path as a user's
+
+QA = [(f"Tom has {a} apples and buys {b} more. How many apples does he have?", f"He has {a} + {b} = {a + b} apples. The answer is {a + b}.")
+      for a in range(30) for b in range(0, 30, 7)]
+CORPUS = [q + " " + a for q, a in QA]
+CHAT = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+def make_tokenizer(path, corpus=CORPUS, chat=True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=360, special_tokens=["<pad>", "<s>", "</s>", "<|im_end|>", "<unk>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    if chat: tok.chat_template = CHAT
+    tok.save_pretrained(path)
+    return tok
+
+def make_model(path, tok, seed, layers=2, pad_rows=0, extra_eos=False, hidden=32, train_steps=0):
+    """A random Llama whose logits are padded by pad_rows rows beyond the tokenizer (as real checkpoints are)."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    V = len(tok)
+    cfg = LlamaConfig(vocab_size=V + pad_rows, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    m = LlamaForCausalLM(cfg)
+    if train_steps:  # a few steps on chat-formatted QA, so that answers depend on the prompt and end in EOS
+        seqs = [trb.format_prompt(tok, q) + tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for q, a in QA]
+        opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(train_steps):
+            batch = [seqs[i] for i in torch.randint(len(seqs), (16,), generator=g)]
+            ids, attn = trb.left_pad(batch, tok.pad_token_id, "cpu")
+            loss = m(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                     labels=ids.masked_fill(attn == 0, -100)).loss
+            loss.backward(); opt.step(); opt.zero_grad()
+    with torch.no_grad():
+        if pad_rows: m.lm_head.weight[V:] = m.lm_head.weight[:V].abs().max() * 10  # padding rows would win if not sliced
+    eos = [tok.eos_token_id] + ([tok.convert_tokens_to_ids("<|im_end|>")] if extra_eos else [])
+    m.generation_config = GenerationConfig(eos_token_id=eos if extra_eos else eos[0], pad_token_id=tok.pad_token_id)
+    m.save_pretrained(path)
+    tok.save_pretrained(path)
+    return m
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """student/teacher dirs (logits padded differently, teacher with a second EOS id) and a prompts JSONL."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = make_tokenizer(str(root / "tok"))
+    d = dict(root=root, tok=tok)
+    d["student"], d["teacher"] = str(root / "student"), str(root / "teacher")
+    make_model(d["student"], tok, seed=1, layers=2, pad_rows=8, train_steps=30)
+    make_model(d["teacher"], tok, seed=2, layers=3, pad_rows=24, extra_eos=True, train_steps=60)
+    d["data"] = str(root / "train.jsonl")
+    with open(d["data"], "w") as f:
+        for a in range(12): f.write(json.dumps({"question": f"Tom has {a} apples and buys {a + 2} more. How many?", "answer": str(2 * a + 2)}) + "\n")
+    return d
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+def prompt_batch(tok, qs):
+    return trb.left_pad([trb.format_prompt(tok, q) for q in qs], tok.pad_token_id, "cpu")
+
+QS = ["Tom has 3 apples.", "Tom has 12 apples and buys 7 more. How many apples does he have?", "How many?"]
+
+# -----------------------------------------------------------------------------
+# rollout: parity with generate(), the idle teacher, what is recorded
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_rollout_greedy_parity_with_generate(tiny, which):
+    s, t = load(tiny["student"]), load(tiny["teacher"])
+    tok, V = tiny["tok"], len(tiny["tok"])
+    ids, attn = prompt_batch(tok, QS)
+    assert (attn == 0).any(), "the batch must be left-padded"
+    eps = 0.0 if which == "student" else 1e9
+    # one EOS id here, so that folding leaves the argmax alone; generate() is kept off the padding rows
+    r = trb.rollout(s, t, ids, attn, eps, V=V, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, max_new_tokens=24, temperature=0)
+    ref_model = s if which == "student" else t
+    ref = ref_model.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=24, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, suppress_tokens=list(range(V, ref_model.config.vocab_size)))[:, ids.shape[1]:]
+    T = r["tokens"].shape[1]
+    assert T == ref.shape[1], f"length {T} vs generate's {ref.shape[1]}"
+    assert torch.equal(r["tokens"], ref), f"{which} rollout differs from generate():\n{r['tokens']}\n{ref}"
+    assert len({tuple(x) for x in ref.tolist()}) == len(QS), "each prompt gets its own continuation"
+    print(which, "ended rows:", (r["mask"].sum(1) < T).tolist())
+    if which == "teacher":
+        assert (r["beta"][r["mask"]] == 1).all(), "a huge budget gives beta = 1 everywhere"
+    else:
+        assert (r["beta"] == 0).all() and r["t_logp"] is None
+
+class _Forbidden(torch.nn.Module):
+    def forward(self, *a, **k): raise AssertionError("the teacher must not run at eps = 0")
+
+def test_rollout_never_runs_teacher_at_eps0(tiny):
+    s, tok = load(tiny["student"]), tiny["tok"]
+    ids, attn = prompt_batch(tok, QS)
+    r = trb.rollout(s, _Forbidden(), ids, attn, torch.zeros(3), V=len(tok), eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id,
+                    max_new_tokens=8, gen=torch.Generator().manual_seed(0))
+    assert r["tokens"].shape[0] == 3
+
+def test_rollout_records_and_budget(tiny):
+    s, t, tok = load(tiny["student"]), load(tiny["teacher"]), tiny["tok"]
+    V = len(tok)
+    eos = trb.eos_ids_of((tok, s), (tok, t))
+    assert eos == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")], f"EOS union {eos}"
+    ids, attn = prompt_batch(tok, QS * 2)
+    eps = torch.tensor([0.0, 0.01, 0.1, 0.5, 2.0, 1e9])
+    r = trb.rollout(s, t, ids, attn, eps, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=40, gen=torch.Generator().manual_seed(0))
+    m = r["mask"]
+    assert (r["tokens"] < V).all(), "padding rows of the logits must never be sampled"
+    assert not (r["tokens"] == eos[1]).any(), "the teacher's EOS id is folded into the student's"
+    assert ((r["kl"] <= eps[:, None] * (1 + 1e-3) + 1e-6) | ~m).all(), "realised KL(mu||pi_S) within each row's budget"
+    assert (r["beta"][0] == 0).all() and (r["beta"][5][m[5]] == 1).all()
+    assert ((r["beta"] >= 0) & (r["beta"] <= 1)).all() and (r["t_logp"] <= 1e-6).all()
+    for i in range(6):  # mask is a prefix ending at (and including) the first EOS
+        n = int(m[i].sum())
+        assert m[i, :n].all() and not m[i, n:].any()
+        if n < m.shape[1]: assert r["tokens"][i, n - 1] == eos[0] and (r["tokens"][i, n:] == tok.pad_token_id).all()
+    # the recorded teacher log-prob is the teacher's folded log-prob of the sampled token, from a full forward
+    seq, a = trb.build_sequences((ids, attn), r, tok.pad_token_id)
+    with torch.no_grad():
+        tl = trb.fold_eos(trb.response_logits(t, seq, a, m.shape[1], V), eos).log_softmax(-1)
+    ref = tl.gather(-1, r["tokens"][..., None])[..., 0]
+    assert torch.allclose(r["t_logp"][m], ref[m], atol=1e-4), "KV-cached teacher log-probs match a full forward"
