@@ -6,6 +6,7 @@ Opt-in checks on the real SmolLM2 pair run with TRB_SLOW=1.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -401,3 +402,168 @@ def test_rollout_records_and_budget(tiny):
         tl = trb.fold_eos(trb.response_logits(t, seq, a, m.shape[1], V), eos).log_softmax(-1)
     ref = tl.gather(-1, r["tokens"][..., None])[..., 0]
     assert torch.allclose(r["t_logp"][m], ref[m], atol=1e-4), "KV-cached teacher log-probs match a full forward"
+
+# -----------------------------------------------------------------------------
+# training: the CLI end to end, exact resume, micro-batching and DDP invariance
+
+def run_cli(tiny, out, *extra):
+    args = ["--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["data"], "--out_dir", str(out),
+            "--batch_size", "2", "--n_samples", "2", "--micro_batch_size", "4", "--max_new_tokens", "12",
+            "--eps0", "0.1", "--warmup_steps", "3", "--lr", "1e-3", "--lr_warmup_steps", "2", "--loss_topk", "0", *extra]
+    trb.main(args)
+    return out
+
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "model.safetensors"))
+
+def test_train_cli_end_to_end(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = run_cli(tiny, tmp_path / "run", "--max_steps", "3", "--eval_data", tiny["data"], "--eval_every", "2", "--eval_prompts", "3")
+    recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    for key in ("step", "loss", "eps", "beta", "kl_mu_s", "resp_len", "tok_per_s", "frac_teacher", "teacher_logp", "dt"):
+        assert all(key in r and math.isfinite(r[key]) for r in recs), f"metrics.jsonl lacks {key}"
+    assert [r["eps"] for r in recs] == pytest.approx([0.1, 0.1 * 2 / 3, 0.1 / 3]), "eps follows eq. 3"
+    assert all(0 < r["kl_mu_s"] <= r["eps"] * 1.001 for r in recs), "realised KL(mu||pi_S) within the budget"
+    assert "eval_kl" in recs[1] and "eval_kl" in recs[2] and recs[1]["eval_kl"] > 0
+    m = AutoModelForCausalLM.from_pretrained(str(out))
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template == tiny["tok"].chat_template
+    before = load(tiny["student"]).state_dict()
+    assert any(not torch.equal(v, before[k]) for k, v in m.state_dict().items()), "training changed the student"
+    assert not any(k.startswith("_orig_mod") or k.startswith("module.") for k in weights(out)), "clean checkpoint keys"
+
+def test_resume_is_exact(tiny, tmp_path):
+    a = run_cli(tiny, tmp_path / "a", "--max_steps", "4")
+    b = run_cli(tiny, tmp_path / "b", "--max_steps", "2")
+    trb.main(["--out_dir", str(b), "--resume", "--max_steps", "4"])
+    wa, wb = weights(a), weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "4 steps must equal 2 steps + resume + 2 steps"
+    ra, rb = [json.loads(l) for l in open(a / "metrics.jsonl")], [json.loads(l) for l in open(b / "metrics.jsonl")]
+    assert [r["step"] for r in rb] == [1, 2, 3, 4]
+    assert [(r["eps"], r["loss"]) for r in ra] == [(r["eps"], r["loss"]) for r in rb], "same batches, same eps schedule"
+
+def test_micro_batching_does_not_change_the_update(tiny, tmp_path):
+    a = run_cli(tiny, tmp_path / "a", "--max_steps", "1", "--temperature", "0", "--micro_batch_size", "4")
+    b = run_cli(tiny, tmp_path / "b", "--max_steps", "1", "--temperature", "0", "--micro_batch_size", "1")
+    wa, wb, w0 = weights(a), weights(b), weights(tiny["student"])
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa), "loss normalised by the global token count"
+    assert any(not torch.allclose(wa[k], w0[k]) for k in wa)
+
+def test_ddp_two_processes_equal_one(tiny, tmp_path):
+    common = ["--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["data"], "--batch_size", "4", "--n_samples", "2",
+              "--micro_batch_size", "2", "--max_new_tokens", "10", "--eps0", "0.1", "--warmup_steps", "3", "--lr", "1e-3",
+              "--lr_warmup_steps", "0", "--max_steps", "1", "--temperature", "0", "--loss_topk", "4"]
+    trb.main(common + ["--out_dir", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "trb.py"),
+                        *common, "--out_dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    w1, w2, w0 = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(tiny["student"])
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1), "a 2-rank update equals the 1-process update of the same global batch"
+    assert any(not torch.allclose(w1[k], w0[k], atol=1e-4) for k in w1)
+    r1, r2 = json.loads(open(tmp_path / "one" / "metrics.jsonl").read()), json.loads(open(tmp_path / "two" / "metrics.jsonl").read())
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-4) and r1["resp_len"] == r2["resp_len"], "metrics are all-reduced"
+
+# -----------------------------------------------------------------------------
+# bad input: one clear line each, never a traceback; nothing saved on failure
+
+def cli_error(tiny, tmp_path, *extra, base=True):
+    args = ["--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["data"], "--out_dir", str(tmp_path / "err"),
+            "--batch_size", "2", "--n_samples", "1", "--max_new_tokens", "6", "--max_steps", "1"] if base else []
+    with pytest.raises(SystemExit) as e:
+        trb.main(args + list(extra))
+    msg = str(e.value)
+    assert msg.startswith("trb: error: ") and "\n" not in msg, f"not a one-line error: {msg!r}"
+    return msg
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows: f.write(json.dumps(r) + "\n")
+    return str(path)
+
+def test_bad_paths_and_flags(tiny, tmp_path):
+    assert "no such directory" in cli_error(tiny, tmp_path, "--student", str(tmp_path / "nope"))
+    assert "no such directory" in cli_error(tiny, tmp_path, "--teacher", "./missing-model")
+    assert "no such file" in cli_error(tiny, tmp_path, "--data", str(tmp_path / "none.jsonl"))
+    assert "--eps0 must be >= 0" in cli_error(tiny, tmp_path, "--eps0", "-0.1")
+    assert "--batch_size must be >= 1" in cli_error(tiny, tmp_path, "--batch_size", "0")
+    assert "--dtype" in cli_error(tiny, tmp_path, "--dtype", "fp8")
+    with pytest.raises(SystemExit) as e:  # argparse: a wrong type or an unknown flag exits with usage, code 2
+        trb.main(["--eps0", "lots"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        trb.main(["--no_such_flag", "1"])
+
+def test_bad_data(tiny, tmp_path):
+    empty = tmp_path / "empty.jsonl"; empty.write_text("")
+    assert "is empty" in cli_error(tiny, tmp_path, "--data", str(empty))
+    nofield = write_jsonl(tmp_path / "nofield.jsonl", [{"text": "hello"}])
+    msg = cli_error(tiny, tmp_path, "--data", nofield)
+    assert "nofield.jsonl" in msg and "question|problem|prompt" in msg
+    assert "has no prompt field body" in cli_error(tiny, tmp_path, "--data", tiny["data"], "--prompt_field", "body")
+    assert "every prompt is longer" in cli_error(tiny, tmp_path, "--max_prompt_len", "5")
+
+def test_long_prompts_are_skipped_and_counted(tiny, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "mixed.jsonl", [{"question": "How many?"}] * 3 + [{"question": "apples " * 400}])
+    run_cli(tiny, tmp_path / "run", "--data", data, "--max_steps", "1", "--max_prompt_len", "200")
+    assert "prompts=3 skipped_long=1" in capsys.readouterr().out
+
+def test_incompatible_tokenizers_refused(tiny, tmp_path):
+    other = make_tokenizer(str(tmp_path / "tok2"), corpus=["zebra quartz " * 3 + str(i) for i in range(50)])
+    make_model(str(tmp_path / "teacher2"), other, seed=5)
+    msg = cli_error(tiny, tmp_path, "--teacher", str(tmp_path / "teacher2"))
+    assert "incompatible tokenizers: token id" in msg and "for the student but" in msg
+
+def test_nan_logits_and_loss_stop_without_saving(tiny, tmp_path):
+    for who, eps in (("student", "0.1"), ("teacher", "0.1"), ("teacher", "0")):
+        m = load(tiny[who])
+        with torch.no_grad():
+            m.lm_head.weight.fill_(float("nan"))
+        bad = tmp_path / f"nan_{who}"
+        m.save_pretrained(bad); tiny["tok"].save_pretrained(bad)
+        out = tmp_path / f"out_{who}_{eps}"
+        msg = cli_error(tiny, tmp_path, f"--{who}", str(bad), "--eps0", eps, "--out_dir", str(out))
+        want = f"NaN in the {who} logits" if eps != "0" else "non-finite loss"
+        assert "step 0" in msg and want in msg and "without saving" in msg, msg
+        assert not (out / "trainer_state.pt").exists() and not (out / "model.safetensors").exists()
+
+def test_resume_missing_or_corrupt(tiny, tmp_path):
+    assert "no checkpoint" in cli_error(tiny, tmp_path, "--out_dir", str(tmp_path / "nothing"), "--resume", base=False)
+    out = run_cli(tiny, tmp_path / "ok", "--max_steps", "1")
+    (out / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    assert "corrupt checkpoint" in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", base=False)
+    out = run_cli(tiny, tmp_path / "ok2", "--max_steps", "1")
+    (out / "model.safetensors").write_bytes(b"\x00" * 100)
+    assert "cannot load model" in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", base=False)
+
+def test_checkpoint_writes_are_atomic(tiny, tmp_path):
+    out = run_cli(tiny, tmp_path / "run", "--max_steps", "1")
+    w1 = weights(out)
+    m, tok = load(tiny["student"]), tiny["tok"]
+
+    class Killed(BaseException): pass
+    def dying_save(self, path, **kw):  # writes a partial file, then the process "dies"
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, "model.safetensors"), "wb").write(b"partial")
+        raise Killed()
+    orig = type(m).save_pretrained
+    type(m).save_pretrained = dying_save
+    try:
+        with pytest.raises(Killed):
+            trb.save_checkpoint(str(out), m, tok, {"step": 99})
+    finally:
+        type(m).save_pretrained = orig
+    assert all(torch.equal(w1[k], v) for k, v in weights(out).items()), "a kill mid-save left the previous checkpoint intact"
+    assert trb.load_state(str(out))["step"] == 1
+    assert not (tmp_path / "run.tmp" / "trainer_state.pt").exists(), "the partial save is not marked complete"
+    # a kill between the two renames: out_dir is gone, .old and a complete .tmp remain; resume takes the newer
+    trb.save_checkpoint(str(out) + "x", m, tok, {"step": 2, "optimizer": {}, "config": {}})
+    shutil.rmtree(str(out) + ".tmp")
+    os.replace(str(out), str(out) + ".old")
+    os.replace(str(out) + "x", str(out) + ".tmp")
+    assert trb.load_state(str(out))["step"] == 2 and os.path.isdir(out)
+    # and with only .old left, that one comes back
+    shutil.rmtree(str(out) + ".old")
+    os.replace(str(out), str(out) + ".old")
+    assert trb.load_state(str(out))["step"] == 2

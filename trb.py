@@ -63,6 +63,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -171,22 +172,31 @@ def init_runtime(cfg):
 # -----------------------------------------------------------------------------
 # models, tokenizers, prompts
 
+def _check_path(path):
+    """A local directory, or something shaped like a hub name (owner/model)."""
+    if os.path.isdir(path): return
+    if os.path.exists(path) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) or path.startswith("."):
+        raise UserError(f"model {path!r}: no such directory, and not a hub name owner/model")
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
 def load_model(path, dtype, device, trust_remote_code=False):
     from transformers import AutoModelForCausalLM
-    if not (os.path.isdir(path) or ("/" in path and not os.path.exists(path) and path.count("/") == 1)):
-        raise UserError(f"model {path!r}: no such local directory (and not a hub name owner/model)")
+    _check_path(path)
     try:
         m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise UserError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # missing files, corrupt safetensors, no network: one line, not a traceback
+        raise UserError(f"cannot load model {path!r}: {_first_line(e)}") from None
     return m.to(device)
 
 def load_tokenizer(path, trust_remote_code=False):
     from transformers import AutoTokenizer
+    _check_path(path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load tokenizer {path!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        raise UserError(f"cannot load tokenizer {path!r}: {_first_line(e)}") from None
 
 def shared_vocab(s_tok, t_tok, s_model, t_model):
     """V of the shared tokenizer vocab; refuses tokenizers that map it differently."""
@@ -229,12 +239,13 @@ def load_records(data, split="train"):
         args, field = HUB_DATA[data]
         return load_dataset(*args, split=split), field
     if not os.path.isfile(data): raise UserError(f"data {data!r}: no such file, and not one of {sorted(HUB_DATA)}")
+    if os.path.getsize(data) == 0: raise UserError(f"data {data!r} is empty")
     ext = data.rsplit(".", 1)[-1].lower()
     if ext not in ("jsonl", "json", "parquet"): raise UserError(f"data {data!r}: expected .jsonl, .json or .parquet")
     try:
         return load_dataset("parquet" if ext == "parquet" else "json", data_files=data, split="train"), None
     except Exception as e:  # datasets wraps parse errors in many types
-        raise UserError(f"cannot read {data!r}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot read {data!r}: {_first_line(e)}") from None
 
 def load_prompts(data, field=""):
     """List of prompt strings from a hub name or local file, with the field auto-detected."""
@@ -578,7 +589,7 @@ def train(cfg):
         os.makedirs(cfg.out_dir, exist_ok=True)
         mpath = os.path.join(cfg.out_dir, "metrics.jsonl")
         if os.path.exists(mpath):  # drop lines past the step we resume from
-            with open(mpath) as f: lines = [l for l in f if l.strip() and json.loads(l)["step"] < step]
+            with open(mpath) as f: lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
             with open(mpath, "w") as f: f.writelines(lines)
         print(f"trb | V={V} eos={eos_ids} prompts={len(prompts)} skipped_long={skipped} world={world} device={device} dtype={cfg.dtype}")
     wandb = None
