@@ -421,6 +421,8 @@ def test_train_cli_end_to_end(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = run_cli(tiny, tmp_path / "run", "--max_steps", "3", "--eval_data", tiny["data"], "--eval_every", "2", "--eval_prompts", "3")
     recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert recs[0] == {"step": 0, "eval_kl": pytest.approx(recs[0]["eval_kl"])} and recs[0]["eval_kl"] > 0, "held-out baseline before training"
+    recs = recs[1:]
     assert [r["step"] for r in recs] == [1, 2, 3]
     for key in ("step", "loss", "eps", "beta", "kl_mu_s", "resp_len", "tok_per_s", "frac_teacher", "teacher_logp", "dt"):
         assert all(key in r and math.isfinite(r[key]) for r in recs), f"metrics.jsonl lacks {key}"
@@ -567,3 +569,106 @@ def test_checkpoint_writes_are_atomic(tiny, tmp_path):
     shutil.rmtree(str(out) + ".old")
     os.replace(str(out), str(out) + ".old")
     assert trb.load_state(str(out))["step"] == 2
+
+# -----------------------------------------------------------------------------
+# eval.py: grading, and the CLI end to end
+
+import eval as ev  # noqa: E402
+
+GRADES = [  # (completion, gold, task, expected)
+    ("So she has 72 clips. \\boxed{72}", "72", "gsm8k", True),
+    ("The answer is 72.", "72", "gsm8k", True),
+    ("#### 1,234", "1234", "gsm8k", True),
+    ("She pays $18.00 in total.", "18", "gsm8k", True),
+    ("We get 5 apples, then 7 more, so 12", "12", "gsm8k", True),
+    ("\\boxed{\\$1,080}", "1080", "gsm8k", True),
+    ("\\boxed{18}", "180", "gsm8k", False),
+    ("\\boxed{180}", "18", "gsm8k", False),
+    ("\\boxed{-5}", "5", "gsm8k", False),
+    ("first \\boxed{3} then corrected \\boxed{4}", "4", "gsm8k", True),
+    ("first \\boxed{4} then corrected \\boxed{3}", "4", "gsm8k", False),
+    ("The answer is 12. Later we note 13 eggs.", "12", "gsm8k", True),
+    ("no numbers here", "12", "gsm8k", False),
+    ("", "3", "gsm8k", False),
+    ("The total is 0.5", "0.50", "gsm8k", True),
+    ("It costs 15 dollars, 3 each so 45", "45", "gsm8k", True),
+    ("It costs 45 dollars, 3 each so 15", "45", "gsm8k", False),
+    ("\\boxed{\\frac{1}{2}}", "0.5", "math", True),
+    ("\\boxed{0.5}", "\\frac{1}{2}", "math", True),
+    ("\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", "math", True),
+    ("\\boxed{\\frac{4}{3}}", "\\frac{3}{4}", "math", False),
+    ("\\boxed{90^\\circ}", "90", "math", True),
+    ("\\boxed{50\\%}", "50", "math", True),
+    ("\\boxed{x=5}", "5", "math", True),
+    ("\\boxed{x=6}", "5", "math", False),
+    ("\\boxed{(1,3)}", "(1,3)", "math", True),
+    ("\\boxed{(3,1)}", "(1,3)", "math", False),
+    ("\\boxed{[2,5)}", "[2,5)", "math", True),
+    ("\\boxed{(2,5]}", "[2,5)", "math", False),
+    ("\\boxed{\\{3,1,2\\}}", "\\{1,2,3\\}", "math", True),
+    ("\\boxed{\\sqrt{117}}", "3\\sqrt{13}", "math", True),
+    ("\\boxed{\\sqrt{113}}", "3\\sqrt{13}", "math", False),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", "math", True),
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{\\sqrt{3}}{2}", "math", False),
+    ("\\boxed{-\\frac{1}{3}}", "\\frac{1}{3}", "math", False),
+    ("so \\boxed 5.", "5", "math", True),
+    ("\\boxed{2} ... wait, \\boxed{\\frac{7}{2}}", "\\frac72", "math", True),
+    ("\\boxed{\\frac{7}{2}} ... no, \\boxed{2}", "\\frac72", "math", False),
+    ("The answer is $\\pi$.", "\\pi", "math", True),
+    ("The answer is $2\\pi$.", "\\pi", "math", False),
+    ("\\boxed{\\text{(C)}}", "\\text{(C)}", "math", True),
+    ("\\boxed{10}", "10.0", "math", True),
+    ("\\boxed{1/4}", "\\frac{1}{4}", "math", True),
+    ("\\boxed{{a}^{2}}", "a^2", "math", True),
+    ("\\boxed{a^3}", "a^2", "math", False),
+    ("nothing boxed and no answer phrase 7", "7", "math", False),
+    ("\\boxed{\\left( 2, \\frac{\\pi}{3} \\right)}", "\\left( 2, \\frac{\\pi}{3} \\right)", "math", True),
+    ("unfinished \\boxed{3", "3", "math", False),
+]
+
+def test_is_correct_cases():
+    assert len(GRADES) >= 40
+    n_true = sum(e for *_, e in GRADES)
+    assert 0.35 < n_true / len(GRADES) < 0.65, "balanced true and false outcomes"
+    wrong = [(c, g, t, e) for c, g, t, e in GRADES if ev.is_correct(c, g, t) != e]
+    assert not wrong, f"misgraded: {wrong}"
+
+def test_extraction_order_and_thread_safety():
+    assert ev.last_boxed("a \\boxed{\\frac{1}{\\sqrt{2}}} b") == "\\frac{1}{\\sqrt{2}}"
+    assert ev.extract_answer("#### 7\nthe answer is 8", "gsm8k") == "7", "#### before 'the answer is'"
+    assert ev.extract_answer("no answer here, 9", "math") is None and ev.extract_answer("no answer here, 9", "gsm8k") == "9"
+    import concurrent.futures as cf
+    with cf.ThreadPoolExecutor(2) as ex:  # math-verify's signal.alarm must not break off the main thread
+        got = list(ex.map(lambda a: ev.is_correct(*a[:3]), GRADES))
+    assert got == [e for *_, e in GRADES], "grading off the main thread agrees"
+
+def test_eval_cli_on_tiny_model(tiny, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "gsm.jsonl", [{"question": q, "answer": f"work\n#### {a.split()[-1].rstrip('.')}"} for q, a in QA[:5]])
+    out = tmp_path / "res.jsonl"
+    s = ev.main(["--model", tiny["student"], "--task", "gsm8k", "--data_file", data, "--n_samples", "2", "--temperature", "1",
+                 "--max_new_tokens", "24", "--batch_size", "4", "--out", str(out)])
+    recs = [json.loads(l) for l in open(out)]
+    assert len(recs) == 5 and s["n"] == 5 and 0 <= s["accuracy"] <= 1 and s["tok_per_s"] > 0
+    for r in recs:
+        assert set(r) == {"prompt", "completions", "extracted", "gold", "correct"} and len(r["completions"]) == 2 and len(r["correct"]) == 2
+    assert "gsm8k | accuracy" in capsys.readouterr().out
+    math_data = write_jsonl(tmp_path / "m.jsonl", [{"problem": "1+1?", "solution": "so \\boxed{2}", "subject": "Algebra", "level": 1},
+                                                   {"problem": "2+2?", "answer": "4", "subject": "Prealgebra", "level": 2}])
+    s = ev.main(["--model", tiny["student"], "--task", "math500", "--data_file", math_data, "--max_new_tokens", "8"])
+    assert set(s["by_subject"]) == {"Algebra", "Prealgebra"} and set(s["by_level"]) == {"1", "2"}
+
+def test_eval_bad_input(tiny, tmp_path, capsys):
+    def err(*args):
+        with pytest.raises(SystemExit) as e:
+            ev.main(list(args))
+        return str(e.value)
+    assert "no such file" in err("--model", tiny["student"], "--data_file", str(tmp_path / "x.jsonl"))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "#### 1"}, {"question": "q2"}])
+    assert "bad.jsonl:2" in err("--model", tiny["student"], "--data_file", bad)
+    assert "--n_samples must be >= 1" in err("--model", tiny["student"], "--data_file", bad, "--n_samples", "0")
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", tiny["student"], "--task", "aime"])
+    assert e.value.code == 2, "unknown task is refused by argparse"
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"question": "q", "answer": "#### 1"}])
+    ev.main(["--model", tiny["student"], "--data_file", ok, "--n_samples", "2", "--max_new_tokens", "2"])
+    assert "identical samples" in capsys.readouterr().err

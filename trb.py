@@ -607,6 +607,20 @@ def train(cfg):
             save_checkpoint(cfg.out_dir, student, tok, state)
         if world > 1: torch.distributed.barrier()
 
+    def log_eval():  # every rank evaluates its shard; the result is all-reduced
+        student.eval()
+        return evaluate(student, teacher, eval_prompts, cfg, V, eos_ids, pad_id, device, amp, rank, world)
+
+    def write_metrics(rec):
+        with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f: f.write(json.dumps(rec) + "\n")
+        if wandb: wandb.log(rec, step=rec["step"])
+
+    do_eval = bool(eval_prompts and cfg.eval_every)
+    if do_eval and step == 0:  # the value the held-out curve starts from
+        kl0 = log_eval()
+        if master:
+            bar.write(f"step     0 | eval_kl {kl0:.4f}")
+            write_metrics(dict(step=0, eval_kl=kl0))
     while step < cfg.max_steps:
         t0 = time.time()
         eps = kl_budget(step, cfg.eps0, cfg.warmup_steps)
@@ -656,16 +670,14 @@ def train(cfg):
         rec = dict(step=step, loss=loss_v, eps=eps, beta=stats[1].item() / n, frac_teacher=stats[4].item() / n,
                    kl_mu_s=stats[2].item() / n, teacher_logp=stats[3].item() / n, resp_len=n / (len(rows) * world),
                    tok_per_s=n / t_roll, dt=dt, lr=lr_at(step - 1, cfg))
-        if eval_prompts and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            student.eval()
-            rec["eval_kl"] = evaluate(student, teacher, eval_prompts, cfg, V, eos_ids, pad_id, device, amp, rank, world)
+        if do_eval and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            rec["eval_kl"] = log_eval()
         if master:
             bar.update(1)
             bar.write(f"step {step:5d} | loss {loss_v:.4f} | eps {eps:.4g} | beta {rec['beta']:.3f} | frac_teacher {rec['frac_teacher']:.3f}"
                       f" | kl(mu|s) {rec['kl_mu_s']:.4g} | teacher_logp {rec['teacher_logp']:.3f} | resp_len {rec['resp_len']:.1f}"
                       f" | tok/s {rec['tok_per_s']:.1f} | dt {dt:.2f}s" + (f" | eval_kl {rec['eval_kl']:.4f}" if "eval_kl" in rec else ""))
-            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f: f.write(json.dumps(rec) + "\n")
-            if wandb: wandb.log(rec, step=step)
+            write_metrics(rec)
         if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0): save(step)
     bar.close()
     if world > 1: torch.distributed.destroy_process_group()

@@ -1,0 +1,246 @@
+"""
+GSM8K and MATH exact match for a trb.py checkpoint or any HF causal LM: pass@1 averaged over n samples.
+
+  python eval.py --model out-trb --task gsm8k [--limit 100]
+  python eval.py --model out-trb --task math500 --data_file ../shared/data/math500/test.jsonl
+  python eval.py --plot out-trb out-opd --plot_out compare.png      # curves of trb.py runs
+
+Data: gsm8k = openai/gsm8k (main, test); math500 = HuggingFaceH4/MATH-500 (test); math = the full 5,000-problem
+MATH test split of DigitalLearningGmbH/MATH-lighteval. --data_file reads the same field names from local JSONL.
+Prompts are trb.py's (same chat template, same system prompt). Generation is trb.rollout at eps = 0: the
+same batched, left-padded, KV-cached loop as training, which bench.py measures against HF generate.
+Grading: the last \\boxed{...}, else '#### x', else 'the answer is x', else (GSM8K) the last number; compared
+by normalised string equality first, then by math-verify (Hugging Face's grader).
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+import threading
+import time
+
+import torch
+
+import trb
+
+TASKS = {  # task -> (hub dataset args, split, problem field)
+    "gsm8k": (("openai/gsm8k", "main"), "test", "question"),
+    "math500": (("HuggingFaceH4/MATH-500",), "test", "problem"),
+    "math": (("DigitalLearningGmbH/MATH-lighteval",), "test", "problem"),
+}
+
+# -----------------------------------------------------------------------------
+# answer extraction and grading
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} (nested braces) or \\boxed x; None if there is none."""
+    i = text.rfind("\\boxed")
+    if i < 0: return None
+    j = i + len("\\boxed")
+    if text[j:j + 1] == "{":
+        depth = 0
+        for k in range(j, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[k], 0)
+            if depth == 0: return text[j + 1:k].strip()
+        return None
+    m = re.match(r"\s+([^\s$]+)", text[j:])
+    return m.group(1).rstrip(".") if m else None
+
+NUM = r"-?\$?\d[\d,]*(?:\.\d+)?"
+
+def extract_answer(text, task):
+    b = last_boxed(text)
+    if b is not None: return b
+    m = re.findall(r"####\s*([^\n]+)", text)
+    if m: return m[-1].strip()
+    m = re.findall(r"answer is:?\s*\$?([^\n$]+?)\$?\s*(?:\.\s|\.?$|\n)", text, flags=re.I)
+    if m: return m[-1].strip()
+    if task == "gsm8k":
+        m = re.findall(NUM, text)
+        if m: return m[-1]
+    return None
+
+def normalise(s):
+    """Cheap canonical form: spacing, $, \\left/\\right, \\dfrac, degrees, percent, thousands commas, trailing .0."""
+    s = s.strip().strip("$").strip()
+    for a, b in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("dfrac", "frac"), ("tfrac", "frac"),
+                 ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""), ("%", ""), ("\\$", ""), ("$", ""), (" ", "")):
+        s = s.replace(a, b)
+    s = re.sub(r"\\text\{\s*([^}]*)\}", r"\1", s).rstrip(".")
+    if re.fullmatch(r"-?[\d,]*\.?\d+", s):
+        s = s.replace(",", "")
+        if "." in s: s = s.rstrip("0").rstrip(".")
+    return s
+
+_MV_LOG = logging.getLogger("math_verify")
+
+def _math_verify(gold, pred):
+    """math-verify; its timeouts use signal.alarm, which only works in the main thread."""
+    from math_verify import parse, verify
+    to = 5 if threading.current_thread() is threading.main_thread() else None
+    _MV_LOG.setLevel(logging.ERROR)  # it warns on every call with the timeout off
+    try:
+        return bool(verify(parse(f"${gold}$", parsing_timeout=to), parse(f"${pred}$", parsing_timeout=to), timeout_seconds=to))
+    except Exception:
+        return False
+
+def is_correct(completion, gold, task):
+    """Does the completion's final answer equal gold? task: 'gsm8k' or 'math' (math500 grades as math)."""
+    pred = extract_answer(completion, task)
+    if pred is None: return False
+    p, g = normalise(pred), normalise(gold)
+    if p == g: return True
+    if task == "gsm8k":
+        try: return math.isclose(float(p), float(g), rel_tol=0, abs_tol=1e-9)
+        except ValueError: pass
+    return _math_verify(gold, pred)
+
+# -----------------------------------------------------------------------------
+# data
+
+def gold_of(rec, task, where):
+    if task == "gsm8k":
+        if "question" not in rec or "answer" not in rec: raise trb.UserError(f"{where}: a GSM8K record needs question and answer")
+        return rec["question"], str(rec["answer"]).split("####")[-1].strip()
+    if "problem" not in rec or not ("answer" in rec or "solution" in rec): raise trb.UserError(f"{where}: a MATH record needs problem and answer (or solution)")
+    gold = rec.get("answer") or last_boxed(rec.get("solution", "")) or ""
+    if not gold: raise trb.UserError(f"{where}: no answer, and no \\boxed{{}} in the solution")
+    return rec["problem"], str(gold)
+
+def load_problems(task, data_file="", limit=0):
+    """[(problem, gold, record)] from a local JSONL file or the hub."""
+    if data_file:
+        if not os.path.isfile(data_file): raise trb.UserError(f"--data_file {data_file!r}: no such file")
+        recs = []
+        with open(data_file) as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip(): continue
+                try: recs.append((json.loads(line), f"{data_file}:{i}"))
+                except json.JSONDecodeError: raise trb.UserError(f"{data_file}:{i}: not valid JSON") from None
+    else:
+        from datasets import load_dataset
+        args, split, _ = TASKS[task]
+        recs = [(r, f"{args[0]}[{i}]") for i, r in enumerate(load_dataset(*args, split=split))]
+    recs = recs[:limit] if limit else recs
+    if not recs: raise trb.UserError(f"no problems in {data_file or task}")
+    return [(*gold_of(r, "gsm8k" if task == "gsm8k" else "math", where), r) for r, where in recs]
+
+# -----------------------------------------------------------------------------
+# generation and scoring
+
+def generate(model, tok, prompts, n_samples, temperature, max_new_tokens, batch_size, seed, device):
+    """n completions per prompt with trb.rollout at eps = 0; longest prompts first to waste little padding."""
+    V, eos = len(tok), trb.eos_ids_of((tok, model))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    rows = [(i, trb.format_prompt(tok, p)) for i, p in enumerate(prompts) for _ in range(n_samples)]
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][1]))
+    out, n_tok = [[] for _ in prompts], 0
+    gen = torch.Generator(device=device).manual_seed(seed)
+    from tqdm import tqdm
+    for b in tqdm(range(0, len(order), batch_size), desc="generate", dynamic_ncols=True):
+        idx = order[b:b + batch_size]
+        ids, attn = trb.left_pad([rows[r][1] for r in idx], pad, device)
+        r = trb.rollout(model, None, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=pad, max_new_tokens=max_new_tokens, temperature=temperature, gen=gen)
+        n_tok += int(r["mask"].sum())
+        for k, j in enumerate(idx):
+            out[rows[j][0]].append(tok.decode(r["tokens"][k][r["mask"][k]], skip_special_tokens=True))
+    return out, n_tok
+
+def score(problems, completions, task):
+    """Per-problem verdict lists, and the summary dict."""
+    grade_as = "gsm8k" if task == "gsm8k" else "math"
+    verdicts = [[is_correct(c, gold, grade_as) for c in comps] for (_, gold, _), comps in zip(problems, completions)]
+    acc = [sum(v) / len(v) for v in verdicts]  # pass@1 per problem, averaged over its samples
+    n = len(acc)
+    mean = sum(acc) / n
+    se = math.sqrt(sum((a - mean) ** 2 for a in acc) / (n - 1) / n) if n > 1 else 0.0
+    summary = dict(task=task, n=n, accuracy=mean, stderr=se)
+    if task != "gsm8k":
+        for key, field in (("by_subject", ("subject", "type")), ("by_level", ("level",))):
+            groups = {}
+            for (_, _, rec), a in zip(problems, acc):
+                k = next((str(rec[f]) for f in field if f in rec), None)
+                if k is not None: groups.setdefault(k, []).append(a)
+            if groups: summary[key] = {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items())}
+    return verdicts, summary
+
+# -----------------------------------------------------------------------------
+# figure of trb.py runs (matplotlib is optional)
+
+def plot_runs(run_dirs, out_png):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise trb.UserError("--plot needs matplotlib (pip install matplotlib)") from None
+    panels = [("eps", "budget eps"), ("beta", "mean beta"), ("kl_mu_s", "realised KL(mu||pi_S)"),
+              ("teacher_logp", "teacher log-prob of sampled tokens"), ("eval_kl", "held-out reverse KL (student rollouts)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for d in run_dirs:
+        path = os.path.join(d, "metrics.jsonl")
+        if not os.path.isfile(path): raise trb.UserError(f"--plot: no metrics.jsonl in {d!r}")
+        recs = [json.loads(l) for l in open(path) if l.strip()]
+        for ax, (key, title) in zip(axes, panels):
+            pts = [(r["step"], r[key]) for r in recs if key in r]
+            if pts: ax.plot(*zip(*pts), marker="o" if key == "eval_kl" else None, ms=3, label=os.path.basename(os.path.normpath(d)))
+            ax.set_title(title, fontsize=9); ax.set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    return out_png
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="GSM8K / MATH exact match, pass@1 over n samples", allow_abbrev=False)
+    ap.add_argument("--model", default="")
+    ap.add_argument("--task", default="gsm8k", choices=sorted(TASKS))
+    ap.add_argument("--data_file", default="")
+    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--n_samples", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--max_new_tokens", type=int, default=1024)
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    ap.add_argument("--trust_remote_code", action="store_true")
+    ap.add_argument("--plot", nargs="+", default=None, metavar="RUN_DIR")
+    ap.add_argument("--plot_out", default="trb_compare.png")
+    a = ap.parse_args(argv)
+    try:
+        if a.plot: return print(plot_runs(a.plot, a.plot_out))
+        if not a.model: raise trb.UserError("--model is required")
+        if a.n_samples < 1: raise trb.UserError(f"--n_samples must be >= 1, got {a.n_samples}")
+        if a.batch_size < 1 or a.max_new_tokens < 1 or a.limit < 0: raise trb.UserError("--batch_size and --max_new_tokens must be >= 1, --limit >= 0")
+        if a.temperature == 0 and a.n_samples > 1: print("eval: warning: --temperature 0 with --n_samples > 1 gives identical samples", file=sys.stderr)
+        device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = getattr(torch, a.dtype) if a.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        problems = load_problems(a.task, a.data_file, a.limit)
+        tok = trb.load_tokenizer(a.model, a.trust_remote_code)
+        model = trb.load_model(a.model, dtype, device, a.trust_remote_code).eval()
+        t0 = time.time()
+        comps, n_tok = generate(model, tok, [p for p, _, _ in problems], a.n_samples, a.temperature, a.max_new_tokens, a.batch_size, a.seed, device)
+        dt = time.time() - t0
+        verdicts, summary = score(problems, comps, a.task)
+        summary.update(model=a.model, n_samples=a.n_samples, temperature=a.temperature, tok_per_s=round(n_tok / dt, 1))
+        if a.out:
+            grade_as = "gsm8k" if a.task == "gsm8k" else "math"
+            with open(a.out, "w") as f:
+                for (p, gold, _), c, v in zip(problems, comps, verdicts):
+                    f.write(json.dumps(dict(prompt=p, completions=c, extracted=[extract_answer(x, grade_as) for x in c], gold=gold, correct=v)) + "\n")
+        print(f"{a.task} | accuracy {summary['accuracy']:.4f} ± {summary['stderr']:.4f} | n {summary['n']} | samples {a.n_samples} | tok/s {summary['tok_per_s']}")
+        for key in ("by_subject", "by_level"):
+            if key in summary: print(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[key].items()))
+        print(json.dumps(summary))
+        return summary
+    except trb.UserError as e:
+        raise SystemExit(f"eval: error: {e}")
+
+if __name__ == "__main__":
+    main()
