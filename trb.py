@@ -94,8 +94,15 @@ class Config:
     eval_prompts: int = 64                 # how many of them
     eval_every: int = 25                   # steps between evals (0 = never)
     # TRB budget (eq. 3)
-    eps0: float = 0.02                     # initial KL budget; 0 = vanilla OPD
+    eps0: float = 0.02                     # initial KL budget; 0 = vanilla OPD (the baseline)
     warmup_steps: int = 50                 # K: eps reaches 0 at step K
+    schedule: str = "linear"               # linear (eq. 3) | constant: fixed-eps blending, never annealed
+    # the paper's other warmups, one at a time and with --eps0 0; the defaults are plain TRB
+    skd_topk: int = 0                      # SKD: a student token outside the teacher's top-K is replaced by a teacher sample
+    skd_steps: int = 0                     # ... during the first N steps
+    veto_beta: float = 0.0                 # Veto: loss target Q ~ pi_T * pi_S^B (pi_S detached), B annealed to 0 over K
+    temp_warmup: float = 0.0               # sampling temperature rises linearly from this to --temperature over K (0 = off)
+    sft_warmup_steps: int = 0              # the first N steps are NLL on teacher samples
     # rollout
     n_samples: int = 4                     # rollouts per prompt
     temperature: float = 1.0               # 0 = greedy
@@ -147,6 +154,14 @@ def check_config(c):
     for name in ("eps0", "warmup_steps", "temperature", "lr", "lr_warmup_steps", "loss_topk", "eval_every", "save_every", "eval_prompts"):
         if not getattr(c, name) >= 0: raise UserError(f"--{name} must be >= 0, got {getattr(c, name)}")
     if c.dtype not in ("auto", "bfloat16", "float16", "float32"): raise UserError(f"--dtype must be auto, bfloat16, float16 or float32, got {c.dtype!r}")
+    if c.schedule not in ("linear", "constant"): raise UserError(f"--schedule must be linear or constant, got {c.schedule!r}")
+    for name in ("skd_topk", "skd_steps", "veto_beta", "temp_warmup", "sft_warmup_steps"):
+        if not getattr(c, name) >= 0: raise UserError(f"--{name} must be >= 0, got {getattr(c, name)}")
+    if (c.skd_topk > 0) != (c.skd_steps > 0): raise UserError("--skd_topk and --skd_steps go together")
+    on = [n for n in ("skd_topk", "veto_beta", "temp_warmup", "sft_warmup_steps") if getattr(c, n) > 0]
+    if len(on) > 1: raise UserError(f"--{on[0]} and --{on[1]} are different warmups: use one at a time")
+    if on and c.eps0 > 0: raise UserError(f"--{on[0]} is a warmup of its own, not a TRB option: use it with --eps0 0")
+    if c.schedule == "constant" and c.eps0 == 0: raise UserError("--schedule constant needs --eps0 > 0")
 
 # -----------------------------------------------------------------------------
 # init (ddp, device, dtype, seed)
@@ -291,8 +306,8 @@ def _kl_and_slope(logp, p, dc, beta):
     var = ((m1 * dc).sum(-1) - m1.sum(-1) ** 2).clamp(min=0)  # (N,)
     return kl, beta * var
 
-def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60):
-    """trust_region_blend plus the realised KL(mu||pi_S) and the iterations used."""
+def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60, newton=True):
+    """trust_region_blend plus the realised KL(mu||pi_S) and the iterations used (newton=False: plain bisection, for bench.py)."""
     shape = s_logits.shape[:-1]
     V = s_logits.shape[-1]
     ls = F.log_softmax(s_logits.float().reshape(-1, V), -1)  # (N, V)
@@ -320,7 +335,7 @@ def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60):
     aim = target * (1 - tol / 2)                             # aim inside the accepted band
     sig2 = (p * dc * dc).sum(-1)                             # (N,)
     beta = torch.sqrt(2 * aim.clamp(min=0) / sig2)
-    beta = torch.where((beta > 0) & (beta < 1), beta, torch.full_like(beta, 0.5))
+    beta = torch.where((beta > 0) & (beta < 1) & newton, beta, torch.full_like(beta, 0.5))
     it = 0
     while not bool(done.all()) and it < max_iter:
         it += 1
@@ -333,7 +348,7 @@ def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60):
         # Newton on sqrt(KL) - sqrt(aim); sqrt(KL) is near-linear in beta (design choice 1).
         rk = kl.clamp(min=0).sqrt()
         nxt = beta - (rk - aim.sqrt()) * 2 * rk / slope
-        inside = (nxt > lo) & (nxt < hi)                     # NaN/inf steps fail this too
+        inside = (nxt > lo) & (nxt < hi) & newton            # NaN/inf steps fail this too
         beta = torch.where(done, beta, torch.where(inside, nxt, (lo + hi) / 2))
     beta = torch.where(closed, 1.0, torch.where(active, lo, 0.0))  # (N,) feasible end
     kl = torch.where(closed, kl1 + c, torch.where(beta > 0, kl_lo + c, 0.0))  # (N,)
@@ -351,8 +366,9 @@ def trust_region_blend(s_logits, t_logits, eps):
     logp_mu, beta, _, _ = _blend(s_logits, t_logits, eps)
     return logp_mu, beta
 
-def kl_budget(step, eps0, warmup_steps):
-    """eps_k = eps0 * max(0, 1 - k/K) (eq. 3); K = 0 is pure OPD from step 0."""
+def kl_budget(step, eps0, warmup_steps, schedule="linear"):
+    """eps_k = eps0 * max(0, 1 - k/K) (eq. 3); K = 0 is pure OPD from step 0. 'constant': eps0 always (fixed-eps baseline)."""
+    if schedule == "constant": return eps0
     if warmup_steps <= 0: return 0.0
     return eps0 * max(0.0, 1.0 - step / warmup_steps)
 
@@ -363,18 +379,20 @@ def _check_finite(logits, who, t):
     if torch.isnan(logits).any(): raise UserError(f"NaN in the {who} logits at decode position {t}")
 
 @torch.inference_mode()
-def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tokens, temperature=1.0, gen=None):
+def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tokens, temperature=1.0, gen=None, skd_topk=0):
     """
     Samples B responses token by token from mu (eq. 1-2) with both models' KV caches.
     ids, attn: (B, P) left-padded prompts. eps: float or (B,) per-row budgets; where every
     row has eps <= 0 the teacher is never run. temperature 0 = greedy.
-    Returns tokens, mask (response incl. EOS), beta, kl (realised KL(mu||pi_S)) and
+    skd_topk=K: the SKD baseline instead of mu; the student samples, and a token outside the teacher's
+    top-K is replaced by a teacher sample.
+    Returns tokens, mask (response incl. EOS), beta, kl (realised KL(mu||pi_S)), replaced (SKD) and
     t_logp (teacher log-prob of each token, None when the teacher did not run), all (B, T).
     """
     B = ids.shape[0]
     dev = ids.device
     eps = torch.as_tensor(eps, dtype=torch.float32, device=dev).expand(B)  # (B,)
-    use_t = teacher is not None and bool((eps > 0).any())
+    use_t = teacher is not None and (bool((eps > 0).any()) or skd_topk > 0)
     tau = temperature if temperature > 0 else 1.0
     pos = (attn.cumsum(-1) - 1).clamp(min=0)                 # (B, P) position ids under left padding
 
@@ -386,23 +404,31 @@ def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tok
     if use_t: t_logits, t_cache = step(teacher, ids, None, attn, pos)
     next_pos = pos[:, -1:] + 1                               # (B, 1)
     done = torch.zeros(B, dtype=torch.bool, device=dev)      # (B,)
-    toks, masks, betas, kls, tlps = [], [], [], [], []
+    toks, masks, betas, kls, tlps, reps = [], [], [], [], [], []
+
+    def draw(logp):  # (B, V) -> (B,)
+        if temperature > 0: return torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)
+        return logp.argmax(-1)
+
     for t in range(max_new_tokens):
         _check_finite(s_logits, "student", t)
         s = fold_eos(s_logits.float(), eos_ids) / tau        # (B, V)
         if use_t:
             _check_finite(t_logits, "teacher", t)
             tl = fold_eos(t_logits.float(), eos_ids) / tau   # (B, V)
+        beta = kl = torch.zeros(B, device=dev)
+        rep = torch.zeros(B, dtype=torch.bool, device=dev)
+        if skd_topk:
+            tok = draw(F.log_softmax(s, -1))                 # (B,) the student proposes
+            rep = ~(tl.topk(skd_topk, -1).indices == tok[:, None]).any(-1)  # (B,) outside the teacher's top-K
+            tok = torch.where(rep, draw(F.log_softmax(tl, -1)), tok)
+        elif use_t:
             logp_mu, beta, kl, _ = _blend(s, tl, eps)        # (B, V), (B,), (B,)
+            tok = draw(logp_mu)                              # (B,)
         else:
-            logp_mu = F.log_softmax(s, -1)                   # (B, V)
-            beta = kl = torch.zeros(B, device=dev)
-        if temperature > 0:
-            tok = torch.multinomial(logp_mu.exp(), 1, generator=gen).squeeze(-1)  # (B,)
-        else:
-            tok = logp_mu.argmax(-1)                         # (B,)
+            tok = draw(F.log_softmax(s, -1))                 # (B,)
         tok = tok.masked_fill(done, pad_id)
-        toks.append(tok); masks.append(~done); betas.append(beta); kls.append(kl)
+        toks.append(tok); masks.append(~done); betas.append(beta); kls.append(kl); reps.append(rep & ~done)
         if use_t: tlps.append((tl.gather(-1, tok[:, None]).squeeze(-1) - tl.logsumexp(-1)))
         done = done | (tok == eos_ids[0])
         if bool(done.all()) or t == max_new_tokens - 1: break
@@ -411,7 +437,7 @@ def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tok
         if use_t: t_logits, t_cache = step(teacher, tok[:, None], t_cache, attn, next_pos)
         next_pos = next_pos + 1
     m = torch.stack(masks, 1)                                # (B, T)
-    return dict(tokens=torch.stack(toks, 1), mask=m,
+    return dict(tokens=torch.stack(toks, 1), mask=m, replaced=torch.stack(reps, 1),
                 beta=torch.stack(betas, 1) * m, kl=torch.stack(kls, 1) * m,
                 t_logp=(torch.stack(tlps, 1) * m) if use_t else None)
 
@@ -441,14 +467,18 @@ def reverse_kl(s_logits, t_logits, topk=0, tokens=None):
     ps = ls.exp()
     return (ps * torch.where(ps > 0, ls - lt, 0.0)).sum(-1)  # (...)
 
-def _chunk_loss(s, t, m, topk, eos_ids):
-    return (reverse_kl(fold_eos(s, eos_ids), fold_eos(t, eos_ids), topk) * m).sum()
+def _chunk_loss(s, t, m, topk, eos_ids, veto):
+    s, t = fold_eos(s, eos_ids), fold_eos(t, eos_ids)
+    if veto:  # Veto baseline: the target is Q ~ pi_T * pi_S^B with pi_S detached (reverse_kl renormalises)
+        t = F.log_softmax(t.float(), -1) + veto * F.log_softmax(s.detach().float(), -1)
+    return (reverse_kl(s, t, topk) * m).sum()
 
-def opd_loss(s_logits, t_logits, mask, topk=0, eos_ids=(), chunk=1024):
+def opd_loss(s_logits, t_logits, mask, topk=0, eos_ids=(), chunk=1024, veto=0.0):
     """
     Sum over masked positions of the reverse KL, computed in checkpointed chunks of positions:
     each chunk's float32 intermediates are freed after forward and rebuilt in backward, so
     peak extra memory is O(chunk * V). s_logits, t_logits: (B, T, V); mask: (B, T).
+    veto=B replaces the target pi_T by Q ~ pi_T * pi_S^B (the Veto baseline).
     """
     from torch.utils.checkpoint import checkpoint
     V = s_logits.shape[-1]
@@ -458,9 +488,9 @@ def opd_loss(s_logits, t_logits, mask, topk=0, eos_ids=(), chunk=1024):
         mi = m[i:i + chunk]
         if not bool(mi.any()): continue
         if s.requires_grad:
-            total = total + checkpoint(_chunk_loss, s[i:i + chunk], t[i:i + chunk], mi, topk, list(eos_ids), use_reentrant=False)
+            total = total + checkpoint(_chunk_loss, s[i:i + chunk], t[i:i + chunk], mi, topk, list(eos_ids), veto, use_reentrant=False)
         else:
-            total = total + _chunk_loss(s[i:i + chunk], t[i:i + chunk], mi, topk, list(eos_ids))
+            total = total + _chunk_loss(s[i:i + chunk], t[i:i + chunk], mi, topk, list(eos_ids), veto)
     return total
 
 def response_logits(model, seq, attn, T, V):
@@ -623,7 +653,13 @@ def train(cfg):
             write_metrics(dict(step=0, eval_kl=kl0))
     while step < cfg.max_steps:
         t0 = time.time()
-        eps = kl_budget(step, cfg.eps0, cfg.warmup_steps)
+        eps = kl_budget(step, cfg.eps0, cfg.warmup_steps, cfg.schedule)
+        # the baselines' knobs at this step (all inert at their defaults)
+        sft = step < cfg.sft_warmup_steps                      # SFT warmup: the teacher samples, the loss is NLL
+        skd = cfg.skd_topk if step < cfg.skd_steps else 0     # SKD: token replacement outside the teacher's top-K
+        veto = kl_budget(step, cfg.veto_beta, cfg.warmup_steps)  # Veto: exponent B, annealed linearly like eps
+        tau = cfg.temperature
+        if cfg.temp_warmup: tau = cfg.temp_warmup + (tau - cfg.temp_warmup) * min(1.0, step / cfg.warmup_steps if cfg.warmup_steps else 1.0)
         rows = [prompts[i] for i in batch_indices(step, len(prompts), cfg, rank, world) for _ in range(cfg.n_samples)]
         gen.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)  # design choice 9
         for g in opt.param_groups: g["lr"] = lr_at(step, cfg)
@@ -634,8 +670,8 @@ def train(cfg):
             ids, attn = left_pad(rows[i:i + cfg.micro_batch_size], pad_id, device)
             try:
                 with amp:
-                    r = rollout(student, teacher, ids, attn, eps, V=V, eos_ids=eos_ids, pad_id=pad_id,
-                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, gen=gen)
+                    r = rollout(teacher if sft else student, None if sft else teacher, ids, attn, eps, V=V, eos_ids=eos_ids, pad_id=pad_id,
+                                max_new_tokens=cfg.max_new_tokens, temperature=tau, gen=gen, skd_topk=skd)
             except UserError as e:
                 raise UserError(f"step {step}: {e}; stopping without saving") from None
             rolls.append(((ids, attn), r))
@@ -643,7 +679,7 @@ def train(cfg):
         # loss: sum of reverse KL over response positions / global response tokens (design choice 7)
         n_tok = all_reduce(torch.tensor(float(sum(r["mask"].sum() for _, r in rolls)), device=device), world)
         student.train()
-        stats = torch.zeros(6, device=device)                # loss, beta, kl_mu_s, t_logp, frac_teacher, resp tokens
+        stats = torch.zeros(7, device=device)                # loss, beta, kl_mu_s, t_logp, frac_teacher, resp tokens, skd replaced
         for j, (prompt, r) in enumerate(rolls):
             seq, a = build_sequences(prompt, r, pad_id)
             T = r["tokens"].shape[1]
@@ -655,9 +691,14 @@ def train(cfg):
             sync = j == len(rolls) - 1 or world == 1
             with (nullcontext() if sync else model.no_sync()), amp:
                 s_l = response_logits(model, seq, a, T, V)    # (b, T, V)
-                loss = opd_loss(s_l, t_l, m, cfg.loss_topk, eos_ids, cfg.loss_chunk)
+                if sft:  # NLL of the teacher's tokens
+                    nll = -F.log_softmax(fold_eos(s_l.float(), eos_ids), -1).gather(-1, r["tokens"][..., None]).squeeze(-1)  # (b, T)
+                    loss = (nll * m).sum()
+                else:
+                    loss = opd_loss(s_l, t_l, m, cfg.loss_topk, eos_ids, cfg.loss_chunk, veto)
                 (loss * world / n_tok).backward()
-            stats += torch.stack([loss.detach(), r["beta"].sum(), r["kl"].sum(), (t_lp * m).sum(), ((r["beta"] == 1) & m).sum(), m.sum()]).float()
+            stats += torch.stack([loss.detach(), r["beta"].sum(), r["kl"].sum(), (t_lp * m).sum(), ((r["beta"] == 1) & m).sum(), m.sum(),
+                                  r["replaced"].sum()]).float()
         all_reduce(stats, world)
         loss_v = stats[0].item() / n_tok.item()
         if not math.isfinite(loss_v): raise UserError(f"step {step}: non-finite loss ({loss_v}); stopping without saving")
@@ -669,14 +710,17 @@ def train(cfg):
         n = stats[5].item()
         rec = dict(step=step, loss=loss_v, eps=eps, beta=stats[1].item() / n, frac_teacher=stats[4].item() / n,
                    kl_mu_s=stats[2].item() / n, teacher_logp=stats[3].item() / n, resp_len=n / (len(rows) * world),
-                   tok_per_s=n / t_roll, dt=dt, lr=lr_at(step - 1, cfg))
+                   tok_per_s=n / t_roll, dt=dt, lr=lr_at(step - 1, cfg), temperature=tau, skd_rate=stats[6].item() / n)
+        if cfg.veto_beta: rec["veto_b"] = veto
+        if cfg.sft_warmup_steps: rec["sft"] = sft
         if do_eval and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             rec["eval_kl"] = log_eval()
         if master:
             bar.update(1)
             bar.write(f"step {step:5d} | loss {loss_v:.4f} | eps {eps:.4g} | beta {rec['beta']:.3f} | frac_teacher {rec['frac_teacher']:.3f}"
                       f" | kl(mu|s) {rec['kl_mu_s']:.4g} | teacher_logp {rec['teacher_logp']:.3f} | resp_len {rec['resp_len']:.1f}"
-                      f" | tok/s {rec['tok_per_s']:.1f} | dt {dt:.2f}s" + (f" | eval_kl {rec['eval_kl']:.4f}" if "eval_kl" in rec else ""))
+                      f" | tok/s {rec['tok_per_s']:.1f} | dt {dt:.2f}s" + (f" | eval_kl {rec['eval_kl']:.4f}" if "eval_kl" in rec else "")
+                      + (f" | skd_rate {rec['skd_rate']:.4f}" if skd else ""))
             write_metrics(rec)
         if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0): save(step)
     bar.close()
