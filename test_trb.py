@@ -672,3 +672,78 @@ def test_eval_bad_input(tiny, tmp_path, capsys):
     ok = write_jsonl(tmp_path / "ok.jsonl", [{"question": "q", "answer": "#### 1"}])
     ev.main(["--model", tiny["student"], "--data_file", ok, "--n_samples", "2", "--max_new_tokens", "2"])
     assert "identical samples" in capsys.readouterr().err
+
+# -----------------------------------------------------------------------------
+# the paper's baselines as flags
+
+def test_skd_replaces_only_outside_teacher_topk(tiny):
+    s, t, tok = load(tiny["student"]), load(tiny["teacher"]), tiny["tok"]
+    V, eos = len(tok), [tok.eos_token_id]
+    ids, attn = prompt_batch(tok, QS)
+    K = 3
+    r = trb.rollout(s, t, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=16, temperature=0, skd_topk=K)
+    seq, a = trb.build_sequences((ids, attn), r, tok.pad_token_id)
+    T, m = r["tokens"].shape[1], r["mask"]
+    with torch.no_grad():
+        sl, tl = trb.response_logits(s, seq, a, T, V), trb.response_logits(t, seq, a, T, V)
+    s_arg, t_arg = sl.argmax(-1), tl.argmax(-1)
+    outside = ~(tl.topk(K, -1).indices == s_arg[..., None]).any(-1)
+    assert torch.equal(r["replaced"], outside & m), "replaced exactly where the student's token is outside the teacher's top-K"
+    assert torch.equal(r["tokens"][m], torch.where(outside, t_arg, s_arg)[m]), "replacements are teacher samples"
+    assert 0 < r["replaced"].sum() < m.sum(), "some tokens replaced, not all"
+    r_all = trb.rollout(s, t, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=16, temperature=0, skd_topk=V)
+    r_s = trb.rollout(s, None, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=16, temperature=0)
+    assert not r_all["replaced"].any() and torch.equal(r_all["tokens"], r_s["tokens"]), "K = V never replaces"
+
+def test_veto_target_is_the_formula():
+    g = torch.Generator().manual_seed(8)
+    s = (torch.randn(2, 5, 30, generator=g) * 2).requires_grad_()
+    t = torch.randn(2, 5, 30, generator=g) * 2
+    m = torch.ones(2, 5, dtype=torch.bool)
+    B = 0.4
+    loss = trb.opd_loss(s, t, m, 0, [], 4, veto=B)
+    (g1,) = torch.autograd.grad(loss, s)
+    s2 = s.detach().double().requires_grad_()
+    lq = F.log_softmax(F.log_softmax(t.double(), -1) + B * F.log_softmax(s2.detach(), -1), -1)  # Q ~ pi_T pi_S^B, pi_S detached
+    ls = F.log_softmax(s2, -1)
+    ref = (ls.exp() * (ls - lq)).sum()
+    (g2,) = torch.autograd.grad(ref, s2)
+    assert torch.allclose(loss.double(), ref, atol=1e-5), "Veto loss is KL(pi_S || Q)"
+    assert torch.allclose(g1.double(), g2, atol=1e-5), "the student side of Q is detached"
+    assert not torch.allclose(loss, trb.opd_loss(s, t, m, 0, [], 4)), "veto changes the target"
+
+def test_schedules_follow_the_flags(tiny, tmp_path):
+    assert [trb.kl_budget(k, 0.02, 10, "constant") for k in (0, 10, 50)] == [0.02] * 3, "fixed eps is never annealed"
+    out = run_cli(tiny, tmp_path / "tw", "--eps0", "0", "--temp_warmup", "0.5", "--warmup_steps", "2", "--max_steps", "3")
+    recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["temperature"] for r in recs] == [0.5, 0.75, 1.0], "temperature rises linearly to 1 over K"
+    assert all(r["beta"] == 0 and r["kl_mu_s"] == 0 for r in recs)
+    out = run_cli(tiny, tmp_path / "fx", "--schedule", "constant", "--warmup_steps", "1", "--max_steps", "3")
+    assert [json.loads(l)["eps"] for l in open(out / "metrics.jsonl")] == [0.1] * 3
+    out = run_cli(tiny, tmp_path / "veto", "--eps0", "0", "--veto_beta", "0.5", "--warmup_steps", "2", "--max_steps", "3")
+    assert [json.loads(l)["veto_b"] for l in open(out / "metrics.jsonl")] == [0.5, 0.25, 0.0], "Veto's B anneals to 0"
+    out = run_cli(tiny, tmp_path / "skd", "--eps0", "0", "--skd_topk", "2", "--skd_steps", "1", "--max_steps", "2")
+    recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert recs[0]["skd_rate"] > 0 and recs[1]["skd_rate"] == 0, "SKD only during its steps"
+
+def test_sft_warmup_trains_on_teacher_samples(tiny, tmp_path):
+    common = ("--eps0", "0", "--temperature", "0", "--max_steps", "1")
+    sft = json.loads(open(run_cli(tiny, tmp_path / "sft", *common, "--sft_warmup_steps", "1") / "metrics.jsonl").read())
+    opd = json.loads(open(run_cli(tiny, tmp_path / "opd", *common) / "metrics.jsonl").read())
+    assert sft["sft"] is True and sft["teacher_logp"] > opd["teacher_logp"], "the SFT step's tokens are the teacher's own greedy choices"
+    ws, wo = weights(tmp_path / "sft"), weights(tmp_path / "opd")
+    assert any(not torch.equal(ws[k], wo[k]) for k in ws), "a different update"
+
+def test_defaults_are_plain_trb(tiny, tmp_path):
+    a = run_cli(tiny, tmp_path / "a", "--max_steps", "2")
+    b = run_cli(tiny, tmp_path / "b", "--max_steps", "2", "--schedule", "linear", "--skd_topk", "0", "--skd_steps", "0", "--veto_beta", "0",
+                "--temp_warmup", "0", "--sft_warmup_steps", "0")
+    wa, wb = weights(a), weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "every baseline flag at its default is bit-identical to plain TRB"
+
+def test_nonsense_combinations_refused(tiny, tmp_path):
+    assert "use it with --eps0 0" in cli_error(tiny, tmp_path, "--skd_topk", "5", "--skd_steps", "3")
+    assert "one at a time" in cli_error(tiny, tmp_path, "--eps0", "0", "--veto_beta", "0.5", "--temp_warmup", "0.5")
+    assert "go together" in cli_error(tiny, tmp_path, "--eps0", "0", "--skd_topk", "5")
+    assert "needs --eps0 > 0" in cli_error(tiny, tmp_path, "--eps0", "0", "--schedule", "constant")
+    assert "--schedule must be" in cli_error(tiny, tmp_path, "--schedule", "cosine")

@@ -674,7 +674,7 @@ def train(cfg):
                                 max_new_tokens=cfg.max_new_tokens, temperature=tau, gen=gen, skd_topk=skd)
             except UserError as e:
                 raise UserError(f"step {step}: {e}; stopping without saving") from None
-            rolls.append(((ids, attn), r))
+            rolls.append(((ids, attn), {k: v.clone() if v is not None else v for k, v in r.items()}))  # out of inference mode
         t_roll = time.time() - t0
         # loss: sum of reverse KL over response positions / global response tokens (design choice 7)
         n_tok = all_reduce(torch.tensor(float(sum(r["mask"].sum() for _, r in rolls)), device=device), world)
