@@ -320,19 +320,20 @@ def make_model(path, tok, seed, layers=2, pad_rows=0, extra_eos=False, hidden=32
     tok.save_pretrained(path)
     return m
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """student/teacher dirs (logits padded differently, teacher with a second EOS id) and a prompts JSONL."""
-    root = tmp_path_factory.mktemp("tiny")
-    tok = make_tokenizer(str(root / "tok"))
-    d = dict(root=root, tok=tok)
-    d["student"], d["teacher"] = str(root / "student"), str(root / "teacher")
+def build_tiny(root):
+    """student/teacher dirs (logits padded differently, teacher with a second EOS id) and a prompts JSONL (GSM8K fields)."""
+    os.makedirs(root, exist_ok=True)
+    tok = make_tokenizer(os.path.join(root, "tok"))
+    d = dict(root=root, tok=tok, student=os.path.join(root, "student"), teacher=os.path.join(root, "teacher"), data=os.path.join(root, "train.jsonl"))
     make_model(d["student"], tok, seed=1, layers=2, pad_rows=8, train_steps=30)
     make_model(d["teacher"], tok, seed=2, layers=3, pad_rows=24, extra_eos=True, train_steps=60)
-    d["data"] = str(root / "train.jsonl")
     with open(d["data"], "w") as f:
-        for a in range(12): f.write(json.dumps({"question": f"Tom has {a} apples and buys {a + 2} more. How many?", "answer": str(2 * a + 2)}) + "\n")
+        for a in range(12): f.write(json.dumps({"question": f"Tom has {a} apples and buys {a + 2} more. How many?", "answer": f"#### {2 * a + 2}"}) + "\n")
     return d
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return build_tiny(str(tmp_path_factory.mktemp("tiny")))
 
 def load(path):
     from transformers import AutoModelForCausalLM
@@ -747,3 +748,9 @@ def test_nonsense_combinations_refused(tiny, tmp_path):
     assert "go together" in cli_error(tiny, tmp_path, "--eps0", "0", "--skd_topk", "5")
     assert "needs --eps0 > 0" in cli_error(tiny, tmp_path, "--eps0", "0", "--schedule", "constant")
     assert "--schedule must be" in cli_error(tiny, tmp_path, "--schedule", "cosine")
+
+
+if __name__ == "__main__":  # python test_trb.py make-tiny DIR: the tiny models of the README's offline demo
+    if sys.argv[1:2] != ["make-tiny"] or len(sys.argv) != 3: raise SystemExit("usage: python test_trb.py make-tiny DIR")
+    d = build_tiny(sys.argv[2])
+    print(f"student {d['student']}\nteacher {d['teacher']}\nprompts {d['data']}")

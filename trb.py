@@ -123,7 +123,7 @@ class Config:
     # system
     out_dir: str = "out-trb"
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"                    # autocast dtype: auto | bfloat16 | float16 | float32
+    dtype: str = "auto"                    # autocast and teacher dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
     seed: int = 1337
     resume: bool = False                   # continue from out_dir
     save_every: int = 50                   # steps between checkpoints (0 = only at the end)
@@ -151,12 +151,11 @@ def parse_args(argv=None):
 def check_config(c):
     for name in ("batch_size", "micro_batch_size", "n_samples", "max_new_tokens", "max_steps", "max_prompt_len", "loss_chunk"):
         if getattr(c, name) < 1: raise UserError(f"--{name} must be >= 1, got {getattr(c, name)}")
-    for name in ("eps0", "warmup_steps", "temperature", "lr", "lr_warmup_steps", "loss_topk", "eval_every", "save_every", "eval_prompts"):
-        if not getattr(c, name) >= 0: raise UserError(f"--{name} must be >= 0, got {getattr(c, name)}")
-    if c.dtype not in ("auto", "bfloat16", "float16", "float32"): raise UserError(f"--dtype must be auto, bfloat16, float16 or float32, got {c.dtype!r}")
+    for name in ("eps0", "warmup_steps", "temperature", "lr", "lr_warmup_steps", "loss_topk", "eval_every", "save_every", "eval_prompts",
+                 "skd_topk", "skd_steps", "veto_beta", "temp_warmup", "sft_warmup_steps"):
+        if not getattr(c, name) >= 0: raise UserError(f"--{name} must be >= 0, got {getattr(c, name)}")  # `not >=` also catches NaN
+    if c.dtype not in ("auto", "bfloat16", "float32"): raise UserError(f"--dtype must be auto, bfloat16 or float32, got {c.dtype!r}")
     if c.schedule not in ("linear", "constant"): raise UserError(f"--schedule must be linear or constant, got {c.schedule!r}")
-    for name in ("skd_topk", "skd_steps", "veto_beta", "temp_warmup", "sft_warmup_steps"):
-        if not getattr(c, name) >= 0: raise UserError(f"--{name} must be >= 0, got {getattr(c, name)}")
     if (c.skd_topk > 0) != (c.skd_steps > 0): raise UserError("--skd_topk and --skd_steps go together")
     on = [n for n in ("skd_topk", "veto_beta", "temp_warmup", "sft_warmup_steps") if getattr(c, n) > 0]
     if len(on) > 1: raise UserError(f"--{on[0]} and --{on[1]} are different warmups: use one at a time")
@@ -251,15 +250,16 @@ HUB_DATA = {  # name -> (load_dataset args, prompt field)
 def load_records(data, split="train"):
     from datasets import load_dataset
     if data in HUB_DATA:
-        args, field = HUB_DATA[data]
-        return load_dataset(*args, split=split), field
-    if not os.path.isfile(data): raise UserError(f"data {data!r}: no such file, and not one of {sorted(HUB_DATA)}")
-    if os.path.getsize(data) == 0: raise UserError(f"data {data!r} is empty")
-    ext = data.rsplit(".", 1)[-1].lower()
-    if ext not in ("jsonl", "json", "parquet"): raise UserError(f"data {data!r}: expected .jsonl, .json or .parquet")
+        (args, field), kw = HUB_DATA[data], dict(split=split)
+    else:
+        if not os.path.isfile(data): raise UserError(f"data {data!r}: no such file, and not one of {sorted(HUB_DATA)}")
+        if os.path.getsize(data) == 0: raise UserError(f"data {data!r} is empty")
+        ext = data.rsplit(".", 1)[-1].lower()
+        if ext not in ("jsonl", "json", "parquet"): raise UserError(f"data {data!r}: expected .jsonl, .json or .parquet")
+        args, field, kw = ("parquet" if ext == "parquet" else "json",), None, dict(data_files=data, split="train")
     try:
-        return load_dataset("parquet" if ext == "parquet" else "json", data_files=data, split="train"), None
-    except Exception as e:  # datasets wraps parse errors in many types
+        return load_dataset(*args, **kw), field
+    except Exception as e:  # no network, parse errors: datasets raises many types
         raise UserError(f"cannot read {data!r}: {_first_line(e)}") from None
 
 def load_prompts(data, field=""):
@@ -293,67 +293,63 @@ def fold_eos(logits, eos_ids):
     return out.index_copy(-1, ids[:1], lse.to(out.dtype))                   # (..., V)
 
 def _kl_and_slope(logp, p, dc, beta):
-    """KL(mu_beta || p) and its derivative beta*Var_mu[dc], on the allowed support."""
+    """KL(mu_beta || p), its derivative beta*Var_mu[dc], and log mu. Off the support logp is -1e30, not -inf."""
     b = beta.unsqueeze(-1)                                  # (N, 1)
     v = torch.addcmul(logp, b, dc)                          # (N, V) unnormalised log mu
-    logZ = torch.logsumexp(v, -1, keepdim=True)             # (N, 1)
-    x = torch.addcmul(-logZ, b, dc)                         # (N, V) log(mu/p)
-    mu = torch.exp(v - logZ)                                # (N, V)
-    # sum_i p_i (r_i log r_i - r_i + 1) with r = e^x: every term >= 0 (design choice 2).
-    # p*(r - 1) is taken as expm1 where x is small (precision), as mu - p where it is large (overflow).
+    lmu = v - torch.logsumexp(v, -1, keepdim=True)          # (N, V) log mu
+    mu = lmu.exp()                                          # (N, V)
+    # sum_i p_i (r_i log r_i - r_i + 1) with r = mu/p = e^x: every term >= 0 (design choice 2). p*(r - 1)
+    # is taken as p*expm1(x) where x is small, so each term keeps its relative precision, and as mu - p
+    # where x is large (no overflow). x comes from the same lmu as mu.
+    x = lmu - logp                                           # (N, V)
     kl = (mu * x - torch.where(x > 1, mu - p, p * torch.expm1(x))).sum(-1)  # (N,)
     m1 = mu * dc                                             # (N, V)
     var = ((m1 * dc).sum(-1) - m1.sum(-1) ** 2).clamp(min=0)  # (N,)
-    return kl, beta * var
+    return kl, beta * var, lmu
 
 def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60, newton=True):
     """trust_region_blend plus the realised KL(mu||pi_S) and the iterations used (newton=False: plain bisection, for bench.py)."""
-    shape = s_logits.shape[:-1]
-    V = s_logits.shape[-1]
+    shape, V = s_logits.shape[:-1], s_logits.shape[-1]
     ls = F.log_softmax(s_logits.float().reshape(-1, V), -1)  # (N, V)
     lt = F.log_softmax(t_logits.float().reshape(-1, V), -1)  # (N, V)
     eps = torch.as_tensor(eps, dtype=torch.float32, device=ls.device).expand(shape).reshape(-1)  # (N,)
-    # Support of mu_beta for beta > 0: where both policies are finite (design choice 4).
-    A = (ls > NEG_INF) & (lt > NEG_INF)                      # (N, V)
-    lsA = ls.masked_fill(~A, NEG_INF)                        # (N, V)
-    log_mA = torch.logsumexp(lsA, -1, keepdim=True)          # (N, 1) log pi_S(A)
-    logp = lsA - torch.where(log_mA > NEG_INF, log_mA, 0.0)  # (N, V) pi_S renormalised on A
+    # mu_beta for beta > 0 lives where both policies are finite (design choice 4): A.
+    d = lt - ls                                              # (N, V) log pi_T - log pi_S; inf/nan off A
+    A = d.isfinite()                                         # (N, V)
+    ps = ls.exp()                                            # (N, V)
+    m_out = torch.where(A, 0.0, ps).sum(-1)                  # (N,) student mass off A: exactly 0 when A holds it all
+    # KL(mu_beta||pi_S) = KL(mu_beta||p) + c for beta > 0, p = pi_S renormalised on A, c = -log pi_S(A) >= 0.
+    c = -torch.log1p(-m_out)                                 # (N,)
+    logp = torch.where(A, ls + c[:, None], -1e30)            # (N, V) finite off A keeps 0 * log 0 out of the sums
     p = logp.exp()                                           # (N, V)
-    d = (lt - ls).masked_fill(~A, 0.0)                       # (N, V) log pi_T - log pi_S
-    dc = (d - (p * d).sum(-1, keepdim=True)).masked_fill(~A, 0.0)  # (N, V) centred under p
-    # KL(mu_beta||pi_S) = KL(mu_beta||p) + c for beta > 0, with c = -log pi_S(A) >= 0, taken as a
-    # difference of two sums so that it is exactly 0 when A is the whole support.
-    c = (torch.logsumexp(ls, -1) - log_mA.squeeze(-1)).clamp(min=0)  # (N,)
+    d = torch.where(A, d, 0.0)                               # (N, V)
+    dc = d - (p * d).sum(-1, keepdim=True)                   # (N, V) centred under p
     target = eps - c                                         # (N,) budget left for KL(mu||p)
-    kl1, _ = _kl_and_slope(logp, p, dc, torch.ones_like(eps))  # (N,) at beta=1: mu = pi_T on A
-    closed = (eps > 0) & (kl1 <= target)                     # closed form: mu = pi_T
-    active = (eps > 0) & ~closed & (target > 0)              # needs the root of eq. 2
-    lo, hi = torch.zeros_like(eps), torch.ones_like(eps)     # lo always feasible
-    kl_lo = torch.zeros_like(eps)
-    done = ~active
-    # App. E: KL(mu_beta||pi_S) ~ beta^2 sigma^2 / 2  =>  beta0 = sqrt(2 eps / sigma^2).
-    aim = target * (1 - tol / 2)                             # aim inside the accepted band
-    sig2 = (p * dc * dc).sum(-1)                             # (N,)
-    beta = torch.sqrt(2 * aim.clamp(min=0) / sig2)
-    beta = torch.where((beta > 0) & (beta < 1) & newton, beta, torch.full_like(beta, 0.5))
-    it = 0
+    active = (eps > 0) & (target > 0)                        # rows with beta* > 0
+    # App. E: KL(mu_beta||pi_S) ~ beta^2 sigma^2 / 2  =>  beta0 = sqrt(2 eps / sigma^2); >= 1 tries the closed form.
+    aim = target * (1 - tol / 2)                             # aim inside the accepted band [target(1 - tol), target]
+    beta = torch.sqrt(2 * aim.clamp(min=0) / (p * dc * dc).sum(-1))  # (N,)
+    beta = beta.nan_to_num(1.0).clamp(max=1.0) if newton else torch.full_like(beta, 0.5)
+    lo, hi = torch.zeros_like(eps), torch.full_like(eps, 2.0)  # lo feasible; hi = 2: beta = 1 not yet tried
+    kl_lo, lmu_lo = torch.zeros_like(eps), ls.clone()
+    done, it = ~active, 0
     while not bool(done.all()) and it < max_iter:
         it += 1
-        kl, slope = _kl_and_slope(logp, p, dc, beta)        # (N,), (N,)
-        ok = kl <= target
-        lo = torch.where(ok & ~done, beta, lo)
-        kl_lo = torch.where(ok & ~done, kl, kl_lo)
+        kl, slope, lmu = _kl_and_slope(logp, p, dc, beta)   # (N,), (N,), (N, V)
+        ok = (kl <= target) & ~done
+        lo, kl_lo = torch.where(ok, beta, lo), torch.where(ok, kl, kl_lo)
+        lmu_lo = torch.where(ok[:, None], lmu, lmu_lo)
         hi = torch.where(~ok & ~done, beta, hi)
-        done = done | (ok & (kl >= target * (1 - tol))) | (hi - lo <= 1e-7 * hi)
+        done = done | (ok & ((kl >= target * (1 - tol)) | (beta == 1))) | (hi - lo <= 1e-7 * hi)
         # Newton on sqrt(KL) - sqrt(aim); sqrt(KL) is near-linear in beta (design choice 1).
         rk = kl.clamp(min=0).sqrt()
-        nxt = beta - (rk - aim.sqrt()) * 2 * rk / slope
+        nxt = (beta - (rk - aim.sqrt()) * 2 * rk / slope).clamp(max=1.0)
         inside = (nxt > lo) & (nxt < hi) & newton            # NaN/inf steps fail this too
-        beta = torch.where(done, beta, torch.where(inside, nxt, (lo + hi) / 2))
-    beta = torch.where(closed, 1.0, torch.where(active, lo, 0.0))  # (N,) feasible end
-    kl = torch.where(closed, kl1 + c, torch.where(beta > 0, kl_lo + c, 0.0))  # (N,)
-    v = torch.addcmul(logp, beta.unsqueeze(-1), dc)          # (N, V)
-    logp_mu = torch.where(beta.unsqueeze(-1) > 0, v - torch.logsumexp(v, -1, keepdim=True), ls)  # (N, V)
+        beta = torch.where(done, beta, torch.where(inside, nxt, (lo + hi.clamp(max=1.0)) / 2))
+    beta = torch.where(active, lo, 0.0)                      # (N,) the feasible end of the bracket
+    pos = (beta > 0)[:, None]                                # (N, 1)
+    logp_mu = torch.where(pos, lmu_lo.masked_fill(~A, NEG_INF), ls)  # (N, V)
+    kl = torch.where(beta > 0, kl_lo + c, 0.0)               # (N,) realised KL(mu||pi_S)
     return logp_mu.reshape(*shape, V), beta.reshape(shape), kl.reshape(shape), it
 
 def trust_region_blend(s_logits, t_logits, eps):
