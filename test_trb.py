@@ -438,8 +438,11 @@ def test_train_cli_end_to_end(tiny, tmp_path):
 
 def test_resume_is_exact(tiny, tmp_path):
     a = run_cli(tiny, tmp_path / "a", "--max_steps", "4")
-    b = run_cli(tiny, tmp_path / "b", "--max_steps", "2")
+    b = run_cli(tiny, tmp_path / "b0", "--max_steps", "2")
+    b = tmp_path / "b"
+    os.replace(tmp_path / "b0", b)  # a moved checkpoint resumes where it now is
     trb.main(["--out_dir", str(b), "--resume", "--max_steps", "4"])
+    assert not (tmp_path / "b0").exists()
     wa, wb = weights(a), weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "4 steps must equal 2 steps + resume + 2 steps"
     ra, rb = [json.loads(l) for l in open(a / "metrics.jsonl")], [json.loads(l) for l in open(b / "metrics.jsonl")]

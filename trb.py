@@ -590,7 +590,7 @@ def train(cfg):
     amp = torch.autocast(device.type, dtype=amp_dtype) if device.type == "cuda" and amp_dtype != torch.float32 else nullcontext()
     state = load_state(cfg.out_dir) if cfg.resume else None
     if state is not None:  # the schedule, data order and seeds come from the checkpoint
-        keep = {k: getattr(cfg, k) for k in ("max_steps", "device", "dtype", "save_every", "eval_every", "wandb_project", "resume")}
+        keep = {k: getattr(cfg, k) for k in ("out_dir", "max_steps", "device", "dtype", "save_every", "eval_every", "wandb_project", "resume")}
         cfg = Config(**{**state["config"], **keep})
     s_path = cfg.out_dir if state is not None else cfg.student
     tok = load_tokenizer(s_path, cfg.trust_remote_code)
