@@ -294,10 +294,12 @@ def fold_eos(logits, eos_ids):
 
 def _kl_and_slope(logp, p, dc, beta):
     """KL(mu_beta || p), its derivative beta*Var_mu[dc], and log mu. Off the support logp is -1e30, not -inf."""
-    b = beta.unsqueeze(-1)                                  # (N, 1)
-    v = torch.addcmul(logp, b, dc)                          # (N, V) unnormalised log mu
-    lmu = v - torch.logsumexp(v, -1, keepdim=True)          # (N, V) log mu
-    mu = lmu.exp()                                          # (N, V)
+    v = dc * beta.unsqueeze(-1) + logp                      # (N, V) unnormalised log mu
+    m = v.amax(-1, keepdim=True)                            # (N, 1)
+    e = (v - m).exp_()                                      # (N, V) one exp serves both mu and log Z
+    Z = e.sum(-1, keepdim=True)                             # (N, 1)
+    mu = e.div_(Z)                                          # (N, V)
+    lmu = v.sub_(m + Z.log())                               # (N, V) log mu
     # sum_i p_i (r_i log r_i - r_i + 1) with r = mu/p = e^x: every term >= 0 (design choice 2). p*(r - 1)
     # is taken as p*expm1(x) where x is small, so each term keeps its relative precision, and as mu - p
     # where x is large (no overflow). x comes from the same lmu as mu.
@@ -321,7 +323,7 @@ def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60, newton=True):
     # KL(mu_beta||pi_S) = KL(mu_beta||p) + c for beta > 0, p = pi_S renormalised on A, c = -log pi_S(A) >= 0.
     c = -torch.log1p(-m_out)                                 # (N,)
     logp = torch.where(A, ls + c[:, None], -1e30)            # (N, V) finite off A keeps 0 * log 0 out of the sums
-    p = logp.exp()                                           # (N, V)
+    p = torch.where(A, ps * c.exp()[:, None], 0.0)           # (N, V)
     d = torch.where(A, d, 0.0)                               # (N, V)
     dc = d - (p * d).sum(-1, keepdim=True)                   # (N, V) centred under p
     target = eps - c                                         # (N,) budget left for KL(mu||p)
@@ -331,7 +333,7 @@ def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60, newton=True):
     beta = torch.sqrt(2 * aim.clamp(min=0) / (p * dc * dc).sum(-1))  # (N,)
     beta = beta.nan_to_num(1.0).clamp(max=1.0) if newton else torch.full_like(beta, 0.5)
     lo, hi = torch.zeros_like(eps), torch.full_like(eps, 2.0)  # lo feasible; hi = 2: beta = 1 not yet tried
-    kl_lo, lmu_lo = torch.zeros_like(eps), ls.clone()
+    kl_lo, lmu_lo = torch.zeros_like(eps), ls
     done, it = ~active, 0
     while not bool(done.all()) and it < max_iter:
         it += 1
