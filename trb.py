@@ -404,27 +404,29 @@ def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tok
     done = torch.zeros(B, dtype=torch.bool, device=dev)      # (B,)
     toks, masks, betas, kls, tlps, reps = [], [], [], [], [], []
 
-    def draw(logp):  # (B, V) -> (B,)
-        if temperature > 0: return torch.multinomial(logp.exp(), 1, generator=gen).squeeze(-1)
-        return logp.argmax(-1)
+    def draw(logits):  # (B, V) unnormalised log-probs -> (B,)
+        if temperature > 0: return torch.multinomial(F.softmax(logits, -1), 1, generator=gen).squeeze(-1)
+        return logits.argmax(-1)
 
     for t in range(max_new_tokens):
         _check_finite(s_logits, "student", t)
-        s = fold_eos(s_logits.float(), eos_ids) / tau        # (B, V)
+        s = fold_eos(s_logits.float(), eos_ids)              # (B, V)
+        if tau != 1: s = s / tau
         if use_t:
             _check_finite(t_logits, "teacher", t)
-            tl = fold_eos(t_logits.float(), eos_ids) / tau   # (B, V)
+            tl = fold_eos(t_logits.float(), eos_ids)         # (B, V)
+            if tau != 1: tl = tl / tau
         beta = kl = torch.zeros(B, device=dev)
         rep = torch.zeros(B, dtype=torch.bool, device=dev)
         if skd_topk:
-            tok = draw(F.log_softmax(s, -1))                 # (B,) the student proposes
+            tok = draw(s)                                    # (B,) the student proposes
             rep = ~(tl.topk(skd_topk, -1).indices == tok[:, None]).any(-1)  # (B,) outside the teacher's top-K
-            tok = torch.where(rep, draw(F.log_softmax(tl, -1)), tok)
+            tok = torch.where(rep, draw(tl), tok)
         elif use_t:
             logp_mu, beta, kl, _ = _blend(s, tl, eps)        # (B, V), (B,), (B,)
             tok = draw(logp_mu)                              # (B,)
         else:
-            tok = draw(F.log_softmax(s, -1))                 # (B,)
+            tok = draw(s)                                    # (B,)
         tok = tok.masked_fill(done, pad_id)
         toks.append(tok); masks.append(~done); betas.append(beta); kls.append(kl); reps.append(rep & ~done)
         if use_t: tlps.append((tl.gather(-1, tok[:, None]).squeeze(-1) - tl.logsumexp(-1)))
