@@ -328,9 +328,14 @@ def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60, newton=True):
     dc = d - (p * d).sum(-1, keepdim=True)                   # (N, V) centred under p
     target = eps - c                                         # (N,) budget left for KL(mu||p)
     active = (eps > 0) & (target > 0)                        # rows with beta* > 0
-    # App. E: KL(mu_beta||pi_S) ~ beta^2 sigma^2 / 2  =>  beta0 = sqrt(2 eps / sigma^2); >= 1 tries the closed form.
+    # App. E: KL(mu_beta||pi_S) ~ beta^2 sigma^2 / 2  =>  beta0 = sqrt(2 eps / sigma^2). The next cumulant,
+    # KL ~ sigma^2 beta^2 / 2 + kappa3 beta^3 / 3, corrects it to beta0 (1 - kappa3 beta0 / (3 sigma^2)).
+    # A start >= 1 tries the closed form first.
     aim = target * (1 - tol / 2)                             # aim inside the accepted band [target(1 - tol), target]
-    beta = torch.sqrt(2 * aim.clamp(min=0) / (p * dc * dc).sum(-1))  # (N,)
+    pdc2 = p * dc * dc                                       # (N, V)
+    sig2, k3 = pdc2.sum(-1), (pdc2 * dc).sum(-1)             # (N,), (N,)
+    beta = torch.sqrt(2 * aim.clamp(min=0) / sig2)           # (N,)
+    beta = beta * (1 - k3 * beta / (3 * sig2)).clamp(0.5, 1.5)
     beta = beta.nan_to_num(1.0).clamp(max=1.0) if newton else torch.full_like(beta, 0.5)
     lo, hi = torch.zeros_like(eps), torch.full_like(eps, 2.0)  # lo feasible; hi = 2: beta = 1 not yet tried
     kl_lo, lmu_lo = torch.zeros_like(eps), ls
