@@ -456,6 +456,13 @@ def test_micro_batching_does_not_change_the_update(tiny, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa), "loss normalised by the global token count"
     assert any(not torch.allclose(wa[k], w0[k]) for k in wa)
 
+def test_gradient_checkpointing_gives_the_same_update(tiny, tmp_path):
+    a = run_cli(tiny, tmp_path / "a", "--max_steps", "1", "--temperature", "0")
+    b = run_cli(tiny, tmp_path / "b", "--max_steps", "1", "--temperature", "0", "--grad_ckpt")
+    wa, wb = weights(a), weights(b)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa), "--grad_ckpt changes memory, not the update"
+    assert json.loads(open(b / "metrics.jsonl").read())["resp_len"] > 1, "decoding still ran (with the KV cache, in eval mode)"
+
 def test_ddp_two_processes_equal_one(tiny, tmp_path):
     common = ["--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["data"], "--batch_size", "4", "--n_samples", "2",
               "--micro_batch_size", "2", "--max_new_tokens", "10", "--eps0", "0.1", "--warmup_steps", "3", "--lr", "1e-3",

@@ -612,7 +612,7 @@ def train(cfg):
     prompts, skipped = encode_prompts(tok, load_prompts(cfg.data, cfg.prompt_field), cfg)
     if not prompts: raise UserError(f"data {cfg.data!r}: every prompt is longer than --max_prompt_len {cfg.max_prompt_len}")
     eval_prompts = encode_prompts(tok, load_prompts(cfg.eval_data, cfg.prompt_field), cfg)[0][:cfg.eval_prompts] if cfg.eval_data else []
-    if cfg.grad_ckpt: student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.grad_ckpt: student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else student
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     step = 0
