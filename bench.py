@@ -274,7 +274,8 @@ def bench_trl(paths, N, B, steps, tmp):
         trb.main(["--student", paths["student"], "--teacher", paths["teacher"], "--data", GSM8K, "--out_dir", run, "--eps0", "0",
                   "--batch_size", str(B), "--n_samples", "1", "--micro_batch_size", str(B), "--max_new_tokens", str(N), "--max_steps", str(steps),
                   "--loss_topk", "0", "--save_every", "0", "--lr_warmup_steps", "0"])
-    out["trb"] = statistics.median([json.loads(l)["dt"] for l in open(os.path.join(run, "metrics.jsonl"))][1:])
+    recs = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))][1:]
+    out["trb"], out["trb_len"] = statistics.median(r["dt"] for r in recs), statistics.mean(r["resp_len"] for r in recs)
     return out
 
 # -----------------------------------------------------------------------------
@@ -307,7 +308,7 @@ def main():
             s, t = random_pair("smollm2", device, torch.float32)
             tok, what = None, "random SmolLM2-135M shapes (24 / 30 layers)"
         V = 49152
-        B, P, N, repeats = (4, 64, 12, 2) if a.quick else (8, 128, 48, 3)
+        B, P, N, repeats = (4, 64, 12, 2) if a.quick else (8, 128, 32, 3)
     print(f"bench | {what} | device {device}{' ' + torch.cuda.get_device_name() if a.gpu else ''} | torch {torch.__version__} | threads {torch.get_num_threads()}")
     ids, attn = prompt_ids(B, P, V, tok)
     print(f"| {'measure':<44} | {'value':>26} | {'target':>10} | {'status':>6} |")
@@ -337,6 +338,7 @@ def main():
     for which, target in (("gkd", 0.85), ("distill", 0.95)):
         if isinstance(tr[which], str): row(f"R5 trb step / TRL {which}", tr[which][:26], f"<= {target}", False); continue
         row(f"R5 trb step / TRL {which} step", f"{tr['trb'] / tr[which]:.3f} ({tr['trb']:.1f}s/{tr[which]:.1f}s)", f"<= {target}", tr["trb"] / tr[which] <= target)
+    row("   trb mean response length (TRL: forced 64)", f"{tr['trb_len']:.1f} tokens", "", True)
 
 if __name__ == "__main__":
     main()
