@@ -77,7 +77,7 @@ def export_pair(root):
 
 def random_pair(kind, device, dtype):
     """Random-weight models of real shapes: 'smollm2' (135M, V=49152) or 'qwen3' (0.6B student, 4B teacher, V=151936)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(0)
     if kind == "smollm2":
         base = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
@@ -315,7 +315,7 @@ def main():
     r = bench_rollouts(s, t, ids, attn, V, N, device, repeats)
     floor = r["floor_s"] + r["floor_t"]
     row(f"R1 TRB rollout / floor (B={B}, {N} tok)", f"{r['trb'] / floor:.3f} ({r['trb']:.2f}s/{floor:.2f}s)", "<= 1.15", r["trb"] / floor <= 1.15)
-    row(f"R2 pure-OPD rollout / generate", f"{r['opd'] / r['gen_s']:.3f} ({r['opd']:.2f}s/{r['gen_s']:.2f}s)", "<= 1.00", r["opd"] / r["gen_s"] <= 1.0)
+    row("R2 pure-OPD rollout / generate", f"{r['opd'] / r['gen_s']:.3f} ({r['opd']:.2f}s/{r['gen_s']:.2f}s)", "<= 1.00", r["opd"] / r["gen_s"] <= 1.0)
     bl = bench_blend(s, t, ids, attn, V, device, repeats, B=min(8, B))
     for eps, e in bl["eps"].items():
         row(f"R3 blend / student step, eps={eps}", f"{e['t_newton'] / bl['t_step']:.3f} ({e['t_newton'] * 1e3:.1f}/{bl['t_step'] * 1e3:.1f}ms)", "<= 0.10", e["t_newton"] / bl["t_step"] <= 0.10)
@@ -331,7 +331,7 @@ def main():
     Tm = 64 if a.quick else 256
     mem = bench_loss_memory(B, Tm, V)
     row(f"R4 loss extra memory, chunked (B={B},T={Tm})", f"{mem['chunked'] / 2**20:.0f} MiB", "O(chunk*V)", mem["chunked"] < 0.25 * mem["naive"])
-    row(f"R4 loss extra memory, naive", f"{mem['naive'] / 2**20:.0f} MiB ({mem['naive'] / mem['logits']:.1f}x logits)", "", True)
+    row("R4 loss extra memory, naive", f"{mem['naive'] / 2**20:.0f} MiB ({mem['naive'] / mem['logits']:.1f}x logits)", "", True)
     if a.quick or a.no_trl or not paths or not os.path.isfile(GSM8K): return
     with tempfile.TemporaryDirectory() as tmp:
         tr = bench_trl(paths, 64, 4, 4, tmp)

@@ -65,7 +65,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
