@@ -111,11 +111,17 @@ def sync(device):
 
 def timed(fn, device, repeats):
     """Median wall time of fn() over `repeats` runs, after one warmup."""
-    fn(); sync(device)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); fn(); sync(device); ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return timed_all({"f": fn}, device, repeats)["f"]
+
+def timed_all(fns, device, repeats):
+    """Median wall times of several functions, run interleaved (one round of each per repeat) so that
+    drift in the machine's speed falls on all of them alike."""
+    ts = {k: [] for k in fns}
+    for r in range(repeats + 1):
+        for k, fn in fns.items():
+            t0 = time.perf_counter(); fn(); sync(device)
+            if r: ts[k].append(time.perf_counter() - t0)  # round 0 is the warmup
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 @torch.inference_mode()
 def forced_decode(model, ids, attn, tokens, V):
@@ -141,18 +147,15 @@ def bench_rollouts(s, t, ids, attn, V, N, device, repeats, eps=0.02):
     kw = dict(V=V, eos_ids=no_eos, pad_id=0, max_new_tokens=N, temperature=1.0)
     gen = lambda: torch.Generator(device=device).manual_seed(0)
     toks = trb.rollout(s, t, ids, attn, eps, gen=gen(), **kw)["tokens"]
-    res = {}
-    res["trb"] = timed(lambda: trb.rollout(s, t, ids, attn, eps, gen=gen(), **kw), device, repeats)
-    res["floor_s"] = timed(lambda: forced_decode(s, ids, attn, toks, V), device, repeats)
-    res["floor_t"] = timed(lambda: forced_decode(t, ids, attn, toks, V), device, repeats)
-    res["opd"] = timed(lambda: trb.rollout(s, t, ids, attn, 0.0, gen=gen(), **kw), device, repeats)
     gc = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N, min_new_tokens=0,
                           eos_token_id=None, pad_token_id=0, use_cache=True)
-    with torch.inference_mode():
-        out = s.generate(input_ids=ids, attention_mask=attn, generation_config=gc)
-        assert out.shape[1] - ids.shape[1] == N, "generate ran the full length"
-        res["gen_s"] = timed(lambda: s.generate(input_ids=ids, attention_mask=attn, generation_config=gc), device, repeats)
-        res["gen_t"] = timed(lambda: t.generate(input_ids=ids, attention_mask=attn, generation_config=gc), device, repeats) if device.type == "cuda" else None
+    generate = lambda m: torch.inference_mode()(m.generate)(input_ids=ids, attention_mask=attn, generation_config=gc)
+    assert generate(s).shape[1] - ids.shape[1] == N, "generate ran the full length"
+    fns = dict(trb=lambda: trb.rollout(s, t, ids, attn, eps, gen=gen(), **kw),
+               floor_s=lambda: forced_decode(s, ids, attn, toks, V), floor_t=lambda: forced_decode(t, ids, attn, toks, V),
+               opd=lambda: trb.rollout(s, t, ids, attn, 0.0, gen=gen(), **kw), gen_s=lambda: generate(s))
+    if device.type == "cuda": fns["gen_t"] = lambda: generate(t)
+    res = timed_all(fns, device, repeats)
     res["tokens"] = B * N
     return res
 
@@ -208,19 +211,19 @@ MEM_CHILD = r"""
 import resource, sys, torch, trb
 B, T, V, chunked = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 s = torch.randn(B, T, V, requires_grad=True); t = torch.randn(B, T, V); m = torch.ones(B, T, dtype=torch.bool)
-s.grad = torch.zeros_like(s)  # the gradient buffer exists in both variants
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if chunked: loss = trb.opd_loss(s, t, m, 0, [2], 256)
 else: loss = (trb.reverse_kl(trb.fold_eos(s, [2]), trb.fold_eos(t, [2])) * m).sum()
 loss.backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024 - s.numel() * 4)  # beyond the logits' own gradient
 """
 
 def bench_loss_memory(B, T, V):
+    """Peak memory beyond the logits and their gradient, at T and 2T positions per row (chunk = 256 positions)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    run = lambda c: int(subprocess.run([sys.executable, "-c", MEM_CHILD, str(B), str(T), str(V), c], cwd=here, capture_output=True,
-                                       text=True, check=True).stdout.split()[-1])
-    return dict(chunked=run("1"), naive=run("0"), logits=B * T * V * 4)
+    run = lambda T, c: int(subprocess.run([sys.executable, "-c", MEM_CHILD, str(B), str(T), str(V), c], cwd=here, capture_output=True,
+                                          text=True, check=True).stdout.split()[-1])
+    return dict(chunked=run(T, "1"), chunked2=run(2 * T, "1"), naive=run(T, "0"), naive2=run(2 * T, "0"), logits=B * T * V * 4)
 
 # -----------------------------------------------------------------------------
 # R5: a pure-OPD training step against TRL
@@ -267,10 +270,12 @@ def bench_trl(paths, N, B, steps, tmp):
                            cwd=here, capture_output=True, text=True)
         line = [l for l in p.stdout.splitlines() if l.startswith("STEP_TIMES")]
         out[which] = statistics.median(json.loads(line[0].split(" ", 1)[1])[1:]) if line else (p.stderr.strip().splitlines() or ["failed"])[-1]
-    # ours: the same models, prompts (batch B, one sample each), length, full-vocab loss; EOS off as in the TRL runs
+    # ours: the same models, prompts (batch B, one sample each), length, full-vocab loss; EOS off (an id never
+    # sampled), so every response is N tokens long as in the TRL runs
     run = os.path.join(tmp, "trb")
     import contextlib, io
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    from unittest import mock
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), mock.patch.object(trb, "eos_ids_of", lambda *a: [-1]):
         trb.main(["--student", paths["student"], "--teacher", paths["teacher"], "--data", GSM8K, "--out_dir", run, "--eps0", "0",
                   "--batch_size", str(B), "--n_samples", "1", "--micro_batch_size", str(B), "--max_new_tokens", str(N), "--max_steps", str(steps),
                   "--loss_topk", "0", "--save_every", "0", "--lr_warmup_steps", "0"])
@@ -280,8 +285,9 @@ def bench_trl(paths, N, B, steps, tmp):
 
 # -----------------------------------------------------------------------------
 
-def row(name, value, target, ok):
-    print(f"| {name:<44} | {value:>26} | {target:>10} | {'met' if ok else 'MISSED':>6} |")
+def row(name, value, target="", ok=True):
+    status = ("met" if ok else "MISSED") if target else ""
+    print(f"| {name:<44} | {value:>26} | {target:>10} | {status:>6} |", flush=True)
 
 def main():
     ap = argparse.ArgumentParser()
@@ -308,7 +314,7 @@ def main():
             s, t = random_pair("smollm2", device, torch.float32)
             tok, what = None, "random SmolLM2-135M shapes (24 / 30 layers)"
         V = 49152
-        B, P, N, repeats = (4, 64, 12, 2) if a.quick else (8, 128, 32, 3)
+        B, P, N, repeats = (4, 64, 12, 2) if a.quick else (8, 128, 32, 5)
     print(f"bench | {what} | device {device}{' ' + torch.cuda.get_device_name() if a.gpu else ''} | torch {torch.__version__} | threads {torch.get_num_threads()}")
     ids, attn = prompt_ids(B, P, V, tok)
     print(f"| {'measure':<44} | {'value':>26} | {'target':>10} | {'status':>6} |")
@@ -319,26 +325,28 @@ def main():
     bl = bench_blend(s, t, ids, attn, V, device, repeats, B=min(8, B))
     for eps, e in bl["eps"].items():
         row(f"R3 blend / student step, eps={eps}", f"{e['t_newton'] / bl['t_step']:.3f} ({e['t_newton'] * 1e3:.1f}/{bl['t_step'] * 1e3:.1f}ms)", "<= 0.10", e["t_newton"] / bl["t_step"] <= 0.10)
-        row(f"   iters newton / bisection, eps={eps}", f"{e['iters_newton']:.1f} / {e['iters_bisect']:.1f}", "", True)
-        row(f"   time bisection / newton, eps={eps}", f"{e['t_bisect'] / e['t_newton']:.2f}x", "", True)
-        row(f"   App. E beta0 median rel. error, eps={eps}", f"{e['app_e_err']:.2%}", "", True)
+        row(f"   iters newton / bisection, eps={eps}", f"{e['iters_newton']:.1f} / {e['iters_bisect']:.1f}")
+        row(f"   time bisection / newton, eps={eps}", f"{e['t_bisect'] / e['t_newton']:.2f}x")
+        row(f"   App. E beta0 median rel. error, eps={eps}", f"{e['app_e_err']:.2%}")
     if a.gpu:
         tps = lambda x: r["tokens"] / x
-        row("R6 TRB rollout tok/s vs student generate", f"{tps(r['trb']):.0f} vs {tps(r['gen_s']):.0f}", "", True)
-        row("R6 TRB rollout tok/s vs teacher generate", f"{tps(r['trb']):.0f} vs {tps(r['gen_t']):.0f}", "", True)
-        row("R6 pure-OPD rollout tok/s", f"{tps(r['opd']):.0f}", "", True)
+        row("R6 TRB rollout tok/s vs student generate", f"{tps(r['trb']):.0f} vs {tps(r['gen_s']):.0f}")
+        row("R6 TRB rollout tok/s vs teacher generate", f"{tps(r['trb']):.0f} vs {tps(r['gen_t']):.0f}")
+        row("R6 pure-OPD rollout tok/s", f"{tps(r['opd']):.0f}")
         return
     Tm = 64 if a.quick else 256
     mem = bench_loss_memory(B, Tm, V)
-    row(f"R4 loss extra memory, chunked (B={B},T={Tm})", f"{mem['chunked'] / 2**20:.0f} MiB", "O(chunk*V)", mem["chunked"] < 0.25 * mem["naive"])
-    row("R4 loss extra memory, naive", f"{mem['naive'] / 2**20:.0f} MiB ({mem['naive'] / mem['logits']:.1f}x logits)", "", True)
+    mib = lambda x: f"{x / 2**20:.0f} MiB"
+    row(f"R4 loss extra memory, chunked, T={Tm} / {2 * Tm}", f"{mib(mem['chunked'])} / {mib(mem['chunked2'])}", "O(chunk*V)", mem["chunked2"] <= 1.25 * mem["chunked"])
+    row(f"R4 loss extra memory, naive, T={Tm} / {2 * Tm}", f"{mib(mem['naive'])} / {mib(mem['naive2'])}")
+    row(f"   (B={B}) x T x V float32 logits, T={Tm}", mib(mem["logits"]))
     if a.quick or a.no_trl or not paths or not os.path.isfile(GSM8K): return
     with tempfile.TemporaryDirectory() as tmp:
         tr = bench_trl(paths, 64, 4, 4, tmp)
     for which, target in (("gkd", 0.85), ("distill", 0.95)):
         if isinstance(tr[which], str): row(f"R5 trb step / TRL {which}", tr[which][:26], f"<= {target}", False); continue
         row(f"R5 trb step / TRL {which} step", f"{tr['trb'] / tr[which]:.3f} ({tr['trb']:.1f}s/{tr[which]:.1f}s)", f"<= {target}", tr["trb"] / tr[which] <= target)
-    row("   trb mean response length (TRL: forced 64)", f"{tr['trb_len']:.1f} tokens", "", True)
+    row("   trb mean response length (TRL: 64 forced)", f"{tr['trb_len']:.1f} tokens")
 
 if __name__ == "__main__":
     main()

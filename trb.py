@@ -40,8 +40,8 @@ Design choices
  7. The loss is the exact reverse KL over the full vocab (--loss_topk 0) or the
     student's renormalised top-k support (paper: k=16), summed over response
     positions (EOS included) and divided by the global number of response tokens
-    of the step, so micro-batching and DDP give the same gradient. It is computed
-    in checkpointed chunks of positions: extra memory O(chunk*V), not O(B*T*V).
+    of the step, so micro-batching and DDP give the same gradient. It and its gradient
+    are computed in chunks of positions: extra memory O(chunk*V), not O(B*T*V).
  8. The teacher is re-run once over the finished sequences to score them
     (exact, and cheap next to decoding) instead of storing (B, T, V) logits.
  9. Sampling uses a torch.Generator re-seeded from (seed, step, rank) at every
@@ -479,24 +479,44 @@ def _chunk_loss(s, t, m, topk, eos_ids, veto):
         t = F.log_softmax(t.float(), -1) + veto * F.log_softmax(s.detach().float(), -1)
     return (reverse_kl(s, t, topk) * m).sum()
 
+class _ChunkedKL(torch.autograd.Function):
+    """
+    The loss and its gradient, one chunk of positions at a time, in forward. Backward only scales the
+    stored gradient: no (N, V) float32 intermediate ever exists, and nothing is recomputed.
+    """
+    @staticmethod
+    def forward(ctx, s, t, m, topk, eos_ids, veto, chunk):
+        grad = torch.zeros_like(s)                           # (N, V) dL/ds, in the logits' dtype
+        total = s.new_zeros((), dtype=torch.float32)
+        for i in range(0, s.shape[0], chunk):
+            if not bool(m[i:i + chunk].any()): continue
+            with torch.enable_grad():
+                si = s[i:i + chunk].detach().requires_grad_()  # (c, V)
+                li = _chunk_loss(si, t[i:i + chunk], m[i:i + chunk], topk, eos_ids, veto)
+                (gi,) = torch.autograd.grad(li, si)
+            grad[i:i + chunk] = gi
+            total += li.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(g.to(grad.dtype)), None, None, None, None, None, None
+
 def opd_loss(s_logits, t_logits, mask, topk=0, eos_ids=(), chunk=1024, veto=0.0):
     """
-    Sum over masked positions of the reverse KL, computed in checkpointed chunks of positions:
-    each chunk's float32 intermediates are freed after forward and rebuilt in backward, so
-    peak extra memory is O(chunk * V). s_logits, t_logits: (B, T, V); mask: (B, T).
-    veto=B replaces the target pi_T by Q ~ pi_T * pi_S^B (the Veto baseline).
+    Sum over masked positions of the reverse KL, in chunks of positions whose gradient is taken
+    on the spot (design choice 7): peak extra memory is O(chunk * V) beyond the logits' own gradient.
+    s_logits, t_logits: (B, T, V); mask: (B, T). veto=B replaces the target pi_T by
+    Q ~ pi_T * pi_S^B (the Veto baseline).
     """
-    from torch.utils.checkpoint import checkpoint
     V = s_logits.shape[-1]
-    s, t, m = s_logits.reshape(-1, V), t_logits.reshape(-1, V), mask.reshape(-1).float()  # (N, V), (N, V), (N,)
+    s, t, m = s_logits.reshape(-1, V), t_logits.detach().reshape(-1, V), mask.reshape(-1).float()  # (N, V), (N, V), (N,)
+    if s.requires_grad: return _ChunkedKL.apply(s, t, m, topk, list(eos_ids), veto, chunk)
     total = s.new_zeros((), dtype=torch.float32)
     for i in range(0, s.shape[0], chunk):
-        mi = m[i:i + chunk]
-        if not bool(mi.any()): continue
-        if s.requires_grad:
-            total = total + checkpoint(_chunk_loss, s[i:i + chunk], t[i:i + chunk], mi, topk, list(eos_ids), veto, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(s[i:i + chunk], t[i:i + chunk], mi, topk, list(eos_ids), veto)
+        total += _chunk_loss(s[i:i + chunk], t[i:i + chunk], m[i:i + chunk], topk, list(eos_ids), veto)
     return total
 
 def response_logits(model, seq, attn, T, V):
