@@ -208,14 +208,15 @@ def bench_blend(s, t, ids, attn, V, device, repeats, B=8, eps_list=(0.001, 0.02,
 # R4: loss memory (each variant in a fresh process: ru_maxrss is a high-water mark)
 
 MEM_CHILD = r"""
-import resource, sys, torch, trb
+import os, resource, sys, torch, trb
 B, T, V, chunked = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-s = torch.randn(B, T, V, requires_grad=True); t = torch.randn(B, T, V); m = torch.ones(B, T, dtype=torch.bool)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+s = torch.empty(B, T, V).normal_().requires_grad_(); t = torch.empty(B, T, V).normal_(); m = torch.ones(B, T, dtype=torch.bool)
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+base = rss()  # current, not peak: nothing transient before this point can hide what follows
 if chunked: loss = trb.opd_loss(s, t, m, 0, [2], 256)
 else: loss = (trb.reverse_kl(trb.fold_eos(s, [2]), trb.fold_eos(t, [2])) * m).sum()
 loss.backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024 - s.numel() * 4)  # beyond the logits' own gradient
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base - s.numel() * 4)  # beyond logits, teacher logits, gradient
 """
 
 def bench_loss_memory(B, T, V):
