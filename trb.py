@@ -291,6 +291,11 @@ def fold_eos(logits, eos_ids):
     out = logits.index_fill(-1, ids[1:], NEG_INF)                           # (..., V)
     return out.index_copy(-1, ids[:1], lse.to(out.dtype))                   # (..., V)
 
+def token_logp(logits, tokens):
+    """log softmax(logits)[tokens] in float32 without materialising the (..., V) log-softmax. (..., V), (...) -> (...)"""
+    x = logits.float()
+    return x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - x.logsumexp(-1)
+
 def _kl_and_slope(logp, p, dc, beta):
     """KL(mu_beta || p), its derivative beta*Var_mu[dc], and log mu. Off the support logp is -1e30, not -inf."""
     v = (dc * beta.unsqueeze(-1)).add_(logp)                # (N, V) unnormalised log mu
@@ -435,7 +440,7 @@ def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tok
             tok = draw(s)                                    # (B,)
         tok = tok.masked_fill(done, pad_id)
         toks.append(tok); masks.append(~done); betas.append(beta); kls.append(kl); reps.append(rep & ~done)
-        if use_t: tlps.append((tl.gather(-1, tok[:, None]).squeeze(-1) - tl.logsumexp(-1)))
+        if use_t: tlps.append(token_logp(tl, tok))           # (B,)
         done = done | (tok == eos_ids[0])
         if bool(done.all()) or t == max_new_tokens - 1: break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)  # (B, P+t+1)
@@ -460,9 +465,7 @@ def reverse_kl(s_logits, t_logits, topk=0, tokens=None):
     """
     t_logits = t_logits.detach()
     if tokens is not None:
-        y = tokens.unsqueeze(-1)
-        lp = (s_logits.float().gather(-1, y) - s_logits.float().logsumexp(-1, keepdim=True)).squeeze(-1)  # (...)
-        lq = (t_logits.float().gather(-1, y) - t_logits.float().logsumexp(-1, keepdim=True)).squeeze(-1)  # (...)
+        lp, lq = token_logp(s_logits, tokens), token_logp(t_logits, tokens)  # (...), (...)
         k = (lp - lq).detach()
         return k + k * (lp - lp.detach())
     if topk:
@@ -482,7 +485,8 @@ def _chunk_loss(s, t, m, topk, eos_ids, veto):
 class _ChunkedKL(torch.autograd.Function):
     """
     The loss and its gradient, one chunk of positions at a time, in forward. Backward only scales the
-    stored gradient: no (N, V) float32 intermediate ever exists, and nothing is recomputed.
+    stored gradient: beside that (N, V) gradient, which the logits need anyway, no (N, V) float32
+    intermediate ever exists, and nothing is recomputed.
     """
     @staticmethod
     def forward(ctx, s, t, m, topk, eos_ids, veto, chunk):
@@ -712,14 +716,13 @@ def train(cfg):
             m = r["mask"]
             with torch.inference_mode(), amp:
                 t_l = response_logits(teacher, seq, a, T, V)  # (b, T, V)
-                t_lp = (fold_eos(t_l.float(), eos_ids).log_softmax(-1).gather(-1, r["tokens"][..., None]).squeeze(-1))  # (b, T)
+                t_lp = token_logp(fold_eos(t_l, eos_ids), r["tokens"])  # (b, T)
             t_l = t_l.clone()  # leave inference mode: autograd may save it
             sync = j == len(rolls) - 1 or world == 1
             with (nullcontext() if sync else model.no_sync()), amp:
                 s_l = response_logits(model, seq, a, T, V)    # (b, T, V)
                 if sft:  # NLL of the teacher's tokens
-                    nll = -F.log_softmax(fold_eos(s_l.float(), eos_ids), -1).gather(-1, r["tokens"][..., None]).squeeze(-1)  # (b, T)
-                    loss = (nll * m).sum()
+                    loss = -(token_logp(fold_eos(s_l, eos_ids), r["tokens"]) * m).sum()
                 else:
                     loss = opd_loss(s_l, t_l, m, cfg.loss_topk, eos_ids, cfg.loss_chunk, veto)
                 (loss * world / n_tok).backward()
