@@ -1,9 +1,10 @@
 """
-Benchmarks for trb.py, as ratios measured in one run (nanoGPT's bench.py in spirit). Timings are medians of
-several repeats; every ratio compares two things timed in the same process on the same machine.
+Benchmarks for trb.py, as ratios measured in one run (nanoGPT's bench.py in spirit). R1 and R2 are medians of
+per-round ratios over interleaved repeats, R3 medians of repeated calls, R5 medians of the steps after the first;
+every ratio compares two things timed on the same machine in the same run.
 
-  python bench.py                  # CPU: R1-R5 on the SmolLM2-135M pair (random weights of that shape without it)
-  python bench.py --quick          # R1-R3, smaller, in about a minute (R4 and R5 skipped)
+  python bench.py                  # CPU: R1-R5 on the SmolLM2-135M pair (random weights of that shape without it), ~6 min
+  python bench.py --quick          # R1-R3, smaller, under a minute (R4 and R5 skipped)
   python bench.py --gpu            # R1, R2, R3, R6 on bf16 random models shaped like Qwen3-0.6B / Qwen3-4B
   python bench.py --export DIR     # writes DIR/teacher and DIR/student (HF format) for the real-model checks
 
@@ -111,17 +112,23 @@ def sync(device):
 
 def timed(fn, device, repeats):
     """Median wall time of fn() over `repeats` runs, after one warmup."""
-    return timed_all({"f": fn}, device, repeats)["f"]
+    return med(timed_all({"f": fn}, device, repeats)["f"])
 
 def timed_all(fns, device, repeats):
-    """Median wall times of several functions, run interleaved (one round of each per repeat) so that
-    drift in the machine's speed falls on all of them alike."""
+    """Wall times of several functions over `repeats` rounds (after a warmup round), run interleaved, one
+    call of each per round, so that drift in the machine's speed falls on all of them alike. {name: [seconds]}"""
     ts = {k: [] for k in fns}
     for r in range(repeats + 1):
         for k, fn in fns.items():
             t0 = time.perf_counter(); fn(); sync(device)
             if r: ts[k].append(time.perf_counter() - t0)  # round 0 is the warmup
-    return {k: statistics.median(v) for k, v in ts.items()}
+    return ts
+
+def paired(num, den):
+    """Per-round ratios num/den; their median is robust to a round in which the machine was slow."""
+    return [a / b for a, b in zip(num, den)]
+
+med = statistics.median
 
 @torch.inference_mode()
 def forced_decode(model, ids, attn, tokens, V):
@@ -155,7 +162,10 @@ def bench_rollouts(s, t, ids, attn, V, N, device, repeats, eps=0.02):
                floor_s=lambda: forced_decode(s, ids, attn, toks, V), floor_t=lambda: forced_decode(t, ids, attn, toks, V),
                opd=lambda: trb.rollout(s, t, ids, attn, 0.0, gen=gen(), **kw), gen_s=lambda: generate(s))
     if device.type == "cuda": fns["gen_t"] = lambda: generate(t)
-    res = timed_all(fns, device, repeats)
+    ts = timed_all(fns, device, repeats)
+    res = {k: med(v) for k, v in ts.items()}
+    res["r1"] = paired(ts["trb"], [a + b for a, b in zip(ts["floor_s"], ts["floor_t"])])
+    res["r2"] = paired(ts["opd"], ts["gen_s"])
     res["tokens"] = B * N
     return res
 
@@ -213,14 +223,14 @@ B, T, V, chunked = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.arg
 s = torch.empty(B, T, V).normal_().requires_grad_(); t = torch.empty(B, T, V).normal_(); m = torch.ones(B, T, dtype=torch.bool)
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 base = rss()  # current, not peak: nothing transient before this point can hide what follows
-if chunked: loss = trb.opd_loss(s, t, m, 0, [2], 256)
+if chunked: loss = trb.opd_loss(s, t, m, 0, [2])  # the default chunk
 else: loss = (trb.reverse_kl(trb.fold_eos(s, [2]), trb.fold_eos(t, [2])) * m).sum()
 loss.backward()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base - s.numel() * 4)  # beyond logits, teacher logits, gradient
 """
 
 def bench_loss_memory(B, T, V):
-    """Peak memory beyond the logits and their gradient, at T and 2T positions per row (chunk = 256 positions)."""
+    """Peak memory beyond the logits and their gradient, at T and 2T positions per row (trb's default chunk)."""
     here = os.path.dirname(os.path.abspath(__file__))
     run = lambda T, c: int(subprocess.run([sys.executable, "-c", MEM_CHILD, str(B), str(T), str(V), c], cwd=here, capture_output=True,
                                           text=True, check=True).stdout.split()[-1])
@@ -263,6 +273,12 @@ tr.train()
 print("STEP_TIMES", json.dumps(Timer.ts))
 """
 
+TRB_CHILD = r"""
+import sys, trb
+trb.eos_ids_of = lambda *a: [-1]  # EOS off: an id never sampled
+trb.main(sys.argv[1:])
+"""
+
 def bench_trl(paths, N, B, steps, tmp):
     here = os.path.dirname(os.path.abspath(__file__))
     out = {}
@@ -271,15 +287,13 @@ def bench_trl(paths, N, B, steps, tmp):
                            cwd=here, capture_output=True, text=True)
         line = [l for l in p.stdout.splitlines() if l.startswith("STEP_TIMES")]
         out[which] = statistics.median(json.loads(line[0].split(" ", 1)[1])[1:]) if line else (p.stderr.strip().splitlines() or ["failed"])[-1]
-    # ours: the same models, prompts (batch B, one sample each), length, full-vocab loss; EOS off (an id never
-    # sampled), so every response is N tokens long as in the TRL runs
+    # ours, in a fresh process like TRL's: the same models, prompts (batch B, one sample each), length and full-vocab
+    # loss, with EOS off (an id never sampled), so every response is N tokens long as in the TRL runs
     run = os.path.join(tmp, "trb")
-    import contextlib, io
-    from unittest import mock
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), mock.patch.object(trb, "eos_ids_of", lambda *a: [-1]):
-        trb.main(["--student", paths["student"], "--teacher", paths["teacher"], "--data", GSM8K, "--out_dir", run, "--eps0", "0",
-                  "--batch_size", str(B), "--n_samples", "1", "--micro_batch_size", str(B), "--max_new_tokens", str(N), "--max_steps", str(steps),
-                  "--loss_topk", "0", "--save_every", "0", "--lr_warmup_steps", "0"])
+    subprocess.run([sys.executable, "-c", TRB_CHILD, "--student", paths["student"], "--teacher", paths["teacher"], "--data", GSM8K,
+                    "--out_dir", run, "--eps0", "0", "--batch_size", str(B), "--n_samples", "1", "--micro_batch_size", str(B),
+                    "--max_new_tokens", str(N), "--max_steps", str(steps), "--loss_topk", "0", "--save_every", "0", "--lr_warmup_steps", "0"],
+                   cwd=here, capture_output=True, text=True, check=True)
     recs = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))][1:]
     out["trb"], out["trb_len"] = statistics.median(r["dt"] for r in recs), statistics.mean(r["resp_len"] for r in recs)
     return out
@@ -315,14 +329,15 @@ def main():
             s, t = random_pair("smollm2", device, torch.float32)
             tok, what = None, "random SmolLM2-135M shapes (24 / 30 layers)"
         V = 49152
-        B, P, N, repeats = (4, 64, 8, 1) if a.quick else (8, 128, 32, 5)
+        B, P, N, repeats = (4, 64, 8, 2) if a.quick else (8, 128, 32, 3)
     print(f"bench | {what} | device {device}{' ' + torch.cuda.get_device_name() if a.gpu else ''} | torch {torch.__version__} | threads {torch.get_num_threads()}")
     ids, attn = prompt_ids(B, P, V, tok)
     print(f"| {'measure':<44} | {'value':>26} | {'target':>10} | {'status':>6} |")
     r = bench_rollouts(s, t, ids, attn, V, N, device, repeats)
-    floor = r["floor_s"] + r["floor_t"]
-    row(f"R1 TRB rollout / floor (B={B}, {N} tok)", f"{r['trb'] / floor:.3f} ({r['trb']:.2f}s/{floor:.2f}s)", "<= 1.15", r["trb"] / floor <= 1.15)
-    row("R2 pure-OPD rollout / generate", f"{r['opd'] / r['gen_s']:.3f} ({r['opd']:.2f}s/{r['gen_s']:.2f}s)", "<= 1.00", r["opd"] / r["gen_s"] <= 1.0)
+    rounds = lambda x: f"{med(x):.3f} (rounds {min(x):.2f}-{max(x):.2f})"
+    row(f"R1 TRB rollout / floor (B={B}, {N} tok)", rounds(r["r1"]), "<= 1.15", med(r["r1"]) <= 1.15)
+    row("R2 pure-OPD rollout / generate", rounds(r["r2"]), "<= 1.00", med(r["r2"]) <= 1.0)
+    row("   seconds: TRB / floor / pure OPD / generate", f"{r['trb']:.1f} / {r['floor_s'] + r['floor_t']:.1f} / {r['opd']:.1f} / {r['gen_s']:.1f}")
     bl = bench_blend(s, t, ids, attn, V, device, repeats, B=min(8, B), eps_list=(0.02,) if a.quick else (0.001, 0.02, 0.05))
     for eps, e in bl["eps"].items():
         row(f"R3 blend / student step, eps={eps}", f"{e['t_newton'] / bl['t_step']:.3f} ({e['t_newton'] * 1e3:.1f}/{bl['t_step'] * 1e3:.1f}ms)", "<= 0.10", e["t_newton"] / bl["t_step"] <= 0.10)
@@ -344,11 +359,13 @@ def main():
     row(f"   (B={B}) x T x V float32 logits, T={Tm}", mib(mem["logits"]))
     if a.quick or a.no_trl or not paths or not os.path.isfile(GSM8K): return
     with tempfile.TemporaryDirectory() as tmp:
-        tr = bench_trl(paths, 64, 4, 4, tmp)
+        tr = bench_trl(paths, 32, 4, 3, tmp)
     for which, target in (("gkd", 0.85), ("distill", 0.95)):
         if isinstance(tr[which], str): row(f"R5 trb step / TRL {which}", tr[which][:26], f"<= {target}", False); continue
         row(f"R5 trb step / TRL {which} step", f"{tr['trb'] / tr[which]:.3f} ({tr['trb']:.1f}s/{tr[which]:.1f}s)", f"<= {target}", tr["trb"] / tr[which] <= target)
-    row("   trb mean response length (TRL: 64 forced)", f"{tr['trb_len']:.1f} tokens")
+    row("   trb mean response length (TRL: 32 forced)", f"{tr['trb_len']:.1f} tokens")
 
 if __name__ == "__main__":
+    t0 = time.perf_counter()
     main()
+    print(f"bench | {time.perf_counter() - t0:.0f} s in all")

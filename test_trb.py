@@ -234,7 +234,7 @@ def test_chunked_loss_equals_unchunked(topk):
     eos = [5, 9]
     full = (trb.reverse_kl(trb.fold_eos(s, eos), trb.fold_eos(t, eos), topk) * m).sum()
     (gf,) = torch.autograd.grad(full, s)
-    for chunk in (1, 4, 1000):
+    for chunk in (0, 1, 4, 1000):
         part = trb.opd_loss(s, t, m, topk, eos, chunk)
         (gp,) = torch.autograd.grad(part, s)
         assert torch.allclose(full, part, atol=1e-5), f"chunk={chunk}: loss differs"
@@ -265,6 +265,26 @@ def test_fold_eos():
     s, t = x.clone(), x.clone()
     t[:, 17], t[:, 4] = x[:, 4], x[:, 17]
     assert trb.reverse_kl(s, t).min() > 0 and trb.reverse_kl(trb.fold_eos(s, [4, 17]), trb.fold_eos(t, [4, 17])).abs().max() < 1e-6
+
+def test_sample_matches_inverse_cdf_reference_and_distribution():
+    # parity: the same uniforms through a plain-Python float64 inverse CDF give the same tokens
+    x = torch.randn(64, 300) * 4
+    x[:, 7] = float("-inf"); x[:, 9] = -1e30
+    tok = trb.sample(x, torch.Generator().manual_seed(3))
+    us = 1 - torch.rand(64, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    p = F.softmax(x.float(), -1).double()
+    for i in range(64):
+        c, u = p[i].cumsum(0), us[i].item() * p[i].sum().item()
+        ref = next(j for j in range(300) if c[j].item() >= u)
+        assert tok[i].item() == ref, f"row {i}: {tok[i].item()} != reference {ref}"
+    # distribution: frequencies of 400k draws from one row of 6 tokens (two impossible) match softmax
+    x = torch.tensor([[0.0, 1.0, float("-inf"), -3.0, -1e30, 2.0]]).expand(400_000, 6)
+    freq = torch.bincount(trb.sample(x, torch.Generator().manual_seed(0)), minlength=6).double() / 400_000
+    p = F.softmax(x[0].double(), -1)
+    assert freq[2] == 0 and freq[4] == 0, "a token with p = 0 is never drawn"
+    assert (freq - p).abs().max() < 5 * (p * (1 - p) / 400_000).sqrt().max(), f"frequencies {freq} vs p {p}"
+    one = torch.full((5, 40), float("-inf")); one[torch.arange(5), torch.tensor([0, 39, 3, 3, 20])] = 0.0
+    assert trb.sample(one).tolist() == [0, 39, 3, 3, 20], "a one-hot row always gives its token, at both ends too"
 
 def test_import_has_no_side_effects():
     code = "import sys, trb; print('transformers' in sys.modules, 'datasets' in sys.modules)"
