@@ -3,7 +3,7 @@ Benchmarks for trb.py, as ratios measured in one run (nanoGPT's bench.py in spir
 per-round ratios over interleaved repeats, R3 medians of repeated calls, R5 medians of the steps after the first;
 every ratio compares two things timed on the same machine in the same run.
 
-  python bench.py                  # CPU: R1-R5 on the SmolLM2-135M pair (random weights of that shape without it), ~6 min
+  python bench.py                  # CPU: R1-R5 on the SmolLM2-135M pair (random weights of that shape without it), ~8 min
   python bench.py --quick          # R1-R3, smaller, under a minute (R4 and R5 skipped)
   python bench.py --gpu            # R1, R2, R3, R6 on bf16 random models shaped like Qwen3-0.6B / Qwen3-4B
   python bench.py --export DIR     # writes DIR/teacher and DIR/student (HF format) for the real-model checks
@@ -146,7 +146,8 @@ def forced_decode(model, ids, attn, tokens, V):
 # R1, R2, R6: rollouts
 
 def bench_rollouts(s, t, ids, attn, V, N, device, repeats, eps=0.02):
-    """R1 (TRB vs floor), R2 (pure OPD vs generate) and tokens/s, with EOS disabled so every run is N tokens long."""
+    """R1 (TRB vs floor), R2 (pure OPD vs generate) and tokens/s, with EOS disabled so every run is N tokens long.
+    R2's margin (~5% on a CPU) is smaller than the round-to-round noise there, so it gets twice the rounds."""
     from transformers import GenerationConfig
     ids, attn = ids.to(device), attn.to(device)
     B = ids.shape[0]
@@ -159,10 +160,10 @@ def bench_rollouts(s, t, ids, attn, V, N, device, repeats, eps=0.02):
     generate = lambda m: torch.inference_mode()(m.generate)(input_ids=ids, attention_mask=attn, generation_config=gc)
     assert generate(s).shape[1] - ids.shape[1] == N, "generate ran the full length"
     fns = dict(trb=lambda: trb.rollout(s, t, ids, attn, eps, gen=gen(), **kw),
-               floor_s=lambda: forced_decode(s, ids, attn, toks, V), floor_t=lambda: forced_decode(t, ids, attn, toks, V),
-               opd=lambda: trb.rollout(s, t, ids, attn, 0.0, gen=gen(), **kw), gen_s=lambda: generate(s))
+               floor_s=lambda: forced_decode(s, ids, attn, toks, V), floor_t=lambda: forced_decode(t, ids, attn, toks, V))
     if device.type == "cuda": fns["gen_t"] = lambda: generate(t)
     ts = timed_all(fns, device, repeats)
+    ts.update(timed_all(dict(opd=lambda: trb.rollout(s, t, ids, attn, 0.0, gen=gen(), **kw), gen_s=lambda: generate(s)), device, 2 * repeats))
     res = {k: med(v) for k, v in ts.items()}
     res["r1"] = paired(ts["trb"], [a + b for a, b in zip(ts["floor_s"], ts["floor_t"])])
     res["r2"] = paired(ts["opd"], ts["gen_s"])
@@ -287,10 +288,11 @@ def bench_trl(paths, N, B, steps, tmp):
                            cwd=here, capture_output=True, text=True)
         line = [l for l in p.stdout.splitlines() if l.startswith("STEP_TIMES")]
         out[which] = statistics.median(json.loads(line[0].split(" ", 1)[1])[1:]) if line else (p.stderr.strip().splitlines() or ["failed"])[-1]
-    # ours, in a fresh process like TRL's: the same models, prompts (batch B, one sample each), length and full-vocab
-    # loss, with EOS off (an id never sampled), so every response is N tokens long as in the TRL runs
-    run = os.path.join(tmp, "trb")
-    subprocess.run([sys.executable, "-c", TRB_CHILD, "--student", paths["student"], "--teacher", paths["teacher"], "--data", GSM8K,
+    # ours, in a fresh process like TRL's: the same models, prompts (TRL's B * steps questions; batch B, one sample
+    # each), length and full-vocab loss, with EOS off (an id never sampled), so every response is N tokens long as in TRL
+    run, data = os.path.join(tmp, "trb"), os.path.join(tmp, "prompts.jsonl")
+    with open(data, "w") as f: f.writelines(l for l in open(GSM8K).readlines()[:B * steps])
+    subprocess.run([sys.executable, "-c", TRB_CHILD, "--student", paths["student"], "--teacher", paths["teacher"], "--data", data,
                     "--out_dir", run, "--eps0", "0", "--batch_size", str(B), "--n_samples", "1", "--micro_batch_size", str(B),
                     "--max_new_tokens", str(N), "--max_steps", str(steps), "--loss_topk", "0", "--save_every", "0", "--lr_warmup_steps", "0"],
                    cwd=here, capture_output=True, text=True, check=True)

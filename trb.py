@@ -25,8 +25,11 @@ Design choices
     falling back to bisection whenever a step leaves the bracket. sqrt(KL) is
     nearly linear in beta, so 2-4 iterations suffice; the feasible end of the
     bracket is returned, so the budget is never exceeded.
- 2. KL(mu||pi_S) is summed as sum_i p_i*(r_i log r_i - r_i + 1), r = mu/p, whose
-    terms are all >= 0: no cancellation, float32 is exact enough at eps = 1e-4.
+ 2. KL(mu_beta||pi_S) = beta E_mu[dc] - log E_p[e^(beta dc)] (dc = log pi_T - log pi_S,
+    centred) is evaluated from three sums over the row, E_p[e^x - 1 - x], E_p[(e^x - 1) dc]
+    and E_p[(e^x - 1) dc^2], whose first two have terms >= 0: float32 holds the budget to
+    1e-5 relative at eps = 1e-4. Where e^x could overflow (huge logit gaps), it is summed in
+    the log domain as sum_i p_i*(r_i log r_i - r_i + 1), r = mu/p, terms again >= 0.
  3. Temperature divides both sides' logits before blending: mu is blended from
     the two tempered policies, so at tau != 1 the budget is measured against the
     tempered student that would otherwise be sampled.
@@ -321,6 +324,24 @@ def _kl_and_slope(logp, p, dc, beta):
     var = (torch.linalg.vecdot(m1, dc) - s1 ** 2).clamp(min=0)  # (N,) Var_mu[dc]
     return kl, beta * var, lmu
 
+def _kl_and_slope_sums(p, dc, sig2, beta):
+    """
+    KL(mu_beta || p) and its derivative from three sums, with no (N, V) log mu: for x = beta*dc and E_p[dc] = 0,
+    Z = E_p[e^x] = 1 + S0, S0 = E_p[e^x - 1 - x] (terms >= 0), KL = beta E_mu[dc] - log Z, E_mu[dc] = S1/Z,
+    E_mu[dc^2] = (sigma^2 + S2)/Z, S_k = E_p[(e^x - 1) dc^k] (S1's terms >= 0). A third of _kl_and_slope's passes.
+    Only while e^x cannot overflow (beta * max dc <= 50).
+    """
+    x = dc * beta[:, None]                                  # (N, V)
+    e = torch.expm1(x)                                      # (N, V)
+    S0 = ((e - x).mul_(p)).sum(-1)                          # (N,)
+    q = e.mul_(p).mul_(dc)                                  # (N, V) p (e^x - 1) dc
+    S1, S2 = q.sum(-1), torch.linalg.vecdot(q, dc)          # (N,), (N,)
+    Z = 1 + S0                                              # (N,)
+    m1 = S1 / Z                                             # (N,) E_mu[dc]
+    kl = beta * m1 - torch.log1p(S0)                        # (N,)
+    var = ((sig2 + S2) / Z - m1 ** 2).clamp(min=0)          # (N,) Var_mu[dc]
+    return kl, beta * var
+
 def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60, newton=True):
     """trust_region_blend plus the realised KL(mu||pi_S) and the iterations used (newton=False: plain bisection, for bench.py)."""
     shape, V = s_logits.shape[:-1], s_logits.shape[-1]
@@ -351,15 +372,15 @@ def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60, newton=True):
     beta = beta * (1 - k3 * beta / (3 * sig2)).clamp(0.5, 1.5)
     beta = beta.nan_to_num(1.0).clamp(max=1.0) if newton else torch.full_like(beta, 0.5)
     lo, hi = torch.zeros_like(eps), torch.full_like(eps, 2.0)  # lo feasible; hi = 2: beta = 1 not yet tried
-    kl_lo, lmu_lo = torch.zeros_like(eps), torch.empty_like(ls)  # log mu at lo, filled for rows whose lo > 0
+    kl_lo = torch.zeros_like(eps)
+    dmax = dc.amax(-1)                                       # (N,) bounds beta*dc, the exponent of the sums' e^x
     done, it = ~active, 0
     while not bool(done.all()) and it < max_iter:
         it += 1
-        kl, slope, lmu = _kl_and_slope(logp, p, dc, beta)   # (N,), (N,), (N, V)
+        if bool((beta * dmax <= 50).all()): kl, slope = _kl_and_slope_sums(p, dc, sig2, beta)  # (N,), (N,)
+        else: kl, slope, _ = _kl_and_slope(logp, p, dc, beta)  # log domain: any logits
         ok = (kl <= target) & ~done
         lo, kl_lo = torch.where(ok, beta, lo), torch.where(ok, kl, kl_lo)
-        rows = ok.nonzero().squeeze(1)                       # row copies, not an (N, V) torch.where
-        lmu_lo[rows] = lmu[rows]
         hi = torch.where(~ok & ~done, beta, hi)
         done = done | (ok & ((kl >= target * (1 - tol)) | (beta == 1))) | (hi - lo <= 1e-7 * hi)
         # Newton on sqrt(KL) - sqrt(aim); sqrt(KL) is near-linear in beta (design choice 1).
@@ -368,7 +389,8 @@ def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60, newton=True):
         inside = (nxt > lo) & (nxt < hi) & newton            # NaN/inf steps fail this too
         beta = torch.where(done, beta, torch.where(inside, nxt, (lo + hi.clamp(max=1.0)) / 2))
     beta = torch.where(active, lo, 0.0)                      # (N,) the feasible end of the bracket
-    logp_mu = lmu_lo.add_(off.mul_(1e30))                    # (N, V) -1e30 * 1e30 overflows to -inf: off A stays impossible
+    v = torch.addcmul(logp, dc, beta[:, None])               # (N, V) log mu_beta + log Z
+    logp_mu = (v - v.logsumexp(-1, keepdim=True)).add_(off.mul_(1e30))  # (N, V) -1e30 * 1e30 = -inf: off A stays impossible
     logp_mu[beta == 0] = ls[beta == 0]                       # mu = pi_S where beta* = 0
     kl = torch.where(beta > 0, kl_lo + c, 0.0)               # (N,) realised KL(mu||pi_S)
     return logp_mu.reshape(*shape, V), beta.reshape(shape), kl.reshape(shape), it
