@@ -302,27 +302,23 @@ def token_logp(logits, tokens):
     return x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - x.logsumexp(-1)
 
 def _kl_and_slope(logp, p, dc, beta):
-    """KL(mu_beta || p), its derivative beta*Var_mu[dc], and log mu. Off the support logp is -1e30, not -inf."""
+    """KL(mu_beta || p) and its derivative beta*Var_mu[dc], in the log domain (any logits). Off the support logp is -1e30, not -inf."""
     v = (dc * beta.unsqueeze(-1)).add_(logp)                # (N, V) unnormalised log mu
     m = v.amax(-1, keepdim=True)                            # (N, 1)
     mu = (v - m).exp_()                                     # (N, V) one exp serves both mu and log Z
     Z = mu.sum(-1, keepdim=True)                            # (N, 1)
     mu.div_(Z)
-    lmu = v.sub_(m + Z.log())                               # (N, V) log mu
-    # sum_i p_i (r_i log r_i - r_i + 1) with r = mu/p = e^x: every term >= 0 (design choice 2). p*(r - 1)
-    # is taken as p*expm1(x) where x is small, so each term keeps its relative precision, and as mu - p
-    # where x is large (no overflow). x comes from the same lmu as mu. In-place ops: fewer allocations.
-    # p*(r - 1) = p*expm1(min(x, 1)) - mu*expm1(-max(x - 1, 0)): p*expm1(x) for x <= 1, mu - p for x > 1,
-    # with no mask; bool-mask kernels (torch.where, masked_fill) cost as much as ~15 float ops on a CPU.
-    x = lmu - logp                                          # (N, V)
-    big = bool(x.amax() > 1)                                # rare at small eps: skip the second term's three passes
-    pr1 = torch.expm1(x.clamp(max=1) if big else x).mul_(p)  # (N, V)
-    if big: pr1.sub_(torch.expm1((x - 1).clamp_(min=0).neg_()).mul_(mu))
+    x = v.sub_(m + Z.log()).sub_(logp)                      # (N, V) log(mu/p), from the same exp as mu
+    # sum_i p_i (r_i log r_i - r_i + 1) with r = mu/p = e^x: every term >= 0 (design choice 2). p*(r - 1) is
+    # p*expm1(min(x, 1)) - mu*expm1(-max(x - 1, 0)): p*expm1(x) where x <= 1 (relative precision near r = 1) and
+    # mu - p where x > 1 (no overflow, and p may underflow), with no mask: bool-mask kernels (torch.where,
+    # masked_fill) cost as much as ~15 float ops on a CPU.
+    pr1 = torch.expm1(x.clamp(max=1)).mul_(p).sub_(torch.expm1((x - 1).clamp_(min=0).neg_()).mul_(mu))  # (N, V)
     kl = (mu * x).sub_(pr1).sum(-1)                         # (N,)
     m1 = mu * dc                                            # (N, V)
     s1 = m1.sum(-1)                                         # (N,) E_mu[dc]
     var = (torch.linalg.vecdot(m1, dc) - s1 ** 2).clamp(min=0)  # (N,) Var_mu[dc]
-    return kl, beta * var, lmu
+    return kl, beta * var
 
 def _kl_and_slope_sums(p, dc, sig2, beta):
     """
@@ -378,7 +374,7 @@ def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60, newton=True):
     while not bool(done.all()) and it < max_iter:
         it += 1
         if bool((beta * dmax <= 50).all()): kl, slope = _kl_and_slope_sums(p, dc, sig2, beta)  # (N,), (N,)
-        else: kl, slope, _ = _kl_and_slope(logp, p, dc, beta)  # log domain: any logits
+        else: kl, slope = _kl_and_slope(logp, p, dc, beta)  # log domain: any logits
         ok = (kl <= target) & ~done
         lo, kl_lo = torch.where(ok, beta, lo), torch.where(ok, kl, kl_lo)
         hi = torch.where(~ok & ~done, beta, hi)
@@ -391,8 +387,9 @@ def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60, newton=True):
     beta = torch.where(active, lo, 0.0)                      # (N,) the feasible end of the bracket
     v = torch.addcmul(logp, dc, beta[:, None])               # (N, V) log mu_beta + log Z
     logp_mu = (v - v.logsumexp(-1, keepdim=True)).add_(off.mul_(1e30))  # (N, V) -1e30 * 1e30 = -inf: off A stays impossible
-    logp_mu[beta == 0] = ls[beta == 0]                       # mu = pi_S where beta* = 0
-    kl = torch.where(beta > 0, kl_lo + c, 0.0)               # (N,) realised KL(mu||pi_S)
+    zero = beta == 0                                         # (N,)
+    logp_mu[zero] = ls[zero]                                 # mu = pi_S where beta* = 0
+    kl = torch.where(zero, 0.0, kl_lo + c)                   # (N,) realised KL(mu||pi_S)
     return logp_mu.reshape(*shape, V), beta.reshape(shape), kl.reshape(shape), it
 
 def trust_region_blend(s_logits, t_logits, eps):
