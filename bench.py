@@ -224,7 +224,7 @@ B, T, V, chunked = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.arg
 s = torch.empty(B, T, V).normal_().requires_grad_(); t = torch.empty(B, T, V).normal_(); m = torch.ones(B, T, dtype=torch.bool)
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 base = rss()  # current, not peak: nothing transient before this point can hide what follows
-if chunked: loss = trb.opd_loss(s, t, m, 0, [2])  # the default chunk
+if chunked: loss = trb.opd_loss(s, t, m, 0, 0, trb.loss_prep([2]))  # the default chunk
 else: loss = (trb.reverse_kl(trb.fold_eos(s, [2]), trb.fold_eos(t, [2])) * m).sum()
 loss.backward()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base - s.numel() * 4)  # beyond logits, teacher logits, gradient

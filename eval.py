@@ -12,7 +12,6 @@ same batched, left-padded, KV-cached loop as training, which bench.py measures a
 Grading: the last \\boxed{...}, else '#### x', else 'the answer is x', else (GSM8K) the last number; compared
 by normalised string equality first, then by math-verify (Hugging Face's grader).
 """
-import argparse
 import json
 import logging
 import math
@@ -21,6 +20,7 @@ import re
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -104,26 +104,28 @@ def is_correct(completion, gold, task):
 def gold_of(rec, task, where):
     if task == "gsm8k":
         if "question" not in rec or "answer" not in rec: raise trb.UserError(f"{where}: a GSM8K record needs question and answer")
-        return rec["question"], str(rec["answer"]).split("####")[-1].strip()
-    if "problem" not in rec or not ("answer" in rec or "solution" in rec): raise trb.UserError(f"{where}: a MATH record needs problem and answer (or solution)")
-    gold = rec.get("answer") or last_boxed(rec.get("solution", "")) or ""
-    if not gold: raise trb.UserError(f"{where}: no answer, and no \\boxed{{}} in the solution")
-    return rec["problem"], str(gold)
+        q, gold = rec["question"], str(rec["answer"]).split("####")[-1].strip()
+    else:
+        if "problem" not in rec or not ("answer" in rec or "solution" in rec):
+            raise trb.UserError(f"{where}: a MATH record needs problem and answer (or solution)")
+        q, gold = rec["problem"], str(rec.get("answer") or last_boxed(str(rec.get("solution", ""))) or "").strip()
+    if not isinstance(q, str) or not q.strip(): raise trb.UserError(f"{where}: the problem is {repr(q)[:40]}, not text")
+    if not gold: raise trb.UserError(f"{where}: empty answer (and no \\boxed{{}} in the solution)")
+    return q, gold
 
 def load_problems(task, data_file="", limit=0):
     """[(problem, gold, record)] from a local JSONL file or the hub."""
     if data_file:
         if not os.path.isfile(data_file): raise trb.UserError(f"--data_file {data_file!r}: no such file")
-        recs = []
-        with open(data_file) as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip(): continue
-                try: recs.append((json.loads(line), f"{data_file}:{i}"))
-                except json.JSONDecodeError: raise trb.UserError(f"{data_file}:{i}: not valid JSON") from None
+        recs = [(r, f"{data_file}, record {i}") for i, r in enumerate(trb.read_json_records(data_file), 1)]
     else:
-        from datasets import load_dataset
         args, split, _ = TASKS[task]
-        recs = [(r, f"{args[0]}[{i}]") for i, r in enumerate(load_dataset(*args, split=split))]
+        trb.need_hub(args[0], "data")
+        from datasets import load_dataset
+        try:
+            recs = [(r, f"{args[0]}[{i}]") for i, r in enumerate(load_dataset(*args, split=split))]
+        except Exception as e:
+            raise trb.UserError(f"cannot read {args[0]!r}: {trb._first_line(e)}") from None
     recs = recs[:limit] if limit else recs
     if not recs: raise trb.UserError(f"no problems in {data_file or task}")
     return [(*gold_of(r, "gsm8k" if task == "gsm8k" else "math", where), r) for r, where in recs]
@@ -171,6 +173,12 @@ def score(problems, completions, task):
 # figure of trb.py runs (matplotlib is optional)
 
 def plot_runs(run_dirs, out_png):
+    runs = {}
+    for d in run_dirs:
+        path = os.path.join(d, "metrics.jsonl")
+        if not os.path.isfile(path): raise trb.UserError(f"--plot: no metrics.jsonl in {d!r}")
+        runs[d] = trb.read_metrics(path)
+        if not runs[d]: raise trb.UserError(f"--plot: {path} holds no records")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -180,52 +188,71 @@ def plot_runs(run_dirs, out_png):
     panels = [("eps", "budget eps"), ("beta", "mean beta"), ("kl_mu_s", "realised KL(mu||pi_S)"),
               ("teacher_logp", "teacher log-prob of sampled tokens"), ("eval_kl", "held-out reverse KL (student rollouts)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
-    for d in run_dirs:
-        path = os.path.join(d, "metrics.jsonl")
-        if not os.path.isfile(path): raise trb.UserError(f"--plot: no metrics.jsonl in {d!r}")
-        recs = [json.loads(l) for l in open(path) if l.strip()]
+    for d, recs in runs.items():
         for ax, (key, title) in zip(axes, panels):
             pts = [(r["step"], r[key]) for r in recs if key in r]
             if pts: ax.plot(*zip(*pts), marker="o" if key == "eval_kl" else None, ms=3, label=os.path.basename(os.path.normpath(d)))
-            ax.set_title(title, fontsize=9); ax.set_xlabel("step")
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("step")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     return out_png
 
 # -----------------------------------------------------------------------------
+# command line
+
+@dataclass
+class EvalConfig:
+    # what to evaluate
+    model: str = ""                        # a trb.py out_dir, a local HF model dir or a hub name
+    task: str = "gsm8k"                    # gsm8k | math500 | math
+    data_file: str = ""                    # local JSONL with the hub's field names; "" = the hub's test split
+    limit: int = 0                         # the first N problems; 0 = all
+    # generation (trb.rollout at eps = 0)
+    n_samples: int = 1                     # samples per problem; pass@1 is averaged over them
+    temperature: float = 0.0               # 0 = greedy
+    max_new_tokens: int = 1024             # completion length limit
+    batch_size: int = 16                   # rows decoded together
+    seed: int = 0                          # sampling seed
+    # system
+    device: str = "auto"                   # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"                    # auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32
+    trust_remote_code: bool = False        # run a model's own code from the hub; off unless asked
+    out: str = ""                          # write one JSON line per problem here
+    # curves of trb.py runs instead of an evaluation
+    plot: list = field(default_factory=list)  # run dirs whose metrics.jsonl to draw (needs matplotlib)
+    plot_out: str = "trb_compare.png"      # the figure's path
+
+def check_args(a):
+    if not a.model: raise trb.UserError("--model is required")
+    if a.task not in TASKS: raise trb.UserError(f"--task must be one of {', '.join(TASKS)}, got {a.task!r}")
+    for name in ("n_samples", "max_new_tokens", "batch_size"):
+        if getattr(a, name) < 1: raise trb.UserError(f"--{name} must be >= 1, got {getattr(a, name)}")
+    if a.limit < 0: raise trb.UserError(f"--limit must be >= 0, got {a.limit}")
+    if not 0 <= a.temperature < math.inf: raise trb.UserError(f"--temperature must be finite and >= 0, got {a.temperature}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device):
+        raise trb.UserError(f"--device must be auto, cpu, cuda or cuda:N, got {a.device!r}")
+    if a.dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise trb.UserError(f"--dtype must be auto, bfloat16, float16 or float32, got {a.dtype!r}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available(): raise trb.UserError(f"--device {a.device}: no CUDA here")
+    if a.temperature == 0 and a.n_samples > 1:
+        print("eval: warning: --temperature 0 with --n_samples > 1 gives identical samples", file=sys.stderr)
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="GSM8K / MATH exact match, pass@1 over n samples", allow_abbrev=False)
-    ap.add_argument("--model", default="")
-    ap.add_argument("--task", default="gsm8k", choices=sorted(TASKS))
-    ap.add_argument("--data_file", default="")
-    ap.add_argument("--limit", type=int, default=0)
-    ap.add_argument("--n_samples", type=int, default=1)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--max_new_tokens", type=int, default=1024)
-    ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--out", default="")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    ap.add_argument("--trust_remote_code", action="store_true")
-    ap.add_argument("--plot", nargs="+", default=None, metavar="RUN_DIR")
-    ap.add_argument("--plot_out", default="trb_compare.png")
-    a = ap.parse_args(argv)
+    a, _ = trb.parse_config(EvalConfig, argv, "GSM8K / MATH exact match of a trb.py checkpoint or any HF causal LM, "
+                                              "pass@1 over n samples; or --plot the curves of trb.py runs")
     try:
         if a.plot: return print(plot_runs(a.plot, a.plot_out))
-        if not a.model: raise trb.UserError("--model is required")
-        if a.n_samples < 1: raise trb.UserError(f"--n_samples must be >= 1, got {a.n_samples}")
-        if a.batch_size < 1 or a.max_new_tokens < 1 or a.limit < 0: raise trb.UserError("--batch_size and --max_new_tokens must be >= 1, --limit >= 0")
-        if a.temperature == 0 and a.n_samples > 1: print("eval: warning: --temperature 0 with --n_samples > 1 gives identical samples", file=sys.stderr)
+        check_args(a)
         device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = getattr(torch, a.dtype) if a.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         problems = load_problems(a.task, a.data_file, a.limit)
         tok = trb.load_tokenizer(a.model, a.trust_remote_code)
         model = trb.load_model(a.model, dtype, device, a.trust_remote_code).eval()
         t0 = time.time()
-        comps, n_tok = generate(model, tok, [p for p, _, _ in problems], a.n_samples, a.temperature, a.max_new_tokens, a.batch_size, a.seed, device)
+        comps, n_tok = generate(model, tok, [p for p, _, _ in problems], a.n_samples, a.temperature, a.max_new_tokens,
+                                a.batch_size, a.seed, device)
         dt = time.time() - t0
         verdicts, summary = score(problems, comps, a.task)
         summary.update(model=a.model, n_samples=a.n_samples, temperature=a.temperature, tok_per_s=round(n_tok / dt, 1))
@@ -233,8 +260,10 @@ def main(argv=None):
             grade_as = "gsm8k" if a.task == "gsm8k" else "math"
             with open(a.out, "w") as f:
                 for (p, gold, _), c, v in zip(problems, comps, verdicts):
-                    f.write(json.dumps(dict(prompt=p, completions=c, extracted=[extract_answer(x, grade_as) for x in c], gold=gold, correct=v)) + "\n")
-        print(f"{a.task} | accuracy {summary['accuracy']:.4f} ± {summary['stderr']:.4f} | n {summary['n']} | samples {a.n_samples} | tok/s {summary['tok_per_s']}")
+                    f.write(json.dumps(dict(prompt=p, completions=c, extracted=[extract_answer(x, grade_as) for x in c],
+                                            gold=gold, correct=v)) + "\n")
+        print(f"{a.task} | accuracy {summary['accuracy']:.4f} ± {summary['stderr']:.4f} | n {summary['n']} | "
+              f"samples {a.n_samples} | tok/s {summary['tok_per_s']}")
         for key in ("by_subject", "by_level"):
             if key in summary: print(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[key].items()))
         print(json.dumps(summary))

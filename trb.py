@@ -64,15 +64,21 @@ rollout only needs teacher logits for the current token.
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
 import random
 import re
 import shutil
+import signal
+import sys
+import threading
 import time
-from contextlib import nullcontext
+from collections import namedtuple
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -88,48 +94,54 @@ class Config:
     # models
     student: str = "Qwen/Qwen3-0.6B-Base"  # hub name or local dir; trained
     teacher: str = "Qwen/Qwen3-4B"         # hub name or local dir; frozen
-    trust_remote_code: bool = False        # never on unless asked
+    trust_remote_code: bool = False        # run a model's own code from the hub; off unless asked
     # data
-    data: str = "gsm8k"                    # gsm8k | math | path to .jsonl/.json/.parquet
-    prompt_field: str = ""                 # "" = auto-detect question | problem | prompt
-    system_prompt: str = SYSTEM_PROMPT     # paper's system prompt
-    max_prompt_len: int = 512              # longer prompts are skipped and counted
-    eval_data: str = ""                    # held-out prompts for the reverse-KL objective
-    eval_prompts: int = 64                 # how many of them
+    data: str = "gsm8k"                    # gsm8k | math (hub names) | a local .jsonl, .json or .parquet of prompts
+    prompt_field: str = ""                 # the prompt's field; "" = the first of question, problem, prompt
+    system_prompt: str = SYSTEM_PROMPT     # the paper's system prompt
+    max_prompt_len: int = 512              # longer prompts (in tokens) are skipped and counted
+    eval_data: str = ""                    # held-out prompts (same formats) for eval_kl; "" = no eval
+    eval_prompts: int = 64                 # how many held-out prompts
     eval_every: int = 25                   # steps between evals (0 = never)
     # TRB budget (eq. 3)
-    eps0: float = 0.02                     # initial KL budget; 0 = vanilla OPD (the baseline)
+    eps0: float = 0.02                     # initial KL budget; 0 = vanilla OPD
     warmup_steps: int = 50                 # K: eps reaches 0 at step K
     schedule: str = "linear"               # linear (eq. 3) | constant: fixed-eps blending, never annealed
     # the paper's other warmups, one at a time and with --eps0 0; the defaults are plain TRB
-    skd_topk: int = 0                      # SKD: a student token outside the teacher's top-K is replaced by a teacher sample
+    skd_topk: int = 0                      # SKD: a student token outside the teacher's top-K is replaced
+                                           # by a teacher sample...
     skd_steps: int = 0                     # ... during the first N steps
-    veto_beta: float = 0.0                 # Veto: loss target Q ~ pi_T * pi_S^B (pi_S detached), B annealed to 0 over K
-    temp_warmup: float = 0.0               # sampling temperature rises linearly from this to --temperature over K (0 = off)
+    veto_beta: float = 0.0                 # Veto: loss target Q ~ pi_T * pi_S^B (pi_S detached), B annealed
+                                           # to 0 over K
+    temp_warmup: float = 0.0               # sampling temperature rises linearly from this to --temperature
+                                           # over K (0 = off)
     sft_warmup_steps: int = 0              # the first N steps are NLL on teacher samples
     # rollout
     n_samples: int = 4                     # rollouts per prompt
-    temperature: float = 1.0               # 0 = greedy
-    max_new_tokens: int = 1024
+    temperature: float = 1.0               # sampling temperature; 0 = greedy
+    max_new_tokens: int = 1024             # response length limit
+    rollout_batch_size: int = 0            # rows decoded together; 0 = all of this rank's rows of the step
     # optimisation
-    max_steps: int = 200
+    max_steps: int = 200                   # training steps (on --resume, where the run ends)
     batch_size: int = 8                    # prompts per step, across all ranks
-    micro_batch_size: int = 8              # sequences per forward/backward
-    lr: float = 1e-5
+    micro_batch_size: int = 8              # sequences per training forward/backward
+    lr: float = 1e-5                       # AdamW learning rate
     lr_warmup_steps: int = 15              # linear lr warmup, then constant
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0
-    loss_topk: int = 16                    # 0 = full-vocab reverse KL
-    loss_chunk: int = 0                    # positions per loss chunk; 0 = auto (1024 on GPU, ~8 MiB of (chunk, V) float32 on CPU)
+    weight_decay: float = 0.01             # AdamW weight decay
+    beta1: float = 0.9                     # AdamW beta1
+    beta2: float = 0.999                   # AdamW beta2
+    grad_clip: float = 1.0                 # gradient-norm clipping; 0 = off
+    loss_topk: int = 16                    # reverse KL on the student's top-k, renormalised; 0 = full vocab
+    loss_chunk: int = 0                    # positions per loss chunk; 0 = auto (1024 on GPU, ~8 MiB of
+                                           # (chunk, V) float32 on CPU)
     grad_ckpt: bool = False                # gradient checkpointing of the student
     # system
-    out_dir: str = "out-trb"
+    out_dir: str = "out-trb"               # checkpoint and metrics.jsonl; locked while a run uses it
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"                    # autocast and teacher dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
-    seed: int = 1337
-    resume: bool = False                   # continue from out_dir
+    dtype: str = "auto"                    # autocast and teacher dtype: auto (bf16 on CUDA, fp32 on CPU) |
+                                           # bfloat16 | float32
+    seed: int = 1337                       # seeds the data order and every step's sampling
+    resume: bool = False                   # continue the run in out_dir; flags given again override its own
     save_every: int = 50                   # steps between checkpoints (0 = only at the end)
     wandb_project: str = ""                # "" = no wandb
 
@@ -141,30 +153,67 @@ def _bool(s):
     if s.lower() in ("0", "false", "no"): return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
+def config_help(cls):
+    """[(group, [(field, help)])] from the comments of cls's source, so that they are the --help text."""
+    groups = [("options", [])]
+    for line in inspect.getsource(cls).splitlines()[2:]:
+        code, _, comment = line.partition("  # ")
+        indent = len(line) - len(line.lstrip())
+        if code.strip() and ":" in code: groups[-1][1].append((code.split(":")[0].strip(), comment.strip()))
+        elif line.strip().startswith("#") and indent <= 4: groups.append((line.strip("# "), []))
+        elif line.strip().startswith("#"):  # a field's help, continued
+            name, h = groups[-1][1][-1]
+            groups[-1][1][-1] = (name, h + " " + line.strip("# "))
+    return [g for g in groups if g[1]]
+
+def parse_config(cls, argv=None, description=""):
+    """cls from the command line, each field a --flag whose help is its comment. Returns (cfg, the flags given)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for title, names in config_help(cls):
+        g = p.add_argument_group(title)
+        for name, h in names:
+            f = fields[name]
+            if f.type is bool: kw = dict(type=_bool, nargs="?", const=True, metavar="BOOL")  # `--flag` alone: true
+            elif f.type is list: kw = dict(nargs="*", metavar="PATH")
+            else: kw = dict(type=f.type, metavar=f.type.__name__.upper())
+            default = f.default_factory() if f.type is list else f.default
+            shown = repr(default) if isinstance(default, str) else default
+            g.add_argument(f"--{name}", default=default, help=f"{h} (default: {shown})".replace("%", "%%"), **kw)
+    cfg = cls(**vars(p.parse_args(argv)))
+    given = {n for n in fields if any(a == f"--{n}" or a.startswith(f"--{n}=") for a in argv)}
+    return cfg, given
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="TRB on-policy distillation", allow_abbrev=False)
-    for f in dataclasses.fields(Config):
-        if f.type is bool:  # `--flag` alone means true
-            p.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, default=f.default)
-        else:
-            p.add_argument(f"--{f.name}", type=f.type, default=f.default)
-    cfg = Config(**vars(p.parse_args(argv)))
-    check_config(cfg)
-    return cfg
+    cfg, given = parse_config(Config, argv, "TRB on-policy distillation (arXiv 2605.31159); every flag is a field of "
+                                            "trb.Config")
+    if not cfg.resume: check_config(cfg)  # on --resume, once merged with the checkpoint's config
+    return cfg, given
 
 def check_config(c):
     for name in ("batch_size", "micro_batch_size", "n_samples", "max_new_tokens", "max_steps", "max_prompt_len"):
         if getattr(c, name) < 1: raise UserError(f"--{name} must be >= 1, got {getattr(c, name)}")
-    for name in ("eps0", "warmup_steps", "temperature", "lr", "lr_warmup_steps", "loss_topk", "eval_every", "save_every", "eval_prompts",
-                 "skd_topk", "skd_steps", "veto_beta", "temp_warmup", "sft_warmup_steps", "loss_chunk"):
-        if not getattr(c, name) >= 0: raise UserError(f"--{name} must be >= 0, got {getattr(c, name)}")  # `not >=` also catches NaN
-    if c.dtype not in ("auto", "bfloat16", "float32"): raise UserError(f"--dtype must be auto, bfloat16 or float32, got {c.dtype!r}")
-    if c.schedule not in ("linear", "constant"): raise UserError(f"--schedule must be linear or constant, got {c.schedule!r}")
+    for name in ("eps0", "warmup_steps", "temperature", "lr", "lr_warmup_steps", "loss_topk", "eval_every", "save_every",
+                 "eval_prompts", "skd_topk", "skd_steps", "veto_beta", "temp_warmup", "sft_warmup_steps", "loss_chunk",
+                 "weight_decay", "grad_clip", "rollout_batch_size"):
+        x = getattr(c, name)
+        if not x >= 0: raise UserError(f"--{name} must be >= 0, got {x}")  # `not >=` also catches NaN
+        if not math.isfinite(x): raise UserError(f"--{name} must be finite, got {x}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(c, name) < 1: raise UserError(f"--{name} must be in [0, 1), got {getattr(c, name)}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
+    if c.dtype not in ("auto", "bfloat16", "float32"):
+        raise UserError(f"--dtype must be auto, bfloat16 or float32, got {c.dtype!r}")
+    if c.schedule not in ("linear", "constant"):
+        raise UserError(f"--schedule must be linear or constant, got {c.schedule!r}")
     if (c.skd_topk > 0) != (c.skd_steps > 0): raise UserError("--skd_topk and --skd_steps go together")
     on = [n for n in ("skd_topk", "veto_beta", "temp_warmup", "sft_warmup_steps") if getattr(c, n) > 0]
     if len(on) > 1: raise UserError(f"--{on[0]} and --{on[1]} are different warmups: use one at a time")
     if on and c.eps0 > 0: raise UserError(f"--{on[0]} is a warmup of its own, not a TRB option: use it with --eps0 0")
     if c.schedule == "constant" and c.eps0 == 0: raise UserError("--schedule constant needs --eps0 > 0")
+    if not c.out_dir: raise UserError("--out_dir must not be empty")
 
 # -----------------------------------------------------------------------------
 # init (ddp, device, dtype, seed)
@@ -172,29 +221,48 @@ def check_config(c):
 def init_runtime(cfg):
     """Returns (rank, world, device, autocast dtype). Under torchrun, one process per GPU."""
     ddp = int(os.environ.get("RANK", -1)) != -1
-    if cfg.device == "auto": cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available(): raise UserError(f"--device {cfg.device}: no CUDA device here")
+    dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available(): raise UserError(f"--device {dev}: no CUDA device here")
     rank, world = 0, 1
     if ddp:
-        torch.distributed.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
+        torch.distributed.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        if cfg.device.startswith("cuda"):
-            cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(cfg.device)
+        if dev.startswith("cuda"):
+            dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(dev)
     if cfg.batch_size % world: raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks")
-    if cfg.dtype == "auto": cfg.dtype = "bfloat16" if cfg.device.startswith("cuda") else "float32"
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if dev.startswith("cuda") else "float32")
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
-    return rank, world, torch.device(cfg.device), getattr(torch, cfg.dtype)
+    return rank, world, torch.device(dev), getattr(torch, dtype)
 
 # -----------------------------------------------------------------------------
 # models, tokenizers, prompts
 
-def _check_path(path):
-    """A local directory, or something shaped like a hub name (owner/model)."""
+def _check_path(path, what="model"):
+    """A local directory, or something shaped like a hub name (owner/model) while the hub is in reach."""
     if os.path.isdir(path): return
     if os.path.exists(path) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) or path.startswith("."):
-        raise UserError(f"model {path!r}: no such directory, and not a hub name owner/model")
+        raise UserError(f"{what} {path!r}: no such directory, and not a hub name owner/model")
+    need_hub(path, what)
+
+def need_hub(name, what):
+    """
+    Fails fast when a hub name is asked for and the hub is out of reach: from_pretrained would retry for about a
+    minute first. One TCP connect (3 s at most), skipped offline (HF_HUB_OFFLINE) or behind a proxy.
+    """
+    import socket
+    from urllib.parse import urlparse
+    env = os.environ
+    if env.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or any(
+            env.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    host = urlparse(env.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        raise UserError(f"{what} {name!r} is a hub name, and the hub ({host}) cannot be reached: pass a local "
+                        f"path instead, or set HF_HUB_OFFLINE=1 to use a copy in the local cache") from None
 
 def _first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -216,16 +284,19 @@ def load_tokenizer(path, trust_remote_code=False):
     except Exception as e:
         raise UserError(f"cannot load tokenizer {path!r}: {_first_line(e)}") from None
 
-def shared_vocab(s_tok, t_tok, s_model, t_model):
-    """V of the shared tokenizer vocab; refuses tokenizers that map it differently."""
+def shared_vocab(s_tok, t_tok):
+    """V of the shared tokenizer vocab; refuses tokenizers that map it differently (design choice 6)."""
     V = min(len(s_tok), len(t_tok))
     s_ids, t_ids = s_tok.convert_ids_to_tokens(list(range(V))), t_tok.convert_ids_to_tokens(list(range(V)))
     for i, (a, b) in enumerate(zip(s_ids, t_ids)):
-        if a != b: raise UserError(f"incompatible tokenizers: token id {i} is {a!r} for the student but {b!r} for the teacher")
-    for name, m in (("student", s_model), ("teacher", t_model)):
+        if a != b:
+            raise UserError(f"incompatible tokenizers: token id {i} is {a!r} for the student but {b!r} for the teacher")
+    return V
+
+def check_logits(V, **models):
+    for name, m in models.items():
         n = m.get_output_embeddings().weight.shape[0]
         if n < V: raise UserError(f"{name} has {n} output logits, fewer than the {V}-token vocabulary")
-    return V
 
 def eos_ids_of(*pairs):
     """Union of EOS ids of (tokenizer, model) pairs; the first is canonical (the student's)."""
@@ -251,29 +322,58 @@ HUB_DATA = {  # name -> (load_dataset args, prompt field)
     "math": (("DigitalLearningGmbH/MATH-lighteval",), "problem"),  # the 7.5k MATH train split
 }
 
+def read_json_records(path):
+    """Records of a local .jsonl or .json file (a list of objects, or one object per line); bad input is one line."""
+    if os.path.getsize(path) == 0: raise UserError(f"data {path!r} is empty")
+    try:
+        with open(path, encoding="utf-8") as f: text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"data {path!r} is not UTF-8 text (byte {e.start})") from None
+    try:
+        recs = json.loads(text)
+        recs = recs if isinstance(recs, list) else [recs]
+    except json.JSONDecodeError:
+        recs = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip(): continue
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{i}: not valid JSON") from None
+    for i, r in enumerate(recs, 1):
+        if not isinstance(r, dict): raise UserError(f"data {path!r}, record {i}: not a JSON object: {str(r)[:40]!r}")
+    return recs
+
 def load_records(data, split="train"):
-    from datasets import load_dataset
+    """Records and the prompt field of a hub name (HUB_DATA) or of a local .jsonl, .json or .parquet file."""
     if data in HUB_DATA:
-        (args, field), kw = HUB_DATA[data], dict(split=split)
+        need_hub(HUB_DATA[data][0][0], "data")
+        args, field, kw = (*HUB_DATA[data], dict(split=split))
     else:
         if not os.path.isfile(data): raise UserError(f"data {data!r}: no such file, and not one of {sorted(HUB_DATA)}")
-        if os.path.getsize(data) == 0: raise UserError(f"data {data!r} is empty")
         ext = data.rsplit(".", 1)[-1].lower()
         if ext not in ("jsonl", "json", "parquet"): raise UserError(f"data {data!r}: expected .jsonl, .json or .parquet")
-        args, field, kw = ("parquet" if ext == "parquet" else "json",), None, dict(data_files=data, split="train")
+        if ext != "parquet": return read_json_records(data), None
+        args, field, kw = ("parquet",), None, dict(data_files=data, split="train")
+    from datasets import load_dataset
     try:
-        return load_dataset(*args, **kw), field
+        return list(load_dataset(*args, **kw)), field
     except Exception as e:  # no network, parse errors: datasets raises many types
         raise UserError(f"cannot read {data!r}: {_first_line(e)}") from None
 
 def load_prompts(data, field=""):
-    """List of prompt strings from a hub name or local file, with the field auto-detected."""
-    ds, hub_field = load_records(data)
-    if len(ds) == 0: raise UserError(f"data {data!r} is empty")
-    field = field or hub_field or next((f for f in ("question", "problem", "prompt") if f in ds.column_names), None)
-    if field is None or field not in ds.column_names:
-        raise UserError(f"data {data!r} has no prompt field {field or '(question|problem|prompt)'}; columns: {ds.column_names}")
-    return [str(x) for x in ds[field]]
+    """Prompt strings from a hub name or local file, the field auto-detected; refuses records without one."""
+    recs, hub_field = load_records(data)
+    if not recs: raise UserError(f"data {data!r} is empty")
+    field = field or hub_field or next((f for f in ("question", "problem", "prompt") if f in recs[0]), None)
+    if field is None or field not in recs[0]:
+        raise UserError(f"data {data!r} has no prompt field {field or '(question|problem|prompt)'}; "
+                        f"fields: {sorted(recs[0])}")
+    for i, r in enumerate(recs, 1):
+        q = r.get(field)
+        if not isinstance(q, str) or not q.strip():
+            raise UserError(f"data {data!r}, record {i}: the prompt {field!r} is {repr(q)[:40]}, not a non-empty string")
+    return [r[field] for r in recs]
 
 def left_pad(seqs, pad_id, device):
     """Left-pads lists of token ids into (B, P) ids and attention mask."""
@@ -289,12 +389,20 @@ def left_pad(seqs, pad_id, device):
 # math helpers: EOS folding, the trust-region blend, the budget schedule
 
 def fold_eos(logits, eos_ids):
-    """Folds the mass of all EOS ids into eos_ids[0] (logsumexp); the others get -inf."""
-    if len(eos_ids) < 2: return logits
-    ids = torch.tensor(eos_ids, device=logits.device)
-    lse = logits.index_select(-1, ids).float().logsumexp(-1, keepdim=True)  # (..., 1)
-    out = logits.index_fill(-1, ids[1:], NEG_INF)                           # (..., V)
-    return out.index_copy(-1, ids[:1], lse.to(out.dtype))                   # (..., V)
+    """Folds the mass of all EOS ids into eos_ids[0] (logsumexp); the others get -inf. float32 (..., V)."""
+    x = logits.float()                                       # the folded logit is written in float32, not bf16
+    if len(eos_ids) < 2: return x
+    ids = torch.tensor(eos_ids, device=x.device)
+    lse = x.index_select(-1, ids).logsumexp(-1, keepdim=True)  # (..., 1)
+    return x.index_fill(-1, ids[1:], NEG_INF).index_copy(-1, ids[:1], lse)  # (..., V)
+
+def policy_logits(logits, eos_ids, tau=1.0):
+    """
+    Logits of the policy a sampler draws from at temperature tau: tempered first, then EOS folded, since a sampler
+    stops on any EOS id of the tempered distribution: P(stop) = sum_i p_tau(eos_i) (design choice 5). (..., V)
+    """
+    x = logits.float()
+    return fold_eos(x / tau if tau != 1 else x, eos_ids)
 
 def token_logp(logits, tokens):
     """log softmax(logits)[tokens] in float32 without materialising the (..., V) log-softmax. (..., V), (...) -> (...)"""
@@ -338,58 +446,78 @@ def _kl_and_slope_sums(p, dc, sig2, beta):
     var = ((sig2 + S2) / Z - m1 ** 2).clamp(min=0)          # (N,) Var_mu[dc]
     return kl, beta * var
 
-def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60, newton=True):
-    """trust_region_blend plus the realised KL(mu||pi_S) and the iterations used (newton=False: plain bisection, for bench.py)."""
-    shape, V = s_logits.shape[:-1], s_logits.shape[-1]
-    ls = F.log_softmax(s_logits.float().reshape(-1, V), -1)  # (N, V)
-    lt = F.log_softmax(t_logits.float().reshape(-1, V), -1)  # (N, V)
-    eps = torch.as_tensor(eps, dtype=torch.float32, device=ls.device).expand(shape).reshape(-1)  # (N,)
-    # mu_beta for beta > 0 lives where both policies are finite (design choice 4): A.
-    d = lt - ls                                              # (N, V) log pi_T - log pi_S; inf/nan off A
-    inA = torch.nan_to_num(d * 0 + 1, nan=0.0)               # (N, V) 1 on A, 0 off A (d * 0 is nan there); float, not bool: see above
+def _support(ls, lt):
+    """
+    Where mu_beta lives and what the solver needs (design choice 4). For beta > 0, mu_beta is supported on A, the
+    tokens finite under both policies, and KL(mu_beta||pi_S) = KL(mu_beta||p) + c with p = pi_S renormalised on A
+    and c = -log pi_S(A) >= 0. Returns p, log p (finite, <= -1e30 off A), dc = log pi_T - log pi_S centred under p
+    (0 off A), c (N,) and off (0 on A, -1e30 off A). ls, lt: (N, V) log-probabilities.
+    """
+    d = lt - ls                                              # (N, V) inf or nan off A
+    inA = torch.nan_to_num(d * 0 + 1, nan=0.0)               # (N, V) 1 on A, 0 off A: a float mask, not a bool one
     off = (inA - 1) * 1e30                                   # (N, V) 0 on A, -1e30 off A
-    ps = ls.exp()                                            # (N, V)
-    m_out = (ps * (1 - inA)).sum(-1)                         # (N,) student mass off A: exactly 0 when A holds it all
-    # KL(mu_beta||pi_S) = KL(mu_beta||p) + c for beta > 0, p = pi_S renormalised on A, c = -log pi_S(A) >= 0.
-    c = -torch.log1p(-m_out)                                 # (N,)
-    logp = (ls + c[:, None]).clamp_(min=-1e30).add_(off)     # (N, V) <= -1e30 but finite off A: keeps 0 * log 0 out of the sums
-    p = (ps * inA).mul_(c.exp()[:, None])                    # (N, V)
-    d = torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)  # (N, V) 0 off A
-    dc = d - (p * d).sum(-1, keepdim=True)                   # (N, V) centred under p
-    target = eps - c                                         # (N,) budget left for KL(mu||p)
-    active = (eps > 0) & (target > 0)                        # rows with beta* > 0
+    m_out = (ls.exp() * (1 - inA)).sum(-1)                   # (N,) student mass off A: exactly 0 when A holds it all
+    c = torch.where(m_out < 0.5, -torch.log1p(-m_out), -(ls + off).logsumexp(-1))  # (N,) no overflow at pi_S(A) -> 0
+    logp = (ls + c[:, None]).clamp_(min=-1e30).add_(off)     # (N, V) finite off A: keeps 0 * log 0 out of the sums
+    p = logp.exp()                                           # (N, V)
+    d = torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)  # (N, V)
+    dc = d - (p * d).sum(-1, keepdim=True)                   # (N, V) centred: E_p[dc] = 0
+    return p, logp, dc, c, off
+
+def _solve_beta(p, logp, dc, target, tol=1e-4, max_iter=60, newton=True):
+    """
+    The largest beta in [0, 1] with KL(mu_beta||p) <= target, per row, by safeguarded Newton (design choice 1).
+    Accepted band: target * [1 - 2 tol, 1 - tol/2]; the margin below target absorbs the float32 rounding of the
+    returned log-probs (design choice 2). Returns the feasible end of the bracket, its KL and the iterations used.
+    newton=False: plain bisection, for bench.py.
+    """
     # App. E: KL(mu_beta||pi_S) ~ beta^2 sigma^2 / 2  =>  beta0 = sqrt(2 eps / sigma^2). The next cumulant,
     # KL ~ sigma^2 beta^2 / 2 + kappa3 beta^3 / 3, corrects it to beta0 (1 - kappa3 beta0 / (3 sigma^2)).
-    # A start >= 1 tries the closed form first.
-    aim = target * (1 - tol / 2)                             # aim inside the accepted band [target(1 - tol), target]
+    # A start at 1 tries the closed form (mu = pi_T) first.
+    hi_ok, lo_ok = target * (1 - tol / 2), target * (1 - 2 * tol)  # (N,) the accepted band
+    aim = target * (1 - 1.25 * tol)                          # (N,) its centre
     pdc2 = p * dc * dc                                       # (N, V)
     sig2, k3 = pdc2.sum(-1), (pdc2 * dc).sum(-1)             # (N,), (N,)
     beta = torch.sqrt(2 * aim.clamp(min=0) / sig2)           # (N,)
     beta = beta * (1 - k3 * beta / (3 * sig2)).clamp(0.5, 1.5)
     beta = beta.nan_to_num(1.0).clamp(max=1.0) if newton else torch.full_like(beta, 0.5)
-    lo, hi = torch.zeros_like(eps), torch.full_like(eps, 2.0)  # lo feasible; hi = 2: beta = 1 not yet tried
-    kl_lo = torch.zeros_like(eps)
-    dmax = dc.amax(-1)                                       # (N,) bounds beta*dc, the exponent of the sums' e^x
-    done, it = ~active, 0
-    while not bool(done.all()) and it < max_iter:
+    lo, hi = torch.zeros_like(target), torch.full_like(target, 2.0)  # lo feasible; hi = 2: beta = 1 not yet tried
+    kl_lo = torch.zeros_like(target)
+    dmax = dc.amax(-1)                                       # (N,) bounds beta*dc, the exponent of the fast sums
+    done, it = ~(target > 0), 0
+    while it < max_iter:
+        all_done, fast = torch.stack([done.all(), (beta * dmax <= 50).all()]).tolist()  # one host sync per iteration
+        if all_done: break
         it += 1
-        if bool((beta * dmax <= 50).all()): kl, slope = _kl_and_slope_sums(p, dc, sig2, beta)  # (N,), (N,)
-        else: kl, slope = _kl_and_slope(logp, p, dc, beta)  # log domain: any logits
-        ok = (kl <= target) & ~done
+        kl, slope = _kl_and_slope_sums(p, dc, sig2, beta) if fast else _kl_and_slope(logp, p, dc, beta)  # (N,), (N,)
+        ok = (kl <= hi_ok) & ~done
         lo, kl_lo = torch.where(ok, beta, lo), torch.where(ok, kl, kl_lo)
         hi = torch.where(~ok & ~done, beta, hi)
-        done = done | (ok & ((kl >= target * (1 - tol)) | (beta == 1))) | (hi - lo <= 1e-7 * hi)
-        # Newton on sqrt(KL) - sqrt(aim); sqrt(KL) is near-linear in beta (design choice 1).
+        done = done | (ok & ((kl >= lo_ok) | (beta == 1))) | (hi - lo <= 1e-7 * hi)
+        # Newton on sqrt(KL) - sqrt(aim); sqrt(KL) is near-linear in beta (design choice 1)
         rk = kl.clamp(min=0).sqrt()
         nxt = (beta - (rk - aim.sqrt()) * 2 * rk / slope).clamp(max=1.0)
         inside = (nxt > lo) & (nxt < hi) & newton            # NaN/inf steps fail this too
         beta = torch.where(done, beta, torch.where(inside, nxt, (lo + hi.clamp(max=1.0)) / 2))
-    beta = torch.where(active, lo, 0.0)                      # (N,) the feasible end of the bracket
-    v = torch.addcmul(logp, dc, beta[:, None])               # (N, V) log mu_beta + log Z
-    logp_mu = (v - v.logsumexp(-1, keepdim=True)).add_(off.mul_(1e30))  # (N, V) -1e30 * 1e30 = -inf: off A stays impossible
-    zero = beta == 0                                         # (N,)
-    logp_mu[zero] = ls[zero]                                 # mu = pi_S where beta* = 0
-    kl = torch.where(zero, 0.0, kl_lo + c)                   # (N,) realised KL(mu||pi_S)
+    return lo, kl_lo, it
+
+def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60, newton=True):
+    """trust_region_blend, plus the realised KL(mu||pi_S) and the solver's iterations (for the rollout and bench.py)."""
+    with torch.autocast(s_logits.device.type, enabled=False):  # float32 throughout, even inside an autocast region
+        return _blend_fp32(s_logits, t_logits, eps, tol, max_iter, newton)
+
+def _blend_fp32(s_logits, t_logits, eps, tol, max_iter, newton):
+    shape, V = s_logits.shape[:-1], s_logits.shape[-1]
+    ls = F.log_softmax(s_logits.float().reshape(-1, V), -1)  # (N, V) log pi_S
+    lt = F.log_softmax(t_logits.float().reshape(-1, V), -1)  # (N, V) log pi_T
+    eps = torch.as_tensor(eps, dtype=torch.float32, device=ls.device).expand(shape).reshape(-1)  # (N,)
+    p, logp, dc, c, off = _support(ls, lt)
+    beta, kl, it = _solve_beta(p, logp, dc, torch.where(eps > 0, eps - c, 0.0), tol, max_iter, newton)  # (N,) x 2
+    # eq. 1: log mu = log pi_S + beta (log pi_T - log pi_S) - log Z, on A; off A mu = 0 (design choice 4)
+    v = torch.addcmul(logp, dc, beta[:, None])               # (N, V) log pi_S + beta d + a row constant
+    logp_mu = (v - v.logsumexp(-1, keepdim=True)).add_(off.mul_(1e30))  # (N, V) -1e30 * 1e30 = -inf off A
+    logp_mu = torch.where(beta[:, None] > 0, logp_mu, ls)    # (N, V) beta* = 0: mu = pi_S exactly
+    kl = torch.where(beta > 0, kl + c, 0.0)                  # (N,) realised KL(mu||pi_S)
     return logp_mu.reshape(*shape, V), beta.reshape(shape), kl.reshape(shape), it
 
 def trust_region_blend(s_logits, t_logits, eps):
@@ -402,17 +530,16 @@ def trust_region_blend(s_logits, t_logits, eps):
     logp_mu, beta, _, _ = _blend(s_logits, t_logits, eps)
     return logp_mu, beta
 
-def sample(logits, gen=None):
+def sample(logits, gen=None, u=None):
     """
-    One draw per row from softmax(logits) by inverse CDF: the first i with cumsum(p)_i >= u, u ~ U(0, 1].
-    torch.multinomial draws one exponential per vocab entry (V random numbers per row: 10 ms per step at
-    B=8, V=49152 on a CPU, ~6% of a SmolLM2 decoding step); this draws one per row. The cumsum is float64,
-    so the drawn distribution is the float32 softmax itself, and a token with p_i = 0 is never drawn
-    (it would need cumsum_{i-1} < u <= cumsum_{i-1}). (B, V) -> (B,)
+    One draw per row from softmax(logits) by inverse CDF: the first i with cumsum(p)_i >= u * sum(p), u ~ U(0, 1]
+    (design choice 9). u: (B, 1) float64 in (0, 1], else drawn from gen. The cumsum is float64, so the drawn
+    distribution is the float32 softmax itself, and a token with p_i = 0 is never drawn. (B, V) -> (B,)
     """
     c = torch.cumsum(F.softmax(logits.float(), -1), -1, dtype=torch.float64)  # (B, V)
-    u = 1 - torch.rand(c.shape[0], 1, dtype=torch.float64, device=c.device, generator=gen)  # (B, 1) in (0, 1]
-    return torch.searchsorted(c, u * c[:, -1:]).squeeze(-1)  # (B,) u * total <= total: always in range
+    if u is None: u = 1 - torch.rand(c.shape[0], 1, dtype=torch.float64, device=c.device, generator=gen)  # (B, 1)
+    tok = torch.searchsorted(c, u * c[:, -1:]).squeeze(-1)  # (B,) u * total <= total: always in range
+    return tok.clamp_(max=c.shape[-1] - 1)                   # ... but for NaN logits, which rollout() reports
 
 def kl_budget(step, eps0, warmup_steps, schedule="linear"):
     """eps_k = eps0 * max(0, 1 - k/K) (eq. 3); K = 0 is pure OPD from step 0. 'constant': eps0 always (fixed-eps baseline)."""
@@ -423,73 +550,100 @@ def kl_budget(step, eps0, warmup_steps, schedule="linear"):
 # -----------------------------------------------------------------------------
 # rollout
 
-def _check_finite(logits, who, t):
-    if torch.isnan(logits).any(): raise UserError(f"NaN in the {who} logits at decode position {t}")
+def _new_cache(model):
+    from transformers import DynamicCache
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers 5.x
+        return DynamicCache()
+
+def _decode(model, x, attn, pos, cache, V):
+    """
+    One KV-cached forward; logits of the last position (b, V). The cache object is ours and is updated in place,
+    passed under the keyword this transformers reads ('cache' in 5.24, 'past_key_values' before), so the loop runs
+    on both; the parity tests fail if it were ignored.
+    """
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **{kw: cache})
+    return out.logits[:, -1, :V]                             # (b, V)
+
+def _next_token(s, tl, eps, u, skd_topk=0):
+    """
+    One decoding step: the token drawn from mu (eq. 1-2), or from pi_S where the teacher is idle, with beta and
+    the realised KL(mu||pi_S). s, tl: (b, V) policy logits; u: (b, 2) uniforms, None = greedy.
+    skd_topk=K: the SKD baseline; the student proposes, and a token outside the teacher's top-K is replaced by a
+    teacher sample. Returns tok, beta, kl, replaced, all (b,).
+    """
+    draw = lambda x, i: x.argmax(-1) if u is None else sample(x, u=u[:, i:i + 1])  # noqa: E731
+    zero = torch.zeros_like(eps)
+    if skd_topk:
+        tok = draw(s, 0)
+        rep = ~(tl.topk(skd_topk, -1).indices == tok[:, None]).any(-1)  # (b,) outside the teacher's top-K
+        return torch.where(rep, draw(tl, 1), tok), zero, zero, rep
+    if tl is None: return draw(s, 0), zero, zero, zero.bool()
+    logp_mu, beta, kl, _ = _blend(s, tl, eps)                # (b, V), (b,), (b,)
+    return draw(logp_mu, 0), beta, kl, zero.bool()
 
 @torch.inference_mode()
-def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tokens, temperature=1.0, gen=None, skd_topk=0):
+def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tokens, temperature=1.0, gen=None,
+            skd_topk=0, compact=True, bar=None):
     """
-    Samples B responses token by token from mu (eq. 1-2) with both models' KV caches.
-    ids, attn: (B, P) left-padded prompts. eps: float or (B,) per-row budgets; where every
-    row has eps <= 0 the teacher is never run. temperature 0 = greedy.
-    skd_topk=K: the SKD baseline instead of mu; the student samples, and a token outside the teacher's
-    top-K is replaced by a teacher sample.
-    Returns tokens, mask (response incl. EOS), beta, kl (realised KL(mu||pi_S)), replaced (SKD) and
-    t_logp (teacher log-prob of each token, None when the teacher did not run), all (B, T).
+    Samples B responses token by token from mu (eq. 1-2), decoding with both models' KV caches in one batch.
+    ids, attn: (B, P) left-padded prompts. eps: float or (B,) per-row budgets; where every row has eps <= 0 the
+    teacher never runs. temperature 0 = greedy. skd_topk: see _next_token. bar: a progress bar, one tick per step.
+    Finished rows leave the batch (compact=True): once a quarter of the batch has emitted EOS, both caches and the
+    per-row state keep only the live rows, so the cost follows the sum of the lengths, not B * the longest. Each
+    step draws one uniform per original row, so the tokens are the same with and without compaction.
+    Returns tokens, mask (response incl. EOS), beta, kl (realised KL(mu||pi_S)), replaced (SKD) and t_logp
+    (teacher log-prob of each token, None when the teacher did not run), all (B, T).
+    Host syncs per step: one (the done count and the NaN flags, read together), one per solver iteration of the
+    blend, and a nonzero() at each compaction.
     """
-    B = ids.shape[0]
-    dev = ids.device
+    B, N, dev = ids.shape[0], max_new_tokens, ids.device
     eps = torch.as_tensor(eps, dtype=torch.float32, device=dev).expand(B)  # (B,)
-    use_t = teacher is not None and (bool((eps > 0).any()) or skd_topk > 0)
+    use_t = teacher is not None and (skd_topk > 0 or bool((eps > 0).any()))
     tau = temperature if temperature > 0 else 1.0
+    out = dict(tokens=torch.full((B, N), pad_id, dtype=torch.long, device=dev), mask=torch.zeros(B, N, dtype=torch.bool,
+               device=dev), beta=torch.zeros(B, N, device=dev), kl=torch.zeros(B, N, device=dev),
+               replaced=torch.zeros(B, N, dtype=torch.bool, device=dev), t_logp=torch.zeros(B, N, device=dev))
+    rows = torch.arange(B, device=dev)                       # (b,) original row of each row of the decoding batch
     pos = (attn.cumsum(-1) - 1).clamp(min=0)                 # (B, P) position ids under left padding
-
-    def step(model, x, cache, a, ps):
-        out = model(input_ids=x, attention_mask=a, position_ids=ps, cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :V], out.cache              # (B, V)
-
-    s_logits, s_cache = step(student, ids, None, attn, pos)
-    if use_t: t_logits, t_cache = step(teacher, ids, None, attn, pos)
-    next_pos = pos[:, -1:] + 1                               # (B, 1)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)      # (B,)
-    toks, masks, betas, kls, tlps, reps = [], [], [], [], [], []
-
-    def draw(logits):  # (B, V) unnormalised log-probs -> (B,)
-        if temperature > 0: return sample(logits, gen)
-        return logits.argmax(-1)
-
-    for t in range(max_new_tokens):
-        _check_finite(s_logits, "student", t)
-        s = fold_eos(s_logits.float(), eos_ids)              # (B, V)
-        if tau != 1: s = s / tau
-        if use_t:
-            _check_finite(t_logits, "teacher", t)
-            tl = fold_eos(t_logits.float(), eos_ids)         # (B, V)
-            if tau != 1: tl = tl / tau
-        beta = kl = torch.zeros(B, device=dev)
-        rep = torch.zeros(B, dtype=torch.bool, device=dev)
-        if skd_topk:
-            tok = draw(s)                                    # (B,) the student proposes
-            rep = ~(tl.topk(skd_topk, -1).indices == tok[:, None]).any(-1)  # (B,) outside the teacher's top-K
-            tok = torch.where(rep, draw(tl), tok)
-        elif use_t:
-            logp_mu, beta, kl, _ = _blend(s, tl, eps)        # (B, V), (B,), (B,)
-            tok = draw(logp_mu)                              # (B,)
-        else:
-            tok = draw(s)                                    # (B,)
-        tok = tok.masked_fill(done, pad_id)
-        toks.append(tok); masks.append(~done); betas.append(beta); kls.append(kl); reps.append(rep & ~done)
-        if use_t: tlps.append(token_logp(tl, tok))           # (B,)
+    s_cache, t_cache = _new_cache(student), _new_cache(teacher) if use_t else None
+    s_logits = _decode(student, ids, attn, pos, s_cache, V)  # (b, V)
+    t_logits = _decode(teacher, ids, attn, pos, t_cache, V) if use_t else None
+    next_pos = pos[:, -1:] + 1                               # (b, 1)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)      # (b,)
+    for t in range(N):
+        u = None if temperature <= 0 else 1 - torch.rand(B, 2, dtype=torch.float64, device=dev, generator=gen)[rows]
+        with torch.autocast(dev.type, enabled=False):        # the blend and the sampler run in float32
+            s = policy_logits(s_logits, eos_ids, tau)        # (b, V)
+            tl = policy_logits(t_logits, eos_ids, tau) if use_t else None
+            tok, beta, kl, rep = _next_token(s, tl, eps, u, skd_topk)
+        live = ~done
+        tok = torch.where(live, tok, pad_id)                 # (b,)
+        out["tokens"][rows, t], out["mask"][rows, t] = tok, live
+        out["beta"][rows, t], out["kl"][rows, t] = torch.where(live, beta, 0.0), torch.where(live, kl, 0.0)
+        out["replaced"][rows, t] = rep & live
+        if use_t: out["t_logp"][rows, t] = torch.where(live, token_logp(tl, tok), 0.0)  # pad may be a folded EOS
         done = done | (tok == eos_ids[0])
-        if bool(done.all()) or t == max_new_tokens - 1: break
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)  # (B, P+t+1)
-        s_logits, s_cache = step(student, tok[:, None], s_cache, attn, next_pos)
-        if use_t: t_logits, t_cache = step(teacher, tok[:, None], t_cache, attn, next_pos)
+        nan = [x.isnan().any() for x in (s_logits, t_logits) if x is not None]
+        n_done, *nan = torch.stack([done.sum(), *nan]).tolist()  # the step's one host sync
+        for who, bad in zip(("student", "teacher"), nan):
+            if bad: raise UserError(f"NaN in the {who} logits at decode position {t}")
+        if bar is not None: bar.update(1)
+        if n_done == len(rows) or t == N - 1: break
+        if compact and 4 * n_done >= len(rows):              # a quarter of the batch is done: drop those rows
+            keep = (~done).nonzero().squeeze(1)              # (b',)
+            for c in (s_cache, t_cache):
+                if c is not None: c.batch_select_indices(keep)
+            rows, attn, next_pos, eps, done, tok = (x[keep] for x in (rows, attn, next_pos, eps, done, tok))
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)  # (b, P+t+1)
+        s_logits = _decode(student, tok[:, None], attn, next_pos, s_cache, V)
+        if use_t: t_logits = _decode(teacher, tok[:, None], attn, next_pos, t_cache, V)
         next_pos = next_pos + 1
-    m = torch.stack(masks, 1)                                # (B, T)
-    return dict(tokens=torch.stack(toks, 1), mask=m, replaced=torch.stack(reps, 1),
-                beta=torch.stack(betas, 1) * m, kl=torch.stack(kls, 1) * m,
-                t_logp=(torch.stack(tlps, 1) * m) if use_t else None)
+    out = {k: v[:, :t + 1] for k, v in out.items()}
+    if not use_t: out["t_logp"] = None
+    return out
 
 # -----------------------------------------------------------------------------
 # loss
@@ -515,11 +669,9 @@ def reverse_kl(s_logits, t_logits, topk=0, tokens=None):
     ps = ls.exp()
     return (ps * torch.where(ps > 0, ls - lt, 0.0)).sum(-1)  # (...)
 
-def _chunk_loss(s, t, m, topk, eos_ids, veto):
-    s, t = fold_eos(s, eos_ids), fold_eos(t, eos_ids)
-    if veto:  # Veto baseline: the target is Q ~ pi_T * pi_S^B with pi_S detached (reverse_kl renormalises)
-        t = F.log_softmax(t.float(), -1) + veto * F.log_softmax(s.detach().float(), -1)
-    return (reverse_kl(s, t, topk) * m).sum()
+def _chunk_loss(s, t, m, topk, prep):
+    if prep is not None: s, t = prep(s, t)
+    return torch.where(m, reverse_kl(s, t, topk), 0.0).sum()  # where, not * m: a masked position may be inf
 
 class _ChunkedKL(torch.autograd.Function):
     """
@@ -528,14 +680,14 @@ class _ChunkedKL(torch.autograd.Function):
     intermediate ever exists, and nothing is recomputed.
     """
     @staticmethod
-    def forward(ctx, s, t, m, topk, eos_ids, veto, chunk):
+    def forward(ctx, s, t, m, topk, prep, chunk):
         grad = torch.zeros_like(s)                           # (N, V) dL/ds, in the logits' dtype
         total = s.new_zeros((), dtype=torch.float32)
         for i in range(0, s.shape[0], chunk):
             if not bool(m[i:i + chunk].any()): continue
             with torch.enable_grad():
                 si = s[i:i + chunk].detach().requires_grad_()  # (c, V)
-                li = _chunk_loss(si, t[i:i + chunk], m[i:i + chunk], topk, eos_ids, veto)
+                li = _chunk_loss(si, t[i:i + chunk], m[i:i + chunk], topk, prep)
                 (gi,) = torch.autograd.grad(li, si)
             grad[i:i + chunk] = gi
             total += li.detach()
@@ -545,25 +697,31 @@ class _ChunkedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return grad.mul_(g.to(grad.dtype)), None, None, None, None, None, None
+        return grad.mul_(g.to(grad.dtype)), None, None, None, None, None
 
-def opd_loss(s_logits, t_logits, mask, topk=0, eos_ids=(), chunk=0, veto=0.0):
+def opd_loss(s_logits, t_logits, mask, topk=0, chunk=0, prep=None):
     """
-    Sum over masked positions of the reverse KL, in chunks of positions whose gradient is taken
-    on the spot (design choice 7): peak extra memory is O(chunk * V) beyond the logits' own gradient.
-    s_logits, t_logits: (B, T, V); mask: (B, T). veto=B replaces the target pi_T by
-    Q ~ pi_T * pi_S^B (the Veto baseline). chunk=0: 1024 positions on a GPU; on a CPU as many as fit
-    ~8 MiB of float32 per (chunk, V) buffer, which the allocator reuses instead of mapping fresh pages
-    (5x faster than 1024 positions at V=49152).
+    Sum over masked positions of the reverse KL, in chunks of positions whose gradient is taken on the spot
+    (design choice 7): peak extra memory is O(chunk * V) beyond the logits' own gradient. s_logits, t_logits:
+    (B, T, V); mask: (B, T). prep(s, t) -> (s, t), applied chunk by chunk, is the caller's: EOS folding, a Veto
+    target. chunk=0: 1024 positions on a GPU; on a CPU as many as fit ~8 MiB of float32 per (chunk, V) buffer.
     """
     V = s_logits.shape[-1]
     if chunk <= 0: chunk = 1024 if s_logits.is_cuda else max(1, 2**21 // V)
-    s, t, m = s_logits.reshape(-1, V), t_logits.detach().reshape(-1, V), mask.reshape(-1).float()  # (N, V), (N, V), (N,)
-    if s.requires_grad: return _ChunkedKL.apply(s, t, m, topk, list(eos_ids), veto, chunk)
+    s, t, m = s_logits.reshape(-1, V), t_logits.detach().reshape(-1, V), mask.reshape(-1).bool()  # (N, V) x 2, (N,)
+    if s.requires_grad: return _ChunkedKL.apply(s, t, m, topk, prep, chunk)
     total = s.new_zeros((), dtype=torch.float32)
     for i in range(0, s.shape[0], chunk):
-        total += _chunk_loss(s[i:i + chunk], t[i:i + chunk], m[i:i + chunk], topk, list(eos_ids), veto)
+        total += _chunk_loss(s[i:i + chunk], t[i:i + chunk], m[i:i + chunk], topk, prep)
     return total
+
+def loss_prep(eos_ids, veto=0.0):
+    """The prep of opd_loss: both sides EOS-folded; veto=B replaces pi_T by Q ~ pi_T pi_S^B, pi_S detached (Veto)."""
+    def prep(s, t):
+        s, t = fold_eos(s, eos_ids), fold_eos(t, eos_ids)
+        if veto: t = F.log_softmax(t, -1) + veto * F.log_softmax(s.detach(), -1)  # reverse_kl renormalises Q
+        return s, t
+    return prep
 
 def response_logits(model, seq, attn, T, V):
     """Logits (B, T, V) at the T positions that predict the response tokens seq[:, -T:]."""
@@ -574,44 +732,24 @@ def response_logits(model, seq, attn, T, V):
 # -----------------------------------------------------------------------------
 # training loop
 
-def save_checkpoint(out_dir, model, tok, state):
-    """Writes out_dir.tmp completely, then swaps it in by rename (design choice 10)."""
-    out_dir = os.path.abspath(out_dir)
-    tmp, old = out_dir + ".tmp", out_dir + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    torch.save(state, os.path.join(tmp, "trainer_state.pt.part"))
-    os.replace(os.path.join(tmp, "trainer_state.pt.part"), os.path.join(tmp, "trainer_state.pt"))  # completeness marker
-    if os.path.isdir(out_dir):
-        for f in os.listdir(out_dir):  # carry over what is not part of the checkpoint (metrics, user files)
-            if not os.path.exists(os.path.join(tmp, f)): os.replace(os.path.join(out_dir, f), os.path.join(tmp, f))
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-def recover_checkpoint(out_dir):
-    """Finishes a swap that a kill interrupted: a complete .tmp wins, else the .old one."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.isdir(out_dir): return
-    for cand in (out_dir + ".tmp", out_dir + ".old"):
-        if os.path.isfile(os.path.join(cand, "trainer_state.pt")):
-            os.replace(cand, out_dir)
-            return
-
-def load_state(out_dir):
-    recover_checkpoint(out_dir)
-    path = os.path.join(out_dir, "trainer_state.pt")
-    if not os.path.isfile(path): raise UserError(f"--resume: no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        assert isinstance(state, dict) and {"step", "optimizer", "config"} <= state.keys()
-    except Exception:
-        raise UserError(f"--resume: corrupt checkpoint state {path}") from None
-    return state
+Knobs = namedtuple("Knobs", "sft skd_topk veto tau")
+STATS = ("loss", "beta", "kl_mu_s", "teacher_logp", "frac_teacher", "tokens", "skd_replaced")  # a step's sums
 
 def lr_at(step, cfg):
+    """Linear warmup over --lr_warmup_steps, then constant."""
     return cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else cfg.lr
+
+def warmup_knobs(step, cfg):
+    """
+    The paper's other warmups at this step, all inert at their defaults: sft (the teacher samples, the loss is NLL),
+    skd_topk (SKD's replacement), veto (Veto's exponent B, annealed like eps) and tau (the sampling temperature,
+    rising from --temp_warmup to --temperature over K).
+    """
+    tau = cfg.temperature
+    if cfg.temp_warmup:
+        tau = cfg.temp_warmup + (tau - cfg.temp_warmup) * min(1.0, step / cfg.warmup_steps if cfg.warmup_steps else 1.0)
+    return Knobs(sft=step < cfg.sft_warmup_steps, skd_topk=cfg.skd_topk if step < cfg.skd_steps else 0,
+                 veto=kl_budget(step, cfg.veto_beta, cfg.warmup_steps), tau=tau)
 
 def batch_indices(step, n, cfg, rank, world):
     """Prompt indices of this rank at `step`: a fresh seeded permutation per epoch, a function of step alone."""
@@ -622,12 +760,166 @@ def batch_indices(step, n, cfg, rank, world):
         out.append(int(perm[i]))
     return out
 
+def rollout_rows(R, rows, eps, k, gen, bar=None):
+    """The rollouts of `rows` (token-id lists), --rollout_batch_size rows per decoding batch (0: all of them)."""
+    bs, parts = R.cfg.rollout_batch_size or len(rows), []
+    policy, teacher = (R.teacher, None) if k.sft else (R.student, R.teacher)  # SFT warmup: the teacher samples
+    R.student.eval()
+    for i in range(0, len(rows), bs):
+        ids, attn = left_pad(rows[i:i + bs], R.pad_id, R.device)
+        with R.amp:
+            parts.append(rollout(policy, teacher, ids, attn, eps, V=R.V, eos_ids=R.eos_ids, pad_id=R.pad_id, gen=gen,
+                                 max_new_tokens=R.cfg.max_new_tokens, temperature=k.tau, skd_topk=k.skd_topk, bar=bar))
+    return cat_rows(parts, R.pad_id)
+
+def cat_rows(parts, pad_id):
+    """Rollout dicts of (b_i, T_i) -> one of (sum b_i, max T_i), padded as finished rows, out of inference mode."""
+    T = max(p["tokens"].shape[1] for p in parts)
+    pad = lambda x, v: F.pad(x, (0, T - x.shape[1]), value=v)  # noqa: E731
+    return {k: None if parts[0][k] is None else torch.cat([pad(p[k], pad_id if k == "tokens" else 0) for p in parts])
+            for k in parts[0]}
+
 def build_sequences(prompt_ids, roll, pad_id):
     """prompt (B, P) + response (B, T) -> ids, attention mask (B, P+T)."""
     ids, attn = prompt_ids
     seq = torch.cat([ids, roll["tokens"]], 1)                # (B, P+T)
     a = torch.cat([attn, roll["mask"].long()], 1)            # (B, P+T)
     return seq, a
+
+def micro_batches(R, rows, roll):
+    """(seq, attn, rollout slice) per --micro_batch_size rows: prompts re-padded, responses cut to the longest."""
+    mb = R.cfg.micro_batch_size
+    for i in range(0, len(rows), mb):
+        r = {k: v[i:i + mb] for k, v in roll.items() if v is not None}
+        T = int(r["mask"].sum(1).max())
+        r = {k: v[:, :T] for k, v in r.items()}
+        yield (*build_sequences(left_pad(rows[i:i + mb], R.pad_id, R.device), r, R.pad_id), r)
+
+def grad_sync(R, last):
+    """Gradients are reduced across ranks on a step's last micro-batch only."""
+    return R.model.no_sync() if R.world > 1 and not last else nullcontext()
+
+def loss_step(R, rows, roll, k, n_tok):
+    """
+    Teacher scores, loss and gradient, micro-batch by micro-batch; the loss is divided by the global number of
+    response tokens n_tok (design choice 7). Returns the step's sums by name (STATS).
+    """
+    cfg, prep = R.cfg, loss_prep(R.eos_ids, k.veto)
+    sums = {s: torch.zeros((), device=R.device) for s in STATS}
+    batches = list(micro_batches(R, rows, roll))
+    R.student.train()
+    for j, (seq, a, r) in enumerate(batches):
+        T, m = r["tokens"].shape[1], r["mask"]
+        with torch.inference_mode(), R.amp:
+            t_l = response_logits(R.teacher, seq, a, T, R.V)  # (b, T, V) design choice 8
+            t_lp = torch.where(m, token_logp(fold_eos(t_l, R.eos_ids), r["tokens"]), 0.0)  # (b, T)
+        t_l = t_l.clone()                                    # out of inference mode: autograd may keep it
+        with grad_sync(R, j == len(batches) - 1), R.amp:
+            s_l = response_logits(R.model, seq, a, T, R.V)   # (b, T, V)
+            if k.sft: loss = -torch.where(m, token_logp(fold_eos(s_l, R.eos_ids), r["tokens"]), 0.0).sum()  # NLL
+            else: loss = opd_loss(s_l, t_l, m, cfg.loss_topk, cfg.loss_chunk, prep)
+            (loss * R.world / n_tok).backward()
+        for name, x in (("loss", loss.detach()), ("beta", r["beta"].sum()), ("kl_mu_s", r["kl"].sum()),
+                        ("teacher_logp", t_lp.sum()), ("frac_teacher", ((r["beta"] == 1) & m).sum()),
+                        ("tokens", m.sum()), ("skd_replaced", r["replaced"].sum())):
+            sums[name] += x.float()
+    return sums
+
+def evaluate(R):
+    """Held-out objective: mean full-vocab reverse KL per token on pure student rollouts; every rank its shard."""
+    cfg, tot = R.cfg, torch.zeros(2, device=R.device)       # (sum of KL, tokens)
+    gen = torch.Generator(device=R.device).manual_seed(cfg.seed + 10_000 + R.rank)
+    mine = R.eval_prompts[R.rank::R.world]
+    bs = cfg.rollout_batch_size or max(len(mine), 1)
+    with progress(R, total=-(-len(mine) // bs) * cfg.max_new_tokens, desc="eval_kl (decoding steps)") as bar:
+        for i in range(0, len(mine), bs):
+            roll = rollout_rows(R, mine[i:i + bs], 0.0, Knobs(False, 0, 0.0, cfg.temperature), gen, bar)
+            for seq, a, r in micro_batches(R, mine[i:i + bs], roll):
+                with torch.inference_mode(), R.amp:
+                    T = r["tokens"].shape[1]
+                    s_l, t_l = response_logits(R.student, seq, a, T, R.V), response_logits(R.teacher, seq, a, T, R.V)
+                    tot[0] += opd_loss(s_l, t_l, r["mask"], 0, cfg.loss_chunk, loss_prep(R.eos_ids))
+                    tot[1] += r["mask"].sum()
+    all_reduce(tot, R.world)
+    return (tot[0] / tot[1].clamp(min=1)).item()
+
+def record(R, step, eps, k, S, n_rows, t_roll, dt):
+    """The step's metrics record, by name, from the all-reduced sums S."""
+    cfg, n = R.cfg, max(S["tokens"], 1.0)
+    rec = dict(step=step, loss=S["loss"] / n, eps=eps, beta=S["beta"] / n, frac_teacher=S["frac_teacher"] / n,
+               kl_mu_s=S["kl_mu_s"] / n, teacher_logp=S["teacher_logp"] / n, resp_len=S["tokens"] / (n_rows * R.world),
+               tok_per_s=S["tokens"] / t_roll, dt=dt, lr=lr_at(step - 1, cfg), temperature=k.tau)
+    if cfg.skd_topk: rec["skd_rate"] = S["skd_replaced"] / n
+    if cfg.veto_beta: rec["veto_b"] = k.veto
+    if cfg.sft_warmup_steps: rec["sft"] = k.sft
+    return rec
+
+LOG_FMT = dict(loss=".4f", eps=".4g", beta=".3f", frac_teacher=".3f", kl_mu_s=".4g", teacher_logp=".3f",
+               resp_len=".1f", tok_per_s=".1f", dt=".2f", eval_kl=".4f", skd_rate=".4f")
+
+def log_line(rec):
+    return f"step {rec['step']:5d} | " + " | ".join(f"{k} {rec[k]:{f}}" for k, f in LOG_FMT.items() if k in rec)
+
+def train(cfg, given=frozenset()):
+    """The loop, in the paper's order: budget -> rollout -> score -> loss -> update -> log -> save."""
+    rank, world, device, amp_dtype = init_runtime(cfg)
+    lock, R = lock_out_dir(cfg.out_dir) if rank == 0 else None, None
+    try:
+        R = setup(cfg, given, rank, world, device, amp_dtype)
+        cfg, gen = R.cfg, torch.Generator(device=R.device)
+        if R.eval_prompts and cfg.eval_every and R.step == 0: log(R, dict(step=0, eval_kl=evaluate(R)))
+        while R.step < cfg.max_steps:
+            step, t0 = R.step, time.time()
+            eps = kl_budget(step, cfg.eps0, cfg.warmup_steps, cfg.schedule)   # eq. 3
+            k = warmup_knobs(step, cfg)                                          # the baselines; inert by default
+            rows = [R.prompts[i] for i in batch_indices(step, len(R.prompts), cfg, R.rank, R.world)
+                    for _ in range(cfg.n_samples)]
+            gen.manual_seed(cfg.seed * 1_000_003 + step * 1009 + R.rank)        # design choice 9
+            try:
+                roll = rollout_rows(R, rows, eps, k, gen)                        # mu while eps > 0, then pi_S
+            except UserError as e:
+                raise UserError(f"step {step}: {e}; stopping without saving") from None
+            t_roll = time.time() - t0
+            n_tok = all_reduce(roll["mask"].sum().float(), R.world)              # global response tokens
+            sums = loss_step(R, rows, roll, k, n_tok)                            # teacher scores, loss, gradient
+            S = dict(zip(STATS, all_reduce(torch.stack([sums[s] for s in STATS]), R.world).tolist()))
+            for g in R.opt.param_groups: g["lr"] = lr_at(step, cfg)
+            gnorm = clip_grad(R)                                                 # the update: clip, check, AdamW
+            if not (math.isfinite(S["loss"]) and math.isfinite(gnorm)):
+                raise UserError(f"step {step}: non-finite loss ({S['loss'] / max(S['tokens'], 1):.4g}) or gradient "
+                                f"norm ({gnorm:.4g}); stopping without saving")
+            R.opt.step()
+            R.opt.zero_grad(set_to_none=True)
+            R.step = step + 1
+            rec = record(R, R.step, eps, k, S, len(rows), t_roll, time.time() - t0)
+            if R.eval_prompts and cfg.eval_every and (R.step % cfg.eval_every == 0 or R.step == cfg.max_steps):
+                rec["eval_kl"] = evaluate(R)
+            log(R, rec)
+            if R.step == cfg.max_steps or (cfg.save_every and R.step % cfg.save_every == 0): save(R)
+    except KeyboardInterrupt:
+        if R is None: raise Stopped("interrupted before training started") from None
+        last = f"its checkpoint of step {R.saved} is intact" if R.saved is not None else "no checkpoint was saved yet"
+        raise Stopped(f"interrupted during step {R.step + 1}; {cfg.out_dir}: {last}") from None
+    finally:
+        if R is not None: R.bar.close()
+        if lock is not None: unlock(lock)
+        if world > 1: torch.distributed.destroy_process_group()
+    return R.student
+
+# -----------------------------------------------------------------------------
+# plumbing: setup, logging, checkpoints, signals
+
+def all_reduce(x, world):
+    if world > 1: torch.distributed.all_reduce(x)
+    return x
+
+def barrier(world):
+    if world > 1: torch.distributed.barrier()
+
+def clip_grad(R):
+    """Clips the gradient norm to --grad_clip (0: no clipping) and returns the norm before clipping."""
+    clip = R.cfg.grad_clip if R.cfg.grad_clip > 0 else float("inf")
+    return float(torch.nn.utils.clip_grad_norm_(R.student.parameters(), clip))
 
 def encode_prompts(tok, prompts, cfg):
     enc, skipped = [], 0
@@ -637,174 +929,252 @@ def encode_prompts(tok, prompts, cfg):
         else: enc.append(ids)
     return enc, skipped
 
-def all_reduce(x, world):
-    if world > 1: torch.distributed.all_reduce(x)
-    return x
-
-def evaluate(student, teacher, prompts, cfg, V, eos_ids, pad_id, device, amp, rank, world):
-    """Held-out objective: mean full-vocab reverse KL per token on pure student rollouts."""
-    tot = torch.zeros(2, device=device)                      # (sum KL, tokens)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 10_000 + rank)
-    mine = prompts[rank::world]
-    for i in range(0, len(mine), cfg.micro_batch_size):
-        ids, attn = left_pad(mine[i:i + cfg.micro_batch_size], pad_id, device)
-        with amp:
-            r = rollout(student, None, ids, attn, 0.0, V=V, eos_ids=eos_ids, pad_id=pad_id,
-                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, gen=gen)
-            seq, a = build_sequences((ids, attn), r, pad_id)
-            with torch.inference_mode():
-                T = r["tokens"].shape[1]
-                s_l, t_l = response_logits(student, seq, a, T, V), response_logits(teacher, seq, a, T, V)
-                tot[0] += opd_loss(s_l, t_l, r["mask"], 0, eos_ids, cfg.loss_chunk)
-                tot[1] += r["mask"].sum()
-    all_reduce(tot, world)
-    return (tot[0] / tot[1].clamp(min=1)).item()
-
-def train(cfg):
-    rank, world, device, amp_dtype = init_runtime(cfg)
-    master = rank == 0
-    amp = torch.autocast(device.type, dtype=amp_dtype) if device.type == "cuda" and amp_dtype != torch.float32 else nullcontext()
-    state = load_state(cfg.out_dir) if cfg.resume else None
-    if state is not None:  # the schedule, data order and seeds come from the checkpoint
-        keep = {k: getattr(cfg, k) for k in ("out_dir", "max_steps", "device", "dtype", "save_every", "eval_every", "wandb_project", "resume")}
-        cfg = Config(**{**state["config"], **keep})
+def setup(cfg, given, rank, world, device, amp_dtype):
+    """
+    Checkpoint, tokenizers, data, models and optimizer, the cheap checks first: no model loads before the flags,
+    out_dir and data are known to be good.
+    """
+    master, state, changed = rank == 0, None, []
+    if master and cfg.resume: recover_checkpoint(cfg.out_dir)
+    barrier(world)
+    if cfg.resume:
+        state = load_state(cfg.out_dir)
+        cfg, changed = resume_config(cfg, given, state)
+        check_config(cfg)
+    if cfg.batch_size % world: raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks")
     s_path = cfg.out_dir if state is not None else cfg.student
-    tok = load_tokenizer(s_path, cfg.trust_remote_code)
-    t_tok = load_tokenizer(cfg.teacher, cfg.trust_remote_code)
-    student = load_model(s_path, torch.float32, device, cfg.trust_remote_code)  # fp32 master weights
-    teacher = load_model(cfg.teacher, amp_dtype, device, cfg.trust_remote_code).eval().requires_grad_(False)
-    V = shared_vocab(tok, t_tok, student, teacher)
-    eos_ids = eos_ids_of((tok, student), (t_tok, teacher))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+    tok, t_tok = load_tokenizer(s_path, cfg.trust_remote_code), load_tokenizer(cfg.teacher, cfg.trust_remote_code)
+    V = shared_vocab(tok, t_tok)
+    for name in ("loss_topk", "skd_topk"):
+        if getattr(cfg, name) > V: raise UserError(f"--{name} {getattr(cfg, name)} is larger than the {V}-token vocab")
     prompts, skipped = encode_prompts(tok, load_prompts(cfg.data, cfg.prompt_field), cfg)
     if not prompts: raise UserError(f"data {cfg.data!r}: every prompt is longer than --max_prompt_len {cfg.max_prompt_len}")
-    eval_prompts = encode_prompts(tok, load_prompts(cfg.eval_data, cfg.prompt_field), cfg)[0][:cfg.eval_prompts] if cfg.eval_data else []
+    evals = encode_prompts(tok, load_prompts(cfg.eval_data, cfg.prompt_field), cfg)[0] if cfg.eval_data else []
+    student = load_model(s_path, torch.float32, device, cfg.trust_remote_code)  # fp32 master weights
+    teacher = load_model(cfg.teacher, amp_dtype, device, cfg.trust_remote_code).eval().requires_grad_(False)
+    check_logits(V, student=student, teacher=teacher)
+    eos_ids = eos_ids_of((tok, student), (t_tok, teacher))
     if cfg.grad_ckpt: student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else student
-    fused = device.type in ("cpu", "cuda")                 # one kernel for all parameters: 4x faster than the per-tensor loop on CPU
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, fused=fused)
-    step = 0
+    ddp = lambda m: torch.nn.parallel.DistributedDataParallel(m, device_ids=[device.index] if device.index is not None else None)  # noqa: E731
+    model = ddp(student) if world > 1 else student
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                            fused=device.type in ("cpu", "cuda"))  # one kernel for all parameters
     if state is not None:
         opt.load_state_dict(state["optimizer"])
-        step = state["step"]
-        torch.set_rng_state(state["rng"]["torch"]); random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+    step = state["step"] if state is not None else 0
+    amp = torch.autocast(device.type, dtype=amp_dtype) if device.type == "cuda" and amp_dtype != torch.float32 else nullcontext()
+    R = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=master, device=device, amp=amp, tok=tok, V=V,
+                        eos_ids=eos_ids, pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0],
+                        prompts=prompts, eval_prompts=evals[:cfg.eval_prompts], student=student, teacher=teacher,
+                        model=model, opt=opt, step=step, saved=state["step"] if state is not None else None, bar=None,
+                        wandb=None)
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        mpath = os.path.join(cfg.out_dir, "metrics.jsonl")
-        if os.path.exists(mpath):  # drop lines past the step we resume from
-            with open(mpath) as f: lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
-            with open(mpath, "w") as f: f.writelines(lines)
-        print(f"trb | V={V} eos={eos_ids} prompts={len(prompts)} skipped_long={skipped} world={world} device={device} dtype={cfg.dtype}")
-    wandb = None
-    if master and cfg.wandb_project:
-        import wandb
-        wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
-    gen = torch.Generator(device=device)
+        keep_metrics(cfg.out_dir, step)
+        print(f"trb | V={V} eos={eos_ids} prompts={len(prompts)} skipped_long={skipped} world={world} device={device} "
+              f"dtype={amp_dtype}".replace("torch.", ""), flush=True)
+        if changed: print(f"trb | resume from step {step}: " + ", ".join(changed), flush=True)
+        if cfg.wandb_project:
+            import wandb
+            R.wandb = wandb
+            wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
     from tqdm import tqdm
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    R.bar = tqdm(total=cfg.max_steps, initial=step, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True)
+    return R
 
-    def save(step):
-        if master:
-            state = dict(step=step, optimizer=opt.state_dict(), config=dataclasses.asdict(cfg), world=world,
-                         rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
-            save_checkpoint(cfg.out_dir, student, tok, state)
-        if world > 1: torch.distributed.barrier()
+def resume_config(cfg, given, state):
+    """The checkpoint's config, with the flags given again on this command line taking over; and what changed."""
+    old = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
+    new = dataclasses.replace(old, **{k: getattr(cfg, k) for k in set(given) | {"out_dir", "resume"}})
+    return new, [f"--{k} {getattr(old, k)} -> {getattr(new, k)}" for k in sorted(given)
+                 if k not in ("out_dir", "resume") and getattr(old, k) != getattr(new, k)]
 
-    def log_eval():  # every rank evaluates its shard; the result is all-reduced
-        student.eval()
-        return evaluate(student, teacher, eval_prompts, cfg, V, eos_ids, pad_id, device, amp, rank, world)
+@contextmanager
+def progress(R, **kw):
+    """A tqdm bar on the master's terminal; none in a log file or a pipe."""
+    from tqdm import tqdm
+    bar = tqdm(disable=not (R.master and sys.stderr.isatty()), leave=False, dynamic_ncols=True, **kw)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
-    def write_metrics(rec):
-        with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f: f.write(json.dumps(rec) + "\n")
-        if wandb: wandb.log(rec, step=rec["step"])
+def log(R, rec):
+    """One line on stdout and one JSON line in metrics.jsonl (and wandb), from the master."""
+    if not R.master: return
+    if rec["step"] > R.bar.n: R.bar.update(rec["step"] - R.bar.n)
+    R.bar.write(log_line(rec))
+    with open(os.path.join(R.cfg.out_dir, "metrics.jsonl"), "a") as f: f.write(json.dumps(rec) + "\n")
+    if R.wandb: R.wandb.log(rec, step=rec["step"])
 
-    do_eval = bool(eval_prompts and cfg.eval_every)
-    if do_eval and step == 0:  # the value the held-out curve starts from
-        kl0 = log_eval()
-        if master:
-            bar.write(f"step     0 | eval_kl {kl0:.4f}")
-            write_metrics(dict(step=0, eval_kl=kl0))
-    while step < cfg.max_steps:
-        t0 = time.time()
-        eps = kl_budget(step, cfg.eps0, cfg.warmup_steps, cfg.schedule)
-        # the baselines' knobs at this step (all inert at their defaults)
-        sft = step < cfg.sft_warmup_steps                      # SFT warmup: the teacher samples, the loss is NLL
-        skd = cfg.skd_topk if step < cfg.skd_steps else 0     # SKD: token replacement outside the teacher's top-K
-        veto = kl_budget(step, cfg.veto_beta, cfg.warmup_steps)  # Veto: exponent B, annealed linearly like eps
-        tau = cfg.temperature
-        if cfg.temp_warmup: tau = cfg.temp_warmup + (tau - cfg.temp_warmup) * min(1.0, step / cfg.warmup_steps if cfg.warmup_steps else 1.0)
-        rows = [prompts[i] for i in batch_indices(step, len(prompts), cfg, rank, world) for _ in range(cfg.n_samples)]
-        gen.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)  # design choice 9
-        for g in opt.param_groups: g["lr"] = lr_at(step, cfg)
-        # rollout: mu during warmup, pi_S after (the teacher stays idle at eps = 0)
-        student.eval()
-        rolls = []
-        for i in range(0, len(rows), cfg.micro_batch_size):
-            ids, attn = left_pad(rows[i:i + cfg.micro_batch_size], pad_id, device)
-            try:
-                with amp:
-                    r = rollout(teacher if sft else student, None if sft else teacher, ids, attn, eps, V=V, eos_ids=eos_ids, pad_id=pad_id,
-                                max_new_tokens=cfg.max_new_tokens, temperature=tau, gen=gen, skd_topk=skd)
-            except UserError as e:
-                raise UserError(f"step {step}: {e}; stopping without saving") from None
-            rolls.append(((ids, attn), {k: v.clone() if v is not None else v for k, v in r.items()}))  # out of inference mode
-        t_roll = time.time() - t0
-        # loss: sum of reverse KL over response positions / global response tokens (design choice 7)
-        n_tok = all_reduce(torch.tensor(float(sum(r["mask"].sum() for _, r in rolls)), device=device), world)
-        student.train()
-        stats = torch.zeros(7, device=device)                # loss, beta, kl_mu_s, t_logp, frac_teacher, resp tokens, skd replaced
-        for j, (prompt, r) in enumerate(rolls):
-            seq, a = build_sequences(prompt, r, pad_id)
-            T = r["tokens"].shape[1]
-            m = r["mask"]
-            with torch.inference_mode(), amp:
-                t_l = response_logits(teacher, seq, a, T, V)  # (b, T, V)
-                t_lp = token_logp(fold_eos(t_l, eos_ids), r["tokens"])  # (b, T)
-            t_l = t_l.clone()  # leave inference mode: autograd may save it
-            sync = j == len(rolls) - 1 or world == 1
-            with (nullcontext() if sync else model.no_sync()), amp:
-                s_l = response_logits(model, seq, a, T, V)    # (b, T, V)
-                if sft:  # NLL of the teacher's tokens
-                    loss = -(token_logp(fold_eos(s_l, eos_ids), r["tokens"]) * m).sum()
-                else:
-                    loss = opd_loss(s_l, t_l, m, cfg.loss_topk, eos_ids, cfg.loss_chunk, veto)
-                (loss * world / n_tok).backward()
-            stats += torch.stack([loss.detach(), r["beta"].sum(), r["kl"].sum(), (t_lp * m).sum(), ((r["beta"] == 1) & m).sum(), m.sum(),
-                                  r["replaced"].sum()]).float()
-        all_reduce(stats, world)
-        loss_v = stats[0].item() / n_tok.item()
-        if not math.isfinite(loss_v): raise UserError(f"step {step}: non-finite loss ({loss_v}); stopping without saving")
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        dt = time.time() - t0
-        n = stats[5].item()
-        rec = dict(step=step, loss=loss_v, eps=eps, beta=stats[1].item() / n, frac_teacher=stats[4].item() / n,
-                   kl_mu_s=stats[2].item() / n, teacher_logp=stats[3].item() / n, resp_len=n / (len(rows) * world),
-                   tok_per_s=n / t_roll, dt=dt, lr=lr_at(step - 1, cfg), temperature=tau, skd_rate=stats[6].item() / n)
-        if cfg.veto_beta: rec["veto_b"] = veto
-        if cfg.sft_warmup_steps: rec["sft"] = sft
-        if do_eval and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            rec["eval_kl"] = log_eval()
-        if master:
-            bar.update(1)
-            bar.write(f"step {step:5d} | loss {loss_v:.4f} | eps {eps:.4g} | beta {rec['beta']:.3f} | frac_teacher {rec['frac_teacher']:.3f}"
-                      f" | kl(mu|s) {rec['kl_mu_s']:.4g} | teacher_logp {rec['teacher_logp']:.3f} | resp_len {rec['resp_len']:.1f}"
-                      f" | tok/s {rec['tok_per_s']:.1f} | dt {dt:.2f}s" + (f" | eval_kl {rec['eval_kl']:.4f}" if "eval_kl" in rec else "")
-                      + (f" | skd_rate {rec['skd_rate']:.4f}" if skd else ""))
-            write_metrics(rec)
-        if step == cfg.max_steps or (cfg.save_every and step % cfg.save_every == 0): save(step)
-    bar.close()
-    if world > 1: torch.distributed.destroy_process_group()
-    return student
+def read_metrics(path):
+    """The records of a metrics.jsonl; a last line cut short (a kill, a full disk) is dropped."""
+    recs = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(r, dict) and isinstance(r.get("step"), int): recs.append(r)
+    return recs
+
+def keep_metrics(out_dir, step):
+    """Drops the records past `step` (the checkpoint we resume from), atomically."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path): return
+    with open(path + ".part", "w") as f: f.writelines(json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= step)
+    os.replace(path + ".part", path)
+
+def save(R):
+    """Checkpoints the current step, with the full EOS set, after checking the weights; nothing is lost on failure."""
+    if R.master:
+        if not bool(torch.stack([p.isfinite().all() for p in R.student.parameters()]).all()):
+            raise UserError(f"step {R.step}: non-finite weights after the update; stopping without saving")
+        state = dict(step=R.step, optimizer=R.opt.state_dict(), config=dataclasses.asdict(R.cfg), world=R.world,
+                     rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
+        if R.student.generation_config is not None:  # eval.py, generate() and vLLM stop where training did
+            R.student.generation_config.eos_token_id = list(R.eos_ids)
+        try:
+            with deferred_signals():
+                save_checkpoint(R.cfg.out_dir, R.student, R.tok, state)
+        except Exception as e:  # a full disk, a quota: the previous checkpoint is untouched
+            shutil.rmtree(os.path.abspath(R.cfg.out_dir) + ".tmp", ignore_errors=True)
+            prev = f"the checkpoint of step {R.saved}" if R.saved is not None else "no earlier checkpoint"
+            raise UserError(f"step {R.step}: saving the checkpoint failed ({_first_line(e)}); {prev} in "
+                            f"{R.cfg.out_dir} is intact; stopping") from None
+        R.saved = R.step
+    barrier(R.world)
+
+def save_checkpoint(out_dir, model, tok, state):
+    """
+    Writes out_dir.tmp completely, then swaps it in by rename (design choice 10). A kill at any point leaves a
+    complete checkpoint that recover_checkpoint() finds: out_dir, a complete .tmp or .old. Files that are not part
+    of the checkpoint (metrics.jsonl, the user's) are hard-linked into .tmp, not moved, so out_dir never lacks them.
+    """
+    out_dir = os.path.abspath(out_dir)
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    torch.save(state, os.path.join(tmp, "trainer_state.pt.part"))
+    os.replace(os.path.join(tmp, "trainer_state.pt.part"), os.path.join(tmp, "trainer_state.pt"))  # completeness marker
+    if os.path.isdir(out_dir):
+        for f in os.listdir(out_dir):
+            src, dst = os.path.join(out_dir, f), os.path.join(tmp, f)
+            if os.path.exists(dst): continue
+            if os.path.isdir(src): shutil.copytree(src, dst, copy_function=_link)
+            else: _link(src, dst)
+        shutil.rmtree(old, ignore_errors=True)              # a stale .old left by an earlier kill
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+def _link(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:  # no hard links on this filesystem
+        shutil.copy2(src, dst)
+
+def _complete(d):
+    return os.path.isfile(os.path.join(d, "trainer_state.pt"))
+
+def recover_checkpoint(out_dir):
+    """
+    Finishes what a kill interrupted: a complete out_dir stays; otherwise a complete .tmp, else a complete .old,
+    takes its place, with the files of out_dir that it lacks (metrics.jsonl) moved over first.
+    """
+    out_dir = os.path.abspath(out_dir)
+    if _complete(out_dir): return
+    for cand in (out_dir + ".tmp", out_dir + ".old"):
+        if not _complete(cand): continue
+        if os.path.isdir(out_dir):
+            for f in os.listdir(out_dir):
+                if not os.path.exists(os.path.join(cand, f)): os.replace(os.path.join(out_dir, f), os.path.join(cand, f))
+            shutil.rmtree(out_dir)
+        os.replace(cand, out_dir)
+        return
+
+def load_state(out_dir):
+    path = os.path.join(out_dir, "trainer_state.pt")
+    if not os.path.isfile(path): raise UserError(f"--resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        assert isinstance(state, dict) and {"step", "optimizer", "config"} <= state.keys()
+    except Exception:
+        raise UserError(f"--resume: corrupt checkpoint state {path}") from None
+    return state
+
+def lock_out_dir(out_dir):
+    """
+    Checks that out_dir is a writable directory, then holds an exclusive lock (fcntl) on out_dir.lock for the run:
+    a second run on the same out_dir stops at once, naming the holder's pid.
+    """
+    import fcntl
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir): raise UserError(f"--out_dir {out_dir!r} is a file")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+        f = open(os.path.abspath(out_dir) + ".lock", "a+")
+    except OSError as e:
+        raise UserError(f"--out_dir {out_dir!r} is not writable: {e.strerror}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"--out_dir {out_dir!r} is in use by another trb.py run (pid {pid})") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+def unlock(f):
+    try:
+        os.remove(f.name)
+    except OSError:
+        pass
+    f.close()
+
+class Stopped(UserError):
+    """A run stopped by SIGINT or SIGTERM: one line, and the checkpoint is intact."""
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+@contextmanager
+def deferred_signals():
+    """SIGINT and SIGTERM wait for the block (a save) to finish, then stop the run as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    old = {s: signal.signal(s, lambda n, f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
+    if got: raise KeyboardInterrupt
 
 def main(argv=None):
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # SIGTERM stops like Ctrl-C
     try:
-        cfg = parse_args(argv)
-        train(cfg)
+        train(*parse_args(argv))
+    except KeyboardInterrupt:
+        raise SystemExit("trb: interrupted before training started") from None
+    except Stopped as e:
+        raise SystemExit(f"trb: {e}")
     except UserError as e:
         raise SystemExit(f"trb: error: {e}")
+    finally:
+        if main_thread: signal.signal(signal.SIGTERM, old)
 
 if __name__ == "__main__":
     main()
