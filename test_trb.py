@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import trb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DEVICE = os.environ.get("TRB_TEST_DEVICE", "cpu")  # TRB_TEST_DEVICE=cuda: the GPU-relevant tests run there
 
 # -----------------------------------------------------------------------------
 # helpers: float64 references
@@ -80,7 +81,7 @@ def test_budget_never_exceeded(V, kind):
     for scale in (0.1, 1.0, 4.0, 15.0, 50.0):
         for eps in (1e-4, 1e-3, 1e-2, 0.1, 1.0, 30.0):
             s, t = adversarial_rows(kind, V, 64 if V <= 5000 else 8, scale, g)
-            logp_mu, beta = trb.trust_region_blend(s, t, eps)
+            logp_mu, beta = (x.cpu() for x in trb.trust_region_blend(s.to(DEVICE), t.to(DEVICE), eps))
             kl = kl64(logp_mu, F.log_softmax(s.double(), -1))
             assert not torch.isnan(logp_mu).any() and ((beta >= 0) & (beta <= 1)).all()
             assert (kl <= eps * (1 + 1e-5)).all(), f"{kind} scale={scale} eps={eps}: KL/eps {(kl / eps).max().item():.7f}"
@@ -223,17 +224,17 @@ def test_app_e_small_eps_asymptote():
 
 def test_reverse_kl_matches_float64_and_autograd():
     g = torch.Generator().manual_seed(2)
-    s = (torch.randn(3, 5, 200, generator=g) * 3).requires_grad_()
-    t = torch.randn(3, 5, 200, generator=g) * 3
-    kl = trb.reverse_kl(s, t)
-    ref = kl64(F.log_softmax(s.detach().double(), -1), F.log_softmax(t.double(), -1))
+    s = (torch.randn(3, 5, 200, generator=g) * 3).to(DEVICE).requires_grad_()
+    t = (torch.randn(3, 5, 200, generator=g) * 3).to(DEVICE)
+    kl = trb.reverse_kl(s, t).cpu()
+    ref = kl64(F.log_softmax(s.detach().cpu().double(), -1), F.log_softmax(t.cpu().double(), -1))
     assert torch.allclose(kl.double(), ref, rtol=1e-5, atol=1e-6), "full-vocab KL vs float64"
     w = torch.randn(3, 5, generator=g)
     (kl * w).sum().backward()
-    s2 = s.detach().double().requires_grad_()
-    naive = (F.softmax(s2, -1) * (F.log_softmax(s2, -1) - F.log_softmax(t.double(), -1))).sum(-1)
+    s2 = s.detach().cpu().double().requires_grad_()
+    naive = (F.softmax(s2, -1) * (F.log_softmax(s2, -1) - F.log_softmax(t.cpu().double(), -1))).sum(-1)
     (naive * w.double()).sum().backward()
-    assert torch.allclose(s.grad.double(), s2.grad, atol=1e-5), "gradient vs autograd on the naive formula"
+    assert torch.allclose(s.grad.cpu().double(), s2.grad, atol=1e-5), "gradient vs autograd on the naive formula"
     tt = t.clone().requires_grad_()
     trb.reverse_kl(s, tt).sum().backward()
     assert tt.grad is None, "no gradient may reach the teacher"
@@ -415,9 +416,10 @@ QS = ["Tom has 3 apples.", "Tom has 12 apples and buys 7 more. How many apples d
 
 @pytest.mark.parametrize("which", ["student", "teacher"])
 def test_rollout_greedy_parity_with_generate(tiny, which):
-    s, t = load(tiny["student"]), load(tiny["teacher"])
+    """Greedy rollouts equal generate() for the student (eps = 0) and the teacher (mu = pi_T): the KV cache is used."""
+    s, t = load(tiny["student"]).to(DEVICE), load(tiny["teacher"]).to(DEVICE)
     tok, V = tiny["tok"], len(tiny["tok"])
-    ids, attn = prompt_batch(tok, QS)
+    ids, attn = (x.to(DEVICE) for x in prompt_batch(tok, QS))
     assert (attn == 0).any(), "the batch must be left-padded"
     eps = 0.0 if which == "student" else 1e9
     # one EOS id here, so that folding leaves the argmax alone; generate() is kept off the padding rows
@@ -470,6 +472,48 @@ def test_rollout_records_and_budget(tiny):
     ref = tl.gather(-1, r["tokens"][..., None])[..., 0]
     assert torch.allclose(r["t_logp"][m], ref[m], atol=1e-4), "KV-cached teacher log-probs match a full forward"
 
+COMPACT = {  # scenario -> rollout keywords; rows end at very different lengths in each
+    "greedy (mu = the trained teacher)": dict(eps=1e9, temperature=0),
+    "sampled": dict(eps=0.0, temperature=1.0),
+    "TRB, per-row eps, some 0": dict(eps=torch.tensor([0.0, 0.05, 0.0, 0.5, 0.01, 0.0, 2.0, 0.0, 0.1]), temperature=1.0),
+    "SKD": dict(eps=0.0, temperature=1.0, skd_topk=3),
+}
+
+@pytest.mark.parametrize("case", list(COMPACT))
+def test_compaction_gives_identical_rollouts(tiny, case, monkeypatch):
+    """Finished rows leaving the decoding batch change nothing: the same tokens, betas, KLs and teacher log-probs."""
+    from transformers import DynamicCache
+    s, t, tok = load(tiny["student"]), load(tiny["teacher"]), tiny["tok"]
+    ids, attn = prompt_batch(tok, [q for q, _ in QA[::17][:6]] + QS)
+    kw = dict(V=len(tok), eos_ids=[tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")], pad_id=tok.pad_token_id,
+              max_new_tokens=48, **COMPACT[case])
+    kept = []
+    orig = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda self, i: (kept.append(len(i)), orig(self, i))[1])
+    a = trb.rollout(s, t, ids, attn, gen=torch.Generator().manual_seed(0), compact=0.25, **kw)
+    compactions = len(kept)
+    b = trb.rollout(s, t, ids, attn, gen=torch.Generator().manual_seed(0), compact=0, **kw)
+    assert compactions > 0 and len(kept) == compactions, "compaction ran with compact=0.25 only"
+    lens = a["mask"].sum(1).tolist()
+    assert len(set(lens)) >= 2 and (case.startswith("greedy") or min(lens) * 3 <= max(lens)), f"lengths alike: {lens}"
+    assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["mask"], b["mask"]), f"{case}: tokens differ"
+    for k in ("beta", "kl", "t_logp"):
+        if a[k] is not None: assert torch.allclose(a[k], b[k], atol=1e-5), f"{case}: {k} differs"
+    assert torch.equal(a["replaced"], b["replaced"])
+
+def test_rollout_batch_size_is_one_decoding_batch_per_slice(tiny, tmp_path, monkeypatch):
+    """--rollout_batch_size sets the rows decoded together (0: all the step's rows), apart from --micro_batch_size."""
+    calls, orig = [], trb.rollout
+    monkeypatch.setattr(trb, "rollout", lambda s, t, ids, *a, **k: (calls.append(ids.shape[0]), orig(s, t, ids, *a, **k))[1])
+    common = ("--max_steps", "1", "--temperature", "0", "--batch_size", "2", "--n_samples", "3", "--micro_batch_size", "2")
+    a = run_cli(tiny, tmp_path / "all", *common)
+    assert calls == [6], f"one decoding batch of the step's 6 rows, not micro-batch slices: {calls}"
+    calls.clear()
+    b = run_cli(tiny, tmp_path / "four", *common, "--rollout_batch_size", "4")
+    assert calls == [4, 2], calls
+    wa, wb = weights(a), weights(b)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa), "how rows are batched for decoding changes nothing"
+
 # -----------------------------------------------------------------------------
 # training: the CLI end to end, exact resume, micro-batching and DDP invariance
 
@@ -486,7 +530,8 @@ def weights(path):
 
 def test_train_cli_end_to_end(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    out = run_cli(tiny, tmp_path / "run", "--max_steps", "3", "--eval_data", tiny["data"], "--eval_every", "2", "--eval_prompts", "3")
+    out = run_cli(tiny, tmp_path / "run", "--max_steps", "3", "--eval_data", tiny["data"], "--eval_every", "2", "--eval_prompts", "3",
+                  "--device", DEVICE)
     recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert recs[0] == {"step": 0, "eval_kl": pytest.approx(recs[0]["eval_kl"])} and recs[0]["eval_kl"] > 0, "held-out baseline before training"
     recs = recs[1:]

@@ -586,13 +586,13 @@ def _next_token(s, tl, eps, u, skd_topk=0):
 
 @torch.inference_mode()
 def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tokens, temperature=1.0, gen=None,
-            skd_topk=0, compact=True, bar=None):
+            skd_topk=0, compact=0.25, bar=None):
     """
     Samples B responses token by token from mu (eq. 1-2), decoding with both models' KV caches in one batch.
     ids, attn: (B, P) left-padded prompts. eps: float or (B,) per-row budgets; where every row has eps <= 0 the
     teacher never runs. temperature 0 = greedy. skd_topk: see _next_token. bar: a progress bar, one tick per step.
-    Finished rows leave the batch (compact=True): once a quarter of the batch has emitted EOS, both caches and the
-    per-row state keep only the live rows, so the cost follows the sum of the lengths, not B * the longest. Each
+    Finished rows leave the batch: once a fraction `compact` of it has emitted EOS (0 = never), both caches and the
+    per-row state keep only the live rows, so the work follows the sum of the lengths, not B * the longest. Each
     step draws one uniform per original row, so the tokens are the same with and without compaction.
     Returns tokens, mask (response incl. EOS), beta, kl (realised KL(mu||pi_S)), replaced (SKD) and t_logp
     (teacher log-prob of each token, None when the teacher did not run), all (B, T).
@@ -632,7 +632,7 @@ def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tok
             if bad: raise UserError(f"NaN in the {who} logits at decode position {t}")
         if bar is not None: bar.update(1)
         if n_done == len(rows) or t == N - 1: break
-        if compact and 4 * n_done >= len(rows):              # a quarter of the batch is done: drop those rows
+        if compact and n_done >= compact * len(rows):        # enough of the batch is done: drop those rows
             keep = (~done).nonzero().squeeze(1)              # (b',)
             for c in (s_cache, t_cache):
                 if c is not None: c.batch_select_indices(keep)
@@ -954,7 +954,7 @@ def setup(cfg, given, rank, world, device, amp_dtype):
     teacher = load_model(cfg.teacher, amp_dtype, device, cfg.trust_remote_code).eval().requires_grad_(False)
     check_logits(V, student=student, teacher=teacher)
     eos_ids = eos_ids_of((tok, student), (t_tok, teacher))
-    if cfg.grad_ckpt: student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.grad_ckpt: enable_grad_ckpt(student)
     ddp = lambda m: torch.nn.parallel.DistributedDataParallel(m, device_ids=[device.index] if device.index is not None else None)  # noqa: E731
     model = ddp(student) if world > 1 else student
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
@@ -982,6 +982,11 @@ def setup(cfg, given, rank, world, device, amp_dtype):
     from tqdm import tqdm
     R.bar = tqdm(total=cfg.max_steps, initial=step, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True)
     return R
+
+def enable_grad_ckpt(m):
+    kw = {"use_reentrant": False}
+    if hasattr(m, "activation_checkpointing_enable"): m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else: m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)  # transformers before 5.2x
 
 def resume_config(cfg, given, state):
     """The checkpoint's config, with the flags given again on this command line taking over; and what changed."""
