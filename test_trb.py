@@ -574,20 +574,81 @@ def test_gradient_checkpointing_gives_the_same_update(tiny, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa), "--grad_ckpt changes memory, not the update"
     assert json.loads(open(b / "metrics.jsonl").read())["resp_len"] > 1, "decoding still ran (with the KV cache, in eval mode)"
 
-def test_ddp_two_processes_equal_one(tiny, tmp_path):
-    common = ["--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["data"], "--batch_size", "4", "--n_samples", "2",
-              "--micro_batch_size", "2", "--max_new_tokens", "10", "--eps0", "0.1", "--warmup_steps", "3", "--lr", "1e-3",
-              "--lr_warmup_steps", "0", "--max_steps", "1", "--temperature", "0", "--loss_topk", "4"]
-    trb.main(common + ["--out_dir", str(tmp_path / "one")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(HERE, "trb.py"),
-                        *common, "--out_dir", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+def torchrun(n, *args):
+    """trb.py under torchrun with n CPU processes (gloo)."""
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                        os.path.join(HERE, "trb.py"), *map(str, args)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+def multi_gpu_flags(tiny):
+    return ["--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["data"], "--batch_size", "4",
+            "--n_samples", "2", "--micro_batch_size", "2", "--max_new_tokens", "10", "--eps0", "0.1", "--warmup_steps", "3",
+            "--lr", "1e-3", "--lr_warmup_steps", "0", "--temperature", "0", "--loss_topk", "4"]
+
+@pytest.mark.parametrize("shard", ["ddp", "fsdp"])
+def test_two_processes_equal_one(tiny, tmp_path, shard):
+    """A 2-rank update (DDP, or FSDP2 with --fsdp) equals the 1-process update of the same global batch."""
+    common = multi_gpu_flags(tiny) + ["--max_steps", "1"]
+    trb.main(common + ["--out_dir", str(tmp_path / "one")])
+    torchrun(2, *common, "--out_dir", tmp_path / "two", *(["--fsdp"] if shard == "fsdp" else []))
     w1, w2, w0 = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(tiny["student"])
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1), "a 2-rank update equals the 1-process update of the same global batch"
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1), f"{shard}: 2 ranks differ from 1 process"
     assert any(not torch.allclose(w1[k], w0[k], atol=1e-4) for k in w1)
     r1, r2 = json.loads(open(tmp_path / "one" / "metrics.jsonl").read()), json.loads(open(tmp_path / "two" / "metrics.jsonl").read())
     assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-4) and r1["resp_len"] == r2["resp_len"], "metrics are all-reduced"
+    assert load(str(tmp_path / "two")) is not None, "the checkpoint is a plain from_pretrained folder"
+    if shard == "fsdp":
+        assert trb.load_state(str(tmp_path / "two"))["optimizer"] is None and (tmp_path / "two" / "optimizer").is_dir()
+
+def test_fsdp_resume_is_exact_and_changes_world_size(tiny, tmp_path):
+    """--fsdp: 2 steps + resume + 2 equals 4 steps bit for bit at 2 ranks; resuming at 1 rank (DCP reshards) agrees."""
+    common = multi_gpu_flags(tiny) + ["--fsdp", "--save_every", "2"]
+    torchrun(2, *common, "--max_steps", "4", "--out_dir", tmp_path / "a")
+    torchrun(2, *common, "--max_steps", "2", "--out_dir", tmp_path / "b")
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    torchrun(2, "--out_dir", tmp_path / "b", "--resume", "--max_steps", "4")
+    torchrun(1, "--out_dir", tmp_path / "c", "--resume", "--max_steps", "4")
+    wa, wb, wc = weights(tmp_path / "a"), weights(tmp_path / "b"), weights(tmp_path / "c")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "FSDP resume at the same world size is exact"
+    assert all(torch.allclose(wa[k], wc[k], atol=1e-5) for k in wa), "FSDP resume at another world size"
+    assert metric_steps(tmp_path / "c") == [1, 2, 3, 4]
+
+FSDP_DECODE_CHILD = r"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import trb
+from torch.distributed.fsdp._fully_shard import _fsdp_param_group as pg
+from transformers import AutoModelForCausalLM
+dist.init_process_group("gloo")
+s = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32)
+ref = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32).eval()
+trb.shard(s, torch.device("cpu"), torch.float32)
+gathers, orig = [], pg.foreach_all_gather
+pg.foreach_all_gather = lambda *a, **k: (gathers.append(1), orig(*a, **k))[1]
+R = trb.SimpleNamespace(cfg=trb.Config(fsdp=True), student=s)
+ids, attn = trb.left_pad([[1, 5, 6, 7], [1, 8, 9]], 0, "cpu")
+kw = dict(V=300, eos_ids=[2], pad_id=0, max_new_tokens=12, temperature=0)
+with trb.whole_weights(R):
+    r = trb.rollout(s, None, ids, attn, 0.0, **kw)
+n_groups = sum(1 for m in s.modules() if isinstance(m, trb.torch.distributed.fsdp.FSDPModule))
+assert len(gathers) == n_groups, f"{len(gathers)} all-gathers for {n_groups} groups over 12 decoding steps"
+assert torch.equal(r["tokens"], trb.rollout(ref, None, ids, attn, 0.0, **kw)["tokens"]), "whole weights decode alike"
+print("OK", len(gathers))
+"""
+
+def test_fsdp_decodes_on_whole_weights(tiny, tmp_path):
+    """Decoding gathers each FSDP2 group once per rollout, not per token, and equals the unsharded model."""
+    child = tmp_path / "child.py"
+    child.write_text(FSDP_DECODE_CHILD)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(child),
+                        HERE, tiny["student"]], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       timeout=300)
+    assert p.returncode == 0 and p.stdout.count("OK") == 2, p.stderr[-3000:]
+
+def test_fsdp_needs_torchrun(tiny, tmp_path):
+    assert "--fsdp runs under torchrun" in cli_error(tiny, tmp_path, "--fsdp", early=True)
 
 # -----------------------------------------------------------------------------
 # bad input: one clear line each, never a traceback; nothing saved on failure

@@ -135,6 +135,8 @@ class Config:
     loss_chunk: int = 0                    # positions per loss chunk; 0 = auto (1024 on GPU, ~8 MiB of
                                            # (chunk, V) float32 on CPU)
     grad_ckpt: bool = False                # gradient checkpointing of the student
+    # multi-GPU (under torchrun; DDP by default)
+    fsdp: bool = False                     # shard the student, its gradients and AdamW state with FSDP2
     # system
     out_dir: str = "out-trb"               # checkpoint and metrics.jsonl; locked while a run uses it
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
@@ -221,6 +223,8 @@ def check_config(c):
 def init_runtime(cfg):
     """Returns (rank, world, device, autocast dtype). Under torchrun, one process per GPU."""
     ddp = int(os.environ.get("RANK", -1)) != -1
+    if cfg.fsdp and not ddp:
+        raise UserError("--fsdp runs under torchrun: torchrun --nproc_per_node N trb.py --fsdp ... (N = 1 works)")
     dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available(): raise UserError(f"--device {dev}: no CUDA device here")
     rank, world = 0, 1
@@ -765,11 +769,12 @@ def rollout_rows(R, rows, eps, k, gen, bar=None):
     bs, parts = R.cfg.rollout_batch_size or len(rows), []
     policy, teacher = (R.teacher, None) if k.sft else (R.student, R.teacher)  # SFT warmup: the teacher samples
     R.student.eval()
-    for i in range(0, len(rows), bs):
-        ids, attn = left_pad(rows[i:i + bs], R.pad_id, R.device)
-        with R.amp:
-            parts.append(rollout(policy, teacher, ids, attn, eps, V=R.V, eos_ids=R.eos_ids, pad_id=R.pad_id, gen=gen,
-                                 max_new_tokens=R.cfg.max_new_tokens, temperature=k.tau, skd_topk=k.skd_topk, bar=bar))
+    with whole_weights(R):
+        for i in range(0, len(rows), bs):
+            ids, attn = left_pad(rows[i:i + bs], R.pad_id, R.device)
+            with R.amp:
+                parts.append(rollout(policy, teacher, ids, attn, eps, V=R.V, eos_ids=R.eos_ids, pad_id=R.pad_id, gen=gen,
+                                     max_new_tokens=R.cfg.max_new_tokens, temperature=k.tau, skd_topk=k.skd_topk, bar=bar))
     return cat_rows(parts, R.pad_id)
 
 def cat_rows(parts, pad_id):
@@ -796,8 +801,9 @@ def micro_batches(R, rows, roll):
         yield (*build_sequences(left_pad(rows[i:i + mb], R.pad_id, R.device), r, R.pad_id), r)
 
 def grad_sync(R, last):
-    """Gradients are reduced across ranks on a step's last micro-batch only."""
-    return R.model.no_sync() if R.world > 1 and not last else nullcontext()
+    """Gradients are reduced across ranks on a step's last micro-batch only (FSDP2: reduce-scattered)."""
+    if R.cfg.fsdp: R.student.set_requires_gradient_sync(last)
+    return R.model.no_sync() if R.world > 1 and not last and not R.cfg.fsdp else nullcontext()
 
 def loss_step(R, rows, roll, k, n_tok):
     """
@@ -835,7 +841,7 @@ def evaluate(R):
         for i in range(0, len(mine), bs):
             roll = rollout_rows(R, mine[i:i + bs], 0.0, Knobs(False, 0, 0.0, cfg.temperature), gen, bar)
             for seq, a, r in micro_batches(R, mine[i:i + bs], roll):
-                with torch.inference_mode(), R.amp:
+                with whole_weights(R), torch.inference_mode(), R.amp:
                     T = r["tokens"].shape[1]
                     s_l, t_l = response_logits(R.student, seq, a, T, R.V), response_logits(R.teacher, seq, a, T, R.V)
                     tot[0] += opd_loss(s_l, t_l, r["mask"], 0, cfg.loss_chunk, loss_prep(R.eos_ids))
@@ -919,7 +925,8 @@ def barrier(world):
 def clip_grad(R):
     """Clips the gradient norm to --grad_clip (0: no clipping) and returns the norm before clipping."""
     clip = R.cfg.grad_clip if R.cfg.grad_clip > 0 else float("inf")
-    return float(torch.nn.utils.clip_grad_norm_(R.student.parameters(), clip))
+    norm = torch.nn.utils.clip_grad_norm_(R.student.parameters(), clip)  # works on FSDP2's sharded DTensors too
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 def encode_prompts(tok, prompts, cfg):
     enc, skipped = [], 0
@@ -942,6 +949,9 @@ def setup(cfg, given, rank, world, device, amp_dtype):
         cfg, changed = resume_config(cfg, given, state)
         check_config(cfg)
     if cfg.batch_size % world: raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks")
+    if state is not None and bool(state["config"].get("fsdp")) != cfg.fsdp:
+        raise UserError("--resume: --fsdp must stay as the run began (its optimizer state is saved differently)")
+    if cfg.fsdp and not torch.distributed.is_initialized(): raise UserError("this run used --fsdp: resume it under torchrun")
     s_path = cfg.out_dir if state is not None else cfg.student
     tok, t_tok = load_tokenizer(s_path, cfg.trust_remote_code), load_tokenizer(cfg.teacher, cfg.trust_remote_code)
     V = shared_vocab(tok, t_tok)
@@ -955,12 +965,14 @@ def setup(cfg, given, rank, world, device, amp_dtype):
     check_logits(V, student=student, teacher=teacher)
     eos_ids = eos_ids_of((tok, student), (t_tok, teacher))
     if cfg.grad_ckpt: enable_grad_ckpt(student)
-    ddp = lambda m: torch.nn.parallel.DistributedDataParallel(m, device_ids=[device.index] if device.index is not None else None)  # noqa: E731
-    model = ddp(student) if world > 1 else student
+    if cfg.fsdp: shard(student, device, amp_dtype)           # FSDP2: the student is sharded in place
+    ids = [device.index] if device.index is not None else None
+    model = torch.nn.parallel.DistributedDataParallel(student, ids) if world > 1 and not cfg.fsdp else student
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                             fused=device.type in ("cpu", "cuda"))  # one kernel for all parameters
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        if cfg.fsdp: load_sharded_optimizer(student, opt, cfg.out_dir)
+        else: opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
     step = state["step"] if state is not None else 0
@@ -1035,34 +1047,38 @@ def keep_metrics(out_dir, step):
 
 def save(R):
     """Checkpoints the current step, with the full EOS set, after checking the weights; nothing is lost on failure."""
+    sd = gathered_weights(R.student) if R.cfg.fsdp else None  # FSDP2: the full weights, on the master's CPU
     if R.master:
-        if not bool(torch.stack([p.isfinite().all() for p in R.student.parameters()]).all()):
+        params = sd.values() if sd is not None else R.student.parameters()
+        if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
             raise UserError(f"step {R.step}: non-finite weights after the update; stopping without saving")
-        state = dict(step=R.step, optimizer=R.opt.state_dict(), config=dataclasses.asdict(R.cfg), world=R.world,
-                     rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
+        state = dict(step=R.step, optimizer=None if R.cfg.fsdp else R.opt.state_dict(), config=dataclasses.asdict(R.cfg),
+                     world=R.world, rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
         if R.student.generation_config is not None:  # eval.py, generate() and vLLM stop where training did
             R.student.generation_config.eos_token_id = list(R.eos_ids)
-        try:
-            with deferred_signals():
-                save_checkpoint(R.cfg.out_dir, R.student, R.tok, state)
-        except Exception as e:  # a full disk, a quota: the previous checkpoint is untouched
-            shutil.rmtree(os.path.abspath(R.cfg.out_dir) + ".tmp", ignore_errors=True)
-            prev = f"the checkpoint of step {R.saved}" if R.saved is not None else "no earlier checkpoint"
-            raise UserError(f"step {R.step}: saving the checkpoint failed ({_first_line(e)}); {prev} in "
-                            f"{R.cfg.out_dir} is intact; stopping") from None
-        R.saved = R.step
+    try:
+        with deferred_signals():
+            if R.cfg.fsdp: save_sharded_optimizer(R)        # every rank writes its shard into out_dir.tmp
+            if R.master: save_checkpoint(R.cfg.out_dir, R.student, R.tok, state, sd, fresh=not R.cfg.fsdp)
+    except Exception as e:  # a full disk, a quota: the previous checkpoint is untouched
+        shutil.rmtree(os.path.abspath(R.cfg.out_dir) + ".tmp", ignore_errors=True)
+        prev = f"the checkpoint of step {R.saved}" if R.saved is not None else "no earlier checkpoint"
+        raise UserError(f"step {R.step}: saving the checkpoint failed ({_first_line(e)}); {prev} in "
+                        f"{R.cfg.out_dir} is intact; stopping") from None
+    R.saved = R.step
     barrier(R.world)
 
-def save_checkpoint(out_dir, model, tok, state):
+def save_checkpoint(out_dir, model, tok, state, state_dict=None, fresh=True):
     """
     Writes out_dir.tmp completely, then swaps it in by rename (design choice 10). A kill at any point leaves a
     complete checkpoint that recover_checkpoint() finds: out_dir, a complete .tmp or .old. Files that are not part
     of the checkpoint (metrics.jsonl, the user's) are hard-linked into .tmp, not moved, so out_dir never lacks them.
+    fresh=False keeps what is already in .tmp (FSDP2's optimizer shards).
     """
     out_dir = os.path.abspath(out_dir)
     tmp, old = out_dir + ".tmp", out_dir + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if fresh: shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(tmp)
     torch.save(state, os.path.join(tmp, "trainer_state.pt.part"))
     os.replace(os.path.join(tmp, "trainer_state.pt.part"), os.path.join(tmp, "trainer_state.pt"))  # completeness marker
@@ -1146,6 +1162,60 @@ def unlock(f):
     except OSError:
         pass
     f.close()
+
+# FSDP2 (--fsdp): the student sharded in place; decoding on whole weights; full weights and sharded AdamW state saved
+
+def shard(student, device, amp_dtype):
+    """fully_shard each decoder layer, then the root; on CUDA, bf16 compute with fp32 reduction and master weights."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if device.type == "cuda" else None
+    kw = dict(mp_policy=mp) if mp is not None else {}
+    for m in [m for m in student.modules() if type(m).__name__ in (student._no_split_modules or [])]: fully_shard(m, **kw)
+    fully_shard(student, **kw)
+
+@contextmanager
+def whole_weights(R):
+    """FSDP2: the student's weights are gathered once for decoding and stay whole until the block ends (one full
+    copy in the compute dtype), instead of an all-gather per layer and token."""
+    if not R.cfg.fsdp:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    mods = [m for m in R.student.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(m is not R.student, recurse=False)  # FSDP2's defaults: the root keeps its own
+
+def gathered_weights(student):
+    """The full state dict, gathered to the master's CPU (every rank takes part; the others get {})."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+def save_sharded_optimizer(R):
+    """Every rank writes its AdamW shard to out_dir.tmp/optimizer with torch.distributed.checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    tmp = os.path.abspath(R.cfg.out_dir) + ".tmp"
+    if R.master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(R.world)
+    dcp.save(get_optimizer_state_dict(R.student, R.opt), checkpoint_id=os.path.join(tmp, "optimizer"))
+    barrier(R.world)
+
+def load_sharded_optimizer(student, opt, out_dir):
+    """The AdamW state of out_dir/optimizer, resharded by DCP onto this run's ranks (any world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    osd = get_optimizer_state_dict(student, opt)             # the layout to load into
+    dcp.load(osd, checkpoint_id=os.path.join(out_dir, "optimizer"))
+    set_optimizer_state_dict(student, opt, optim_state_dict=osd)
 
 class Stopped(UserError):
     """A run stopped by SIGINT or SIGTERM: one line, and the checkpoint is intact."""
