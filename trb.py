@@ -1,66 +1,56 @@
 """
-Trust-Region Behavior Blending (TRB) for on-policy distillation, in one file.
+Trust-Region Behavior Blending (TRB) for on-policy distillation (arXiv 2605.31159), in one file.
 
-On-policy distillation (OPD) trains a student pi_S on its own samples with the
-per-prefix reverse KL to a frozen teacher pi_T:
+On-policy distillation (OPD) trains a student pi_S on its own samples with the per-prefix reverse KL to a frozen
+teacher pi_T, L(theta) = E_h [ KL(pi_S(.|h) || pi_T(.|h)) ]. TRB changes only where the prefixes h come from: during
+a warmup of K steps each token is drawn from the behavior policy
 
-    L(theta) = E_{h} [ KL(pi_S(.|h) || pi_T(.|h)) ]                       (OPD)
+    mu_beta  ~  pi_S^(1-beta) * pi_T^beta                                                    (eq. 1)
+    beta*    =  max{ beta in [0,1] : KL(mu_beta || pi_S) <= eps }                             (eq. 2)
+    eps_k    =  eps0 * max(0, 1 - k/K)                                                        (eq. 3)
 
-TRB changes only where the prefixes h come from. During a warmup of K steps
-each token is drawn from the behavior policy
-
-    mu_beta  ~  pi_S^(1-beta) * pi_T^beta                                  (eq. 1)
-    beta*    =  max{ beta in [0,1] : KL(mu_beta || pi_S) <= eps }           (eq. 2)
-
-which solves  min_mu KL(mu || pi_T)  s.t.  KL(mu || pi_S) <= eps  per prefix,
-recomputed at every decoding step. eps <= 0 gives mu = pi_S; KL(pi_T||pi_S) <= eps
-gives mu = pi_T (closed form); otherwise beta* is the root of a monotone
-function, since d/dbeta KL(mu_beta||pi_S) = beta * Var_mu[log pi_T - log pi_S] >= 0.
-The budget anneals linearly, eps_k = eps0 * max(0, 1 - k/K)   (eq. 3), after which
-the run is plain OPD and the teacher no longer runs while decoding.
+which solves min_mu KL(mu || pi_T) s.t. KL(mu || pi_S) <= eps, per prefix and decoding step. eps <= 0 gives
+mu = pi_S; KL(pi_T || pi_S) <= eps gives mu = pi_T; in between, d/dbeta KL(mu_beta || pi_S) = beta Var_mu[log pi_T -
+log pi_S] >= 0, so beta* is the root of a monotone function. After K steps the run is plain OPD: the teacher no
+longer runs while decoding.
 
 Design choices
- 1. beta* by safeguarded Newton on sqrt(KL(beta)) - sqrt(eps), started at the
-    paper's App. E estimate beta0 = sqrt(2 eps / Var_S[log pi_T - log pi_S]),
-    falling back to bisection whenever a step leaves the bracket. sqrt(KL) is
-    nearly linear in beta, so 2-4 iterations suffice; the feasible end of the
-    bracket is returned, so the budget is never exceeded.
- 2. KL(mu_beta||pi_S) = beta E_mu[dc] - log E_p[e^(beta dc)] (dc = log pi_T - log pi_S,
-    centred) is evaluated from three sums over the row, E_p[e^x - 1 - x], E_p[(e^x - 1) dc]
-    and E_p[(e^x - 1) dc^2], whose first two have terms >= 0: float32 holds the budget to
-    1e-5 relative at eps = 1e-4. Where e^x could overflow (huge logit gaps), it is summed in
-    the log domain as sum_i p_i*(r_i log r_i - r_i + 1), r = mu/p, terms again >= 0.
- 3. Temperature divides both sides' logits before blending: mu is blended from
-    the two tempered policies, so at tau != 1 the budget is measured against the
-    tempered student that would otherwise be sampled.
- 4. Tokens impossible under the student (-inf logits, vocab padding, folded EOS)
-    stay impossible under mu. Tokens impossible under the teacher are impossible
-    under mu for every beta > 0, which costs -log pi_S(allowed) of budget.
- 5. EOS ids of student and teacher are folded into one canonical id (the
-    student's) with logsumexp, before blending and before the loss (paper App. G).
- 6. Both models work on the shared tokenizer vocabulary: logits are sliced to V,
-    which drops the differing padding rows of checkpoints of one family.
- 7. The loss is the exact reverse KL over the full vocab (--loss_topk 0) or the
-    student's renormalised top-k support (paper: k=16), summed over response
-    positions (EOS included) and divided by the global number of response tokens
-    of the step, so micro-batching and DDP give the same gradient. It and its gradient
-    are computed in chunks of positions: extra memory O(chunk*V), not O(B*T*V).
- 8. The teacher is re-run once over the finished sequences to score them
-    (exact, and cheap next to decoding) instead of storing (B, T, V) logits.
- 9. Tokens are drawn by inverse CDF, one uniform per row (torch.multinomial
-    draws V exponentials per row, ~6% of a CPU decoding step), from a
-    torch.Generator re-seeded from (seed, step, rank) at every step, so
-    --resume replays exactly and no two steps share randomness.
-10. Checkpoints are written to a sibling temp dir and swapped in by rename; a
-    kill mid-save leaves the previous checkpoint (or the new one) intact.
+ 1. beta* by safeguarded Newton on sqrt(KL(beta)) - sqrt(eps) (near-linear in beta: 2-4 iterations), started at
+    App. E's beta0 = sqrt(2 eps / Var_S[log pi_T - log pi_S]), falling back to bisection when a step leaves the
+    bracket; the feasible end of the bracket is returned.
+ 2. KL(mu_beta || pi_S) comes from three sums over the row with terms >= 0 where it can (the fast path), else in
+    the log domain (the reference; huge logit gaps). The solver aims at [1 - 2e-4, 1 - 5e-5] * eps: the margin
+    absorbs the float32 rounding of the returned log-probs, so the float64 KL of the sampled mu stays within
+    eps (1 + 1e-5) (test_budget_never_exceeded). Masks are float, not bool: a bool-mask kernel costs ~15 float
+    ops on a CPU.
+ 3. Both policies are tempered, then EOS-folded, then blended: a sampler stops on any EOS of the tempered policy,
+    and at tau != 1 the budget is measured against the tempered student that would otherwise be sampled.
+ 4. Tokens impossible under the student (-inf, vocab padding, folded EOS) stay impossible under mu; tokens
+    impossible under the teacher are too, for every beta > 0, at a cost of -log pi_S(allowed) of budget.
+ 5. The EOS ids of student and teacher are folded into the student's (logsumexp; paper App. G), before the blend
+    and the loss; the checkpoint's generation_config lists them all, so eval.py, generate() and vLLM stop alike.
+ 6. Both models work on the shared tokenizer vocabulary: logits are sliced to V (checkpoints pad differently).
+ 7. The loss is the reverse KL over the full vocab or the student's renormalised top-k (paper: k=16), summed over
+    response positions (EOS included) and divided by the step's global response-token count, so micro-batching,
+    DDP and FSDP give one process's gradient; it and its gradient are computed in chunks, O(chunk * V) memory.
+ 8. The teacher re-scores the finished sequences in one forward instead of keeping (B, T, V) logits.
+ 9. Tokens are drawn by inverse CDF from one uniform per original row and step, from a generator seeded by (seed,
+    step, rank): --resume replays exactly, and the tokens do not depend on which rows are still decoding.
+10. A step's rows decode as one batch (--rollout_batch_size 0), both models with KV caches; once a quarter of the
+    batch has ended, finished rows leave it (caches and per-row state compacted), so the work follows the sum of
+    the lengths. One host sync per decoding step (plus one per solver iteration); blend and sampler in float32.
+11. Checkpoints are written to out_dir.tmp and swapped in by rename, metrics hard-linked along: a kill at any
+    point leaves a complete checkpoint. A lock keeps a second run off the out_dir; SIGINT/SIGTERM stop with one
+    line; a non-finite loss, gradient or weight stops the run before it saves.
+12. Multi-GPU: DDP, or FSDP2 (--fsdp) for students beyond one GPU: the student is sharded by layer, gathered
+    whole once per rollout for decoding, saved as full weights plus DCP-sharded AdamW state. The teacher is
+    replicated (one too large for a GPU: load it with device_map="auto" or tp_plan="auto"; see the README).
 
 Usage
-  python trb.py --student Qwen/Qwen3-0.6B-Base --teacher Qwen/Qwen3-4B --data gsm8k
-  torchrun --standalone --nproc_per_node 8 trb.py --student ... --teacher ...
-A teacher too large for one GPU is not built in: load it with device_map="auto"
-(pipeline across the node's GPUs, one process driving them) or tp_plan="auto"
-(tensor parallel under torchrun) and keep the student data-parallel; the
-rollout only needs teacher logits for the current token.
+  python trb.py --student Qwen/Qwen3-0.6B-Base --teacher Qwen/Qwen3-4B --data gsm8k        # one GPU
+  torchrun --standalone --nproc_per_node 8 trb.py --student ... --teacher ...              # DDP
+  torchrun --nnodes N --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT trb.py --fsdp ...
+  python trb.py --help                                                                     # every flag
 """
 import argparse
 import dataclasses
@@ -83,11 +73,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-NEG_INF = float("-inf")
-
-# -----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # config
+
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+NEG_INF = float("-inf")
 
 @dataclass
 class Config:
@@ -150,6 +141,590 @@ class Config:
 class UserError(Exception):
     """Bad input: reported as one line, never as a traceback."""
 
+# ---------------------------------------------------------------------------------------------------------------------
+# the policies: temperature, EOS folding (design choices 3, 5)
+
+def policy_logits(logits, eos_ids, tau=1.0):
+    """
+    Logits of the policy a sampler draws from at temperature tau: tempered first, then EOS folded, since a sampler
+    stops on any EOS id of the tempered distribution: P(stop) = sum_i p_tau(eos_i) (design choice 3). (..., V)
+    """
+    x = logits.float()
+    return fold_eos(x / tau if tau != 1 else x, eos_ids)
+
+def fold_eos(logits, eos_ids):
+    """Folds the mass of all EOS ids into eos_ids[0] (logsumexp); the others get -inf. float32 (..., V)."""
+    x = logits.float()                                       # the folded logit is written in float32, not bf16
+    if len(eos_ids) < 2: return x
+    ids = torch.tensor(eos_ids, device=x.device)
+    lse = x.index_select(-1, ids).logsumexp(-1, keepdim=True)  # (..., 1)
+    return x.index_fill(-1, ids[1:], NEG_INF).index_copy(-1, ids[:1], lse)  # (..., V)
+
+def token_logp(logits, tokens):
+    """log softmax(logits)[tokens] in float32, with no (..., V) log-softmax made. (..., V), (...) -> (...)"""
+    x = logits.float()
+    return x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - x.logsumexp(-1)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the trust-region blend, eq. 1-2 (design choices 1, 2, 4)
+
+def trust_region_blend(s_logits, t_logits, eps):
+    """
+    Behavior policy of eq. 1-2: mu = pi_S^(1-beta*) pi_T^beta*, with the largest beta* in [0,1]
+    such that KL(mu || pi_S) <= eps. s_logits, t_logits: (..., V), any float dtype, already divided
+    by the sampling temperature. eps: float or tensor broadcasting to (...).
+    Returns logp_mu (..., V) float32 log-probabilities and beta (...) float32.
+    """
+    logp_mu, beta, _, _ = _blend(s_logits, t_logits, eps)
+    return logp_mu, beta
+
+def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60, newton=True):
+    """trust_region_blend, plus the realised KL(mu||pi_S) and the solver's iterations (for the rollout and bench.py)."""
+    shape, V = s_logits.shape[:-1], s_logits.shape[-1]
+    with torch.autocast(s_logits.device.type, enabled=False):  # float32, even inside an autocast region
+        ls = F.log_softmax(s_logits.float().reshape(-1, V), -1)  # (N, V) log pi_S
+        lt = F.log_softmax(t_logits.float().reshape(-1, V), -1)  # (N, V) log pi_T
+        eps = torch.as_tensor(eps, dtype=torch.float32, device=ls.device).expand(shape).reshape(-1)  # (N,)
+        p, logp, dc, c, off = _support(ls, lt)
+        beta, kl, it = _solve_beta(p, logp, dc, torch.where(eps > 0, eps - c, 0.0), tol, max_iter, newton)  # (N,) x 2
+        # eq. 1: log mu = log pi_S + beta (log pi_T - log pi_S) - log Z, on A; off A mu = 0 (design choice 4)
+        v = torch.addcmul(logp, dc, beta[:, None])           # (N, V) log pi_S + beta d + a row constant
+        logp_mu = (v - v.logsumexp(-1, keepdim=True)).add_(off.mul_(1e30))  # (N, V) -1e30 * 1e30 = -inf off A
+        logp_mu = torch.where(beta[:, None] > 0, logp_mu, ls)  # (N, V) beta* = 0: mu = pi_S exactly
+        kl = torch.where(beta > 0, kl + c, 0.0)              # (N,) realised KL(mu||pi_S)
+    return logp_mu.reshape(*shape, V), beta.reshape(shape), kl.reshape(shape), it
+
+def _support(ls, lt):
+    """
+    Where mu_beta lives and what the solver needs (design choice 4). For beta > 0, mu_beta is supported on A, the
+    tokens finite under both policies, and KL(mu_beta||pi_S) = KL(mu_beta||p) + c with p = pi_S renormalised on A
+    and c = -log pi_S(A) >= 0. Returns p, log p (finite, <= -1e30 off A), dc = log pi_T - log pi_S centred under p
+    (0 off A), c (N,) and off (0 on A, -1e30 off A). ls, lt: (N, V) log-probabilities.
+    """
+    d = lt - ls                                              # (N, V) inf or nan off A
+    inA = torch.nan_to_num(d * 0 + 1, nan=0.0)               # (N, V) 1 on A, 0 off A: a float mask, not a bool one
+    off = (inA - 1) * 1e30                                   # (N, V) 0 on A, -1e30 off A
+    m_out = (ls.exp() * (1 - inA)).sum(-1)                   # (N,) student mass off A: exactly 0 when A holds it all
+    c = torch.where(m_out < 0.5, -torch.log1p(-m_out), -(ls + off).logsumexp(-1))  # (N,) no overflow at pi_S(A) -> 0
+    logp = (ls + c[:, None]).clamp_(min=-1e30).add_(off)     # (N, V) finite off A: keeps 0 * log 0 out of the sums
+    p = logp.exp()                                           # (N, V)
+    d = torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)  # (N, V)
+    dc = d - (p * d).sum(-1, keepdim=True)                   # (N, V) centred: E_p[dc] = 0
+    return p, logp, dc, c, off
+
+def _solve_beta(p, logp, dc, target, tol=1e-4, max_iter=60, newton=True):
+    """
+    The largest beta in [0, 1] with KL(mu_beta||p) <= target, per row, by safeguarded Newton (design choice 1).
+    Accepted band: target * [1 - 2 tol, 1 - tol/2]; the margin below target absorbs the float32 rounding of the
+    returned log-probs (design choice 2). Returns the feasible end of the bracket, its KL and the iterations used.
+    newton=False: plain bisection, for bench.py.
+    """
+    # App. E: KL(mu_beta||pi_S) ~ beta^2 sigma^2 / 2  =>  beta0 = sqrt(2 eps / sigma^2). The next cumulant,
+    # KL ~ sigma^2 beta^2 / 2 + kappa3 beta^3 / 3, corrects it to beta0 (1 - kappa3 beta0 / (3 sigma^2)).
+    # A start at 1 tries the closed form (mu = pi_T) first.
+    hi_ok, lo_ok = target * (1 - tol / 2), target * (1 - 2 * tol)  # (N,) the accepted band
+    aim = target * (1 - 1.25 * tol)                          # (N,) its centre
+    pdc2 = p * dc * dc                                       # (N, V)
+    sig2, k3 = pdc2.sum(-1), (pdc2 * dc).sum(-1)             # (N,), (N,)
+    beta = torch.sqrt(2 * aim.clamp(min=0) / sig2)           # (N,)
+    beta = beta * (1 - k3 * beta / (3 * sig2)).clamp(0.5, 1.5)
+    beta = beta.nan_to_num(1.0).clamp(max=1.0) if newton else torch.full_like(beta, 0.5)
+    lo, hi = torch.zeros_like(target), torch.full_like(target, 2.0)  # lo feasible; hi = 2: beta = 1 not yet tried
+    kl_lo = torch.zeros_like(target)
+    dmax = dc.amax(-1)                                       # (N,) bounds beta*dc, the exponent of the fast sums
+    done, it = ~(target > 0), 0
+    while it < max_iter:
+        all_done, fast = torch.stack([done.all(), (beta * dmax <= 50).all()]).tolist()  # one host sync per iteration
+        if all_done: break
+        it += 1
+        kl, slope = _kl_and_slope_sums(p, dc, sig2, beta) if fast else _kl_and_slope(logp, p, dc, beta)  # (N,), (N,)
+        ok = (kl <= hi_ok) & ~done
+        lo, kl_lo = torch.where(ok, beta, lo), torch.where(ok, kl, kl_lo)
+        hi = torch.where(~ok & ~done, beta, hi)
+        done = done | (ok & ((kl >= lo_ok) | (beta == 1))) | (hi - lo <= 1e-7 * hi)
+        # Newton on sqrt(KL) - sqrt(aim); sqrt(KL) is near-linear in beta (design choice 1)
+        rk = kl.clamp(min=0).sqrt()
+        nxt = (beta - (rk - aim.sqrt()) * 2 * rk / slope).clamp(max=1.0)
+        inside = (nxt > lo) & (nxt < hi) & newton            # NaN/inf steps fail this too
+        beta = torch.where(done, beta, torch.where(inside, nxt, (lo + hi.clamp(max=1.0)) / 2))
+    return lo, kl_lo, it
+
+def _kl_and_slope_sums(p, dc, sig2, beta):
+    """
+    KL(mu_beta || p) and its derivative from three sums, with no (N, V) log mu: for x = beta*dc and E_p[dc] = 0,
+    Z = E_p[e^x] = 1 + S0, S0 = E_p[e^x - 1 - x] (terms >= 0), KL = beta E_mu[dc] - log Z, E_mu[dc] = S1/Z,
+    E_mu[dc^2] = (sigma^2 + S2)/Z, S_k = E_p[(e^x - 1) dc^k] (S1's terms >= 0). A third of _kl_and_slope's passes.
+    Only while e^x cannot overflow (beta * max dc <= 50).
+    """
+    x = dc * beta[:, None]                                  # (N, V)
+    e = torch.expm1(x)                                      # (N, V)
+    S0 = ((e - x).mul_(p)).sum(-1)                          # (N,)
+    q = e.mul_(p).mul_(dc)                                  # (N, V) p (e^x - 1) dc
+    S1, S2 = q.sum(-1), torch.linalg.vecdot(q, dc)          # (N,), (N,)
+    Z = 1 + S0                                              # (N,)
+    m1 = S1 / Z                                             # (N,) E_mu[dc]
+    kl = beta * m1 - torch.log1p(S0)                        # (N,)
+    var = ((sig2 + S2) / Z - m1 ** 2).clamp(min=0)          # (N,) Var_mu[dc]
+    return kl, beta * var
+
+def _kl_and_slope(logp, p, dc, beta):
+    """The reference: KL(mu_beta || p) and its slope beta Var_mu[dc] in the log domain, for any logits (logp is -1e30
+    off the support, not -inf)."""
+    v = (dc * beta.unsqueeze(-1)).add_(logp)                # (N, V) unnormalised log mu
+    m = v.amax(-1, keepdim=True)                            # (N, 1)
+    mu = (v - m).exp_()                                     # (N, V) one exp serves both mu and log Z
+    Z = mu.sum(-1, keepdim=True)                            # (N, 1)
+    mu.div_(Z)
+    x = v.sub_(m + Z.log()).sub_(logp)                      # (N, V) log(mu/p), from the same exp as mu
+    # sum_i p_i (r_i log r_i - r_i + 1) with r = mu/p = e^x: every term >= 0 (design choice 2). p*(r - 1) is
+    # p*expm1(min(x, 1)) - mu*expm1(-max(x - 1, 0)): p*expm1(x) where x <= 1 (relative precision near r = 1) and
+    # mu - p where x > 1 (no overflow, and p may underflow), with no mask: bool-mask kernels (torch.where,
+    # masked_fill) cost as much as ~15 float ops on a CPU.
+    pr1 = torch.expm1(x.clamp(max=1)).mul_(p).sub_(torch.expm1((x - 1).clamp_(min=0).neg_()).mul_(mu))  # (N, V)
+    kl = (mu * x).sub_(pr1).sum(-1)                         # (N,)
+    m1 = mu * dc                                            # (N, V)
+    s1 = m1.sum(-1)                                         # (N,) E_mu[dc]
+    var = (torch.linalg.vecdot(m1, dc) - s1 ** 2).clamp(min=0)  # (N,) Var_mu[dc]
+    return kl, beta * var
+
+# ---------------------------------------------------------------------------------------------------------------------
+# schedules (eq. 3, the lr, the baselines' warmups) and the sampler
+
+def kl_budget(step, eps0, warmup_steps, schedule="linear"):
+    """eps_k = eps0 * max(0, 1 - k/K) (eq. 3); K = 0: pure OPD from step 0; 'constant': eps0 always (fixed eps)."""
+    if schedule == "constant": return eps0
+    if warmup_steps <= 0: return 0.0
+    return eps0 * max(0.0, 1.0 - step / warmup_steps)
+
+def lr_at(step, cfg):
+    """Linear warmup over --lr_warmup_steps, then constant."""
+    return cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else cfg.lr
+
+Knobs = namedtuple("Knobs", "sft skd_topk veto tau")
+
+def warmup_knobs(step, cfg):
+    """
+    The paper's other warmups at this step, all inert at their defaults: sft (the teacher samples, the loss is NLL),
+    skd_topk (SKD's replacement), veto (Veto's exponent B, annealed like eps) and tau (the sampling temperature,
+    rising from --temp_warmup to --temperature over K).
+    """
+    tau = cfg.temperature
+    if cfg.temp_warmup:
+        tau = cfg.temp_warmup + (tau - cfg.temp_warmup) * min(1.0, step / cfg.warmup_steps if cfg.warmup_steps else 1.0)
+    return Knobs(sft=step < cfg.sft_warmup_steps, skd_topk=cfg.skd_topk if step < cfg.skd_steps else 0,
+                 veto=kl_budget(step, cfg.veto_beta, cfg.warmup_steps), tau=tau)
+
+def sample(logits, gen=None, u=None):
+    """
+    One draw per row from softmax(logits) by inverse CDF: the first i with cumsum(p)_i >= u * sum(p), u ~ U(0, 1]
+    (design choice 9). u: (B, 1) float64 in (0, 1], else drawn from gen. The cumsum is float64, so the drawn
+    distribution is the float32 softmax itself, and a token with p_i = 0 is never drawn. (B, V) -> (B,)
+    """
+    c = torch.cumsum(F.softmax(logits.float(), -1), -1, dtype=torch.float64)  # (B, V)
+    if u is None: u = 1 - torch.rand(c.shape[0], 1, dtype=torch.float64, device=c.device, generator=gen)  # (B, 1)
+    tok = torch.searchsorted(c, u * c[:, -1:]).squeeze(-1)  # (B,) u * total <= total: always in range
+    return tok.clamp_(max=c.shape[-1] - 1)                   # ... but for NaN logits, which rollout() reports
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rollout: one KV-cached decoding batch, finished rows leaving it (design choices 9, 10)
+
+@torch.inference_mode()
+def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tokens, temperature=1.0, gen=None,
+            skd_topk=0, compact=0.25, bar=None):
+    """
+    Samples B responses token by token from mu (eq. 1-2), decoding with both models' KV caches in one batch.
+    ids, attn: (B, P) left-padded prompts. eps: float or (B,) per-row budgets; where every row has eps <= 0 the
+    teacher never runs. temperature 0 = greedy. skd_topk: see _next_token. bar: a progress bar, one tick per step.
+    Finished rows leave the batch: once a fraction `compact` of it has emitted EOS (0 = never), both caches and the
+    per-row state keep only the live rows, so the work follows the sum of the lengths, not B * the longest. Each
+    step draws one uniform per original row, so the tokens are the same with and without compaction.
+    Returns tokens, mask (response incl. EOS), beta, kl (realised KL(mu||pi_S)), replaced (SKD) and t_logp
+    (teacher log-prob of each token, None when the teacher did not run), all (B, T).
+    Host syncs per step: one (the done count and the NaN flags, read together), one per solver iteration of the
+    blend, and a nonzero() at each compaction.
+    """
+    B, N, dev = ids.shape[0], max_new_tokens, ids.device
+    eps = torch.as_tensor(eps, dtype=torch.float32, device=dev).expand(B)  # (B,)
+    use_t = teacher is not None and (skd_topk > 0 or bool((eps > 0).any()))
+    tau = temperature if temperature > 0 else 1.0
+    out = dict(tokens=torch.full((B, N), pad_id, dtype=torch.long, device=dev), mask=torch.zeros(B, N, dtype=torch.bool,
+               device=dev), beta=torch.zeros(B, N, device=dev), kl=torch.zeros(B, N, device=dev),
+               replaced=torch.zeros(B, N, dtype=torch.bool, device=dev), t_logp=torch.zeros(B, N, device=dev))
+    rows = torch.arange(B, device=dev)                       # (b,) original row of each row of the decoding batch
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)                 # (B, P) position ids under left padding
+    s_cache, t_cache = _new_cache(student), _new_cache(teacher) if use_t else None
+    s_logits = _decode(student, ids, attn, pos, s_cache, V)  # (b, V)
+    t_logits = _decode(teacher, ids, attn, pos, t_cache, V) if use_t else None
+    next_pos = pos[:, -1:] + 1                               # (b, 1)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)      # (b,)
+    for t in range(N):
+        u = None if temperature <= 0 else 1 - torch.rand(B, 2, dtype=torch.float64, device=dev, generator=gen)[rows]
+        with torch.autocast(dev.type, enabled=False):        # the blend and the sampler run in float32
+            s = policy_logits(s_logits, eos_ids, tau)        # (b, V)
+            tl = policy_logits(t_logits, eos_ids, tau) if use_t else None
+            tok, beta, kl, rep = _next_token(s, tl, eps, u, skd_topk)
+        live = ~done
+        tok = torch.where(live, tok, pad_id)                 # (b,)
+        out["tokens"][rows, t], out["mask"][rows, t] = tok, live
+        out["beta"][rows, t], out["kl"][rows, t] = torch.where(live, beta, 0.0), torch.where(live, kl, 0.0)
+        out["replaced"][rows, t] = rep & live
+        if use_t: out["t_logp"][rows, t] = torch.where(live, token_logp(tl, tok), 0.0)  # pad may be a folded EOS
+        done = done | (tok == eos_ids[0])
+        nan = [x.isnan().any() for x in (s_logits, t_logits) if x is not None]
+        n_done, *nan = torch.stack([done.sum(), *nan]).tolist()  # the step's one host sync
+        for who, bad in zip(("student", "teacher"), nan):
+            if bad: raise UserError(f"NaN in the {who} logits at decode position {t}")
+        if bar is not None: bar.update(1)
+        if n_done == len(rows) or t == N - 1: break
+        if compact and n_done >= compact * len(rows):        # enough of the batch is done: drop those rows
+            keep = (~done).nonzero().squeeze(1)              # (b',)
+            for c in (s_cache, t_cache):
+                if c is not None: c.batch_select_indices(keep)
+            rows, attn, next_pos, eps, done, tok = (x[keep] for x in (rows, attn, next_pos, eps, done, tok))
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)  # (b, P+t+1)
+        s_logits = _decode(student, tok[:, None], attn, next_pos, s_cache, V)
+        if use_t: t_logits = _decode(teacher, tok[:, None], attn, next_pos, t_cache, V)
+        next_pos = next_pos + 1
+    out = {k: v[:, :t + 1] for k, v in out.items()}
+    if not use_t: out["t_logp"] = None
+    return out
+
+def _next_token(s, tl, eps, u, skd_topk=0):
+    """
+    One decoding step: the token drawn from mu (eq. 1-2), or from pi_S where the teacher is idle, with beta and
+    the realised KL(mu||pi_S). s, tl: (b, V) policy logits; u: (b, 2) uniforms, None = greedy.
+    skd_topk=K: the SKD baseline; the student proposes, and a token outside the teacher's top-K is replaced by a
+    teacher sample. Returns tok, beta, kl, replaced, all (b,).
+    """
+    draw = lambda x, i: x.argmax(-1) if u is None else sample(x, u=u[:, i:i + 1])  # noqa: E731
+    zero = torch.zeros_like(eps)
+    if skd_topk:
+        tok = draw(s, 0)
+        rep = ~(tl.topk(skd_topk, -1).indices == tok[:, None]).any(-1)  # (b,) outside the teacher's top-K
+        return torch.where(rep, draw(tl, 1), tok), zero, zero, rep
+    if tl is None: return draw(s, 0), zero, zero, zero.bool()
+    logp_mu, beta, kl, _ = _blend(s, tl, eps)                # (b, V), (b,), (b,)
+    return draw(logp_mu, 0), beta, kl, zero.bool()
+
+def _new_cache(model):
+    from transformers import DynamicCache
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers 5.x
+        return DynamicCache()
+
+def _decode(model, x, attn, pos, cache, V):
+    """
+    One KV-cached forward; logits of the last position (b, V). The cache object is ours and is updated in place,
+    passed under the keyword this transformers reads ('cache' in 5.24, 'past_key_values' before), so the loop runs
+    on both; the parity tests fail if it were ignored.
+    """
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **{kw: cache})
+    return out.logits[:, -1, :V]                             # (b, V)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loss: the reverse KL, chunked (design choices 7, 8)
+
+def reverse_kl(s_logits, t_logits, topk=0, tokens=None):
+    """
+    Per-position reverse KL(pi_S || pi_T), shape (...). Gradient flows to s_logits only.
+    topk=0: full vocabulary; topk=k: the student's top-k tokens, renormalised on both sides
+    (the paper's estimator, k=16). tokens (...): the single-sample estimator
+    log pi_S(y) - log pi_T(y), whose gradient is the score-function one,
+    (log pi_S(y) - log pi_T(y)) * grad log pi_S(y); unbiased only where y ~ pi_S.
+    """
+    t_logits = t_logits.detach()
+    if tokens is not None:
+        lp, lq = token_logp(s_logits, tokens), token_logp(t_logits, tokens)  # (...), (...)
+        k = (lp - lq).detach()
+        return k + k * (lp - lp.detach())
+    if topk:
+        idx = s_logits.detach().topk(topk, -1).indices       # (..., k)
+        s_logits, t_logits = s_logits.gather(-1, idx), t_logits.gather(-1, idx)  # (..., k)
+    ls = F.log_softmax(s_logits.float(), -1)                 # (..., V|k)
+    lt = F.log_softmax(t_logits.float(), -1)                 # (..., V|k)
+    ps = ls.exp()
+    return (ps * torch.where(ps > 0, ls - lt, 0.0)).sum(-1)  # (...)
+
+def opd_loss(s_logits, t_logits, mask, topk=0, chunk=0, prep=None):
+    """
+    Sum over masked positions of the reverse KL, in chunks of positions whose gradient is taken on the spot
+    (design choice 7): peak extra memory is O(chunk * V) beyond the logits' own gradient. s_logits, t_logits:
+    (B, T, V); mask: (B, T). prep(s, t) -> (s, t), applied chunk by chunk, is the caller's: EOS folding, a Veto
+    target. chunk=0: 1024 positions on a GPU; on a CPU as many as fit ~8 MiB of float32 per (chunk, V) buffer.
+    """
+    V = s_logits.shape[-1]
+    if chunk <= 0: chunk = 1024 if s_logits.is_cuda else max(1, 2**21 // V)
+    s, t, m = s_logits.reshape(-1, V), t_logits.detach().reshape(-1, V), mask.reshape(-1).bool()  # (N, V) x 2, (N,)
+    if s.requires_grad: return _ChunkedKL.apply(s, t, m, topk, prep, chunk)
+    total = s.new_zeros((), dtype=torch.float32)
+    for i in range(0, s.shape[0], chunk):
+        total += _chunk_loss(s[i:i + chunk], t[i:i + chunk], m[i:i + chunk], topk, prep)
+    return total
+
+def loss_prep(eos_ids, veto=0.0):
+    """The prep of opd_loss: both sides EOS-folded; veto=B replaces pi_T by Q ~ pi_T pi_S^B, pi_S detached (Veto)."""
+    def prep(s, t):
+        s, t = fold_eos(s, eos_ids), fold_eos(t, eos_ids)
+        if veto: t = F.log_softmax(t, -1) + veto * F.log_softmax(s.detach(), -1)  # reverse_kl renormalises Q
+        return s, t
+    return prep
+
+def _chunk_loss(s, t, m, topk, prep):
+    if prep is not None: s, t = prep(s, t)
+    return torch.where(m, reverse_kl(s, t, topk), 0.0).sum()  # where, not * m: a masked position may be inf
+
+class _ChunkedKL(torch.autograd.Function):
+    """
+    The loss and its gradient, one chunk of positions at a time, in forward. Backward only scales the
+    stored gradient: beside that (N, V) gradient, which the logits need anyway, no (N, V) float32
+    intermediate ever exists, and nothing is recomputed.
+    """
+    @staticmethod
+    def forward(ctx, s, t, m, topk, prep, chunk):
+        grad = torch.zeros_like(s)                           # (N, V) dL/ds, in the logits' dtype
+        total = s.new_zeros((), dtype=torch.float32)
+        for i in range(0, s.shape[0], chunk):
+            if not bool(m[i:i + chunk].any()): continue
+            with torch.enable_grad():
+                si = s[i:i + chunk].detach().requires_grad_()  # (c, V)
+                li = _chunk_loss(si, t[i:i + chunk], m[i:i + chunk], topk, prep)
+                (gi,) = torch.autograd.grad(li, si)
+            grad[i:i + chunk] = gi
+            total += li.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(g.to(grad.dtype)), None, None, None, None, None
+
+def response_logits(model, seq, attn, T, V):
+    """Logits (B, T, V) at the T positions that predict the response tokens seq[:, -T:]."""
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)                 # (B, P+T)
+    out = model(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=T + 1)
+    return out.logits[:, :-1, :V]                            # (B, T, V)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# training loop: budget -> rollout -> score -> loss -> update -> log -> save
+
+def train(cfg, given=frozenset()):
+    """The loop, in the paper's order: budget -> rollout -> score -> loss -> update -> log -> save."""
+    rank, world, device, amp_dtype = init_runtime(cfg)
+    lock, R = lock_out_dir(cfg.out_dir) if rank == 0 else None, None
+    try:
+        R = setup(cfg, given, rank, world, device, amp_dtype)
+        cfg, gen = R.cfg, torch.Generator(device=R.device)
+        if R.eval_prompts and cfg.eval_every and R.step == 0: log(R, dict(step=0, eval_kl=evaluate(R)))
+        while R.step < cfg.max_steps:
+            step, t0 = R.step, time.time()
+            eps = kl_budget(step, cfg.eps0, cfg.warmup_steps, cfg.schedule)   # eq. 3
+            k = warmup_knobs(step, cfg)                                          # the baselines; inert by default
+            rows = [R.prompts[i] for i in batch_indices(step, len(R.prompts), cfg, R.rank, R.world)
+                    for _ in range(cfg.n_samples)]
+            gen.manual_seed(cfg.seed * 1_000_003 + step * 1009 + R.rank)        # design choice 9
+            try:
+                roll = rollout_rows(R, rows, eps, k, gen)                        # mu while eps > 0, then pi_S
+            except UserError as e:
+                raise UserError(f"step {step}: {e}; stopping without saving") from None
+            t_roll = time.time() - t0
+            n_tok = all_reduce(roll["mask"].sum().float(), R.world)              # global response tokens
+            sums = loss_step(R, rows, roll, k, n_tok)                            # teacher scores, loss, gradient
+            S = dict(zip(STATS, all_reduce(torch.stack([sums[s] for s in STATS]), R.world).tolist()))
+            for g in R.opt.param_groups: g["lr"] = lr_at(step, cfg)
+            gnorm = clip_grad(R)                                                 # the update: clip, check, AdamW
+            if not (math.isfinite(S["loss"]) and math.isfinite(gnorm)):
+                raise UserError(f"step {step}: non-finite loss ({S['loss'] / max(S['tokens'], 1):.4g}) or gradient "
+                                f"norm ({gnorm:.4g}); stopping without saving")
+            R.opt.step()
+            R.opt.zero_grad(set_to_none=True)
+            R.step = step + 1
+            rec = record(R, R.step, eps, k, S, len(rows), t_roll, time.time() - t0)
+            if R.eval_prompts and cfg.eval_every and (R.step % cfg.eval_every == 0 or R.step == cfg.max_steps):
+                rec["eval_kl"] = evaluate(R)
+            log(R, rec)
+            if R.step == cfg.max_steps or (cfg.save_every and R.step % cfg.save_every == 0): save(R)
+    except KeyboardInterrupt:
+        if R is None: raise Stopped("interrupted before training started") from None
+        last = f"its checkpoint of step {R.saved} is intact" if R.saved is not None else "no checkpoint was saved yet"
+        raise Stopped(f"interrupted during step {R.step + 1}; {cfg.out_dir}: {last}") from None
+    finally:
+        if R is not None: R.bar.close()
+        if lock is not None: unlock(lock)
+        if world > 1: torch.distributed.destroy_process_group()
+    return R.student
+
+STATS = ("loss", "beta", "kl_mu_s", "teacher_logp", "frac_teacher", "tokens", "skd_replaced")  # a step's sums
+
+def batch_indices(step, n, cfg, rank, world):
+    """Prompt indices of this rank at `step`: a fresh seeded permutation per epoch, a function of step alone."""
+    out, per = [], cfg.batch_size // world
+    for g in range(step * cfg.batch_size + rank * per, step * cfg.batch_size + (rank + 1) * per):
+        epoch, i = divmod(g, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        out.append(int(perm[i]))
+    return out
+
+def rollout_rows(R, rows, eps, k, gen, bar=None):
+    """The rollouts of `rows` (token-id lists), --rollout_batch_size rows per decoding batch (0: all of them)."""
+    bs, parts = R.cfg.rollout_batch_size or len(rows), []
+    policy, teacher = (R.teacher, None) if k.sft else (R.student, R.teacher)  # SFT warmup: the teacher samples
+    R.student.eval()
+    with whole_weights(R):
+        for i in range(0, len(rows), bs):
+            ids, attn = left_pad(rows[i:i + bs], R.pad_id, R.device)
+            with R.amp:
+                parts.append(rollout(policy, teacher, ids, attn, eps, V=R.V, eos_ids=R.eos_ids, pad_id=R.pad_id,
+                                     max_new_tokens=R.cfg.max_new_tokens, temperature=k.tau, gen=gen,
+                                     skd_topk=k.skd_topk, bar=bar))
+    return cat_rows(parts, R.pad_id)
+
+def cat_rows(parts, pad_id):
+    """Rollout dicts of (b_i, T_i) -> one of (sum b_i, max T_i), padded as finished rows, out of inference mode."""
+    T = max(p["tokens"].shape[1] for p in parts)
+    pad = lambda x, v: F.pad(x, (0, T - x.shape[1]), value=v)  # noqa: E731
+    return {k: None if parts[0][k] is None else torch.cat([pad(p[k], pad_id if k == "tokens" else 0) for p in parts])
+            for k in parts[0]}
+
+def build_sequences(prompt_ids, roll, pad_id):
+    """prompt (B, P) + response (B, T) -> ids, attention mask (B, P+T)."""
+    ids, attn = prompt_ids
+    seq = torch.cat([ids, roll["tokens"]], 1)                # (B, P+T)
+    a = torch.cat([attn, roll["mask"].long()], 1)            # (B, P+T)
+    return seq, a
+
+def micro_batches(R, rows, roll):
+    """(seq, attn, rollout slice) per --micro_batch_size rows: prompts re-padded, responses cut to the longest."""
+    mb = R.cfg.micro_batch_size
+    for i in range(0, len(rows), mb):
+        r = {k: v[i:i + mb] for k, v in roll.items() if v is not None}
+        T = int(r["mask"].sum(1).max())
+        r = {k: v[:, :T] for k, v in r.items()}
+        yield (*build_sequences(left_pad(rows[i:i + mb], R.pad_id, R.device), r, R.pad_id), r)
+
+def grad_sync(R, last):
+    """Gradients are reduced across ranks on a step's last micro-batch only (FSDP2: reduce-scattered)."""
+    if R.cfg.fsdp: R.student.set_requires_gradient_sync(last)
+    return R.model.no_sync() if R.world > 1 and not last and not R.cfg.fsdp else nullcontext()
+
+def loss_step(R, rows, roll, k, n_tok):
+    """
+    Teacher scores, loss and gradient, micro-batch by micro-batch; the loss is divided by the global number of
+    response tokens n_tok (design choice 7). Returns the step's sums by name (STATS).
+    """
+    cfg, prep = R.cfg, loss_prep(R.eos_ids, k.veto)
+    sums = {s: torch.zeros((), device=R.device) for s in STATS}
+    batches = list(micro_batches(R, rows, roll))
+    R.student.train()
+    for j, (seq, a, r) in enumerate(batches):
+        T, m = r["tokens"].shape[1], r["mask"]
+        with torch.inference_mode(), R.amp:
+            t_l = response_logits(R.teacher, seq, a, T, R.V)  # (b, T, V) design choice 8
+            t_lp = torch.where(m, token_logp(fold_eos(t_l, R.eos_ids), r["tokens"]), 0.0)  # (b, T)
+        t_l = t_l.clone()                                    # out of inference mode: autograd may keep it
+        with grad_sync(R, j == len(batches) - 1), R.amp:
+            s_l = response_logits(R.model, seq, a, T, R.V)   # (b, T, V)
+            if k.sft: loss = -torch.where(m, token_logp(fold_eos(s_l, R.eos_ids), r["tokens"]), 0.0).sum()  # NLL
+            else: loss = opd_loss(s_l, t_l, m, cfg.loss_topk, cfg.loss_chunk, prep)
+            (loss * R.world / n_tok).backward()
+        for name, x in (("loss", loss.detach()), ("beta", r["beta"].sum()), ("kl_mu_s", r["kl"].sum()),
+                        ("teacher_logp", t_lp.sum()), ("frac_teacher", ((r["beta"] == 1) & m).sum()),
+                        ("tokens", m.sum()), ("skd_replaced", r["replaced"].sum())):
+            sums[name] += x.float()
+    return sums
+
+def clip_grad(R):
+    """Clips the gradient norm to --grad_clip (0: no clipping) and returns the norm before clipping."""
+    clip = R.cfg.grad_clip if R.cfg.grad_clip > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(R.student.parameters(), clip)  # works on FSDP2's sharded DTensors too
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+def evaluate(R):
+    """Held-out objective: mean full-vocab reverse KL per token on pure student rollouts; every rank its shard."""
+    cfg, tot = R.cfg, torch.zeros(2, device=R.device)       # (sum of KL, tokens)
+    gen = torch.Generator(device=R.device).manual_seed(cfg.seed + 10_000 + R.rank)
+    mine = R.eval_prompts[R.rank::R.world]
+    bs = cfg.rollout_batch_size or max(len(mine), 1)
+    with progress(R, total=-(-len(mine) // bs) * cfg.max_new_tokens, desc="eval_kl (decoding steps)") as bar:
+        for i in range(0, len(mine), bs):
+            roll = rollout_rows(R, mine[i:i + bs], 0.0, Knobs(False, 0, 0.0, cfg.temperature), gen, bar)
+            for seq, a, r in micro_batches(R, mine[i:i + bs], roll):
+                with whole_weights(R), torch.inference_mode(), R.amp:
+                    T = r["tokens"].shape[1]
+                    s_l, t_l = response_logits(R.student, seq, a, T, R.V), response_logits(R.teacher, seq, a, T, R.V)
+                    tot[0] += opd_loss(s_l, t_l, r["mask"], 0, cfg.loss_chunk, loss_prep(R.eos_ids))
+                    tot[1] += r["mask"].sum()
+    all_reduce(tot, R.world)
+    return (tot[0] / tot[1].clamp(min=1)).item()
+
+def record(R, step, eps, k, S, n_rows, t_roll, dt):
+    """The step's metrics record, by name, from the all-reduced sums S."""
+    cfg, n = R.cfg, max(S["tokens"], 1.0)
+    rec = dict(step=step, loss=S["loss"] / n, eps=eps, beta=S["beta"] / n, frac_teacher=S["frac_teacher"] / n,
+               kl_mu_s=S["kl_mu_s"] / n, teacher_logp=S["teacher_logp"] / n, resp_len=S["tokens"] / (n_rows * R.world),
+               tok_per_s=S["tokens"] / t_roll, dt=dt, lr=lr_at(step - 1, cfg), temperature=k.tau)
+    if cfg.skd_topk: rec["skd_rate"] = S["skd_replaced"] / n
+    if cfg.veto_beta: rec["veto_b"] = k.veto
+    if cfg.sft_warmup_steps: rec["sft"] = k.sft
+    return rec
+
+LOG_FMT = dict(loss=".4f", eps=".4g", beta=".3f", frac_teacher=".3f", kl_mu_s=".4g", teacher_logp=".3f",
+               resp_len=".1f", tok_per_s=".1f", dt=".2f", eval_kl=".4f", skd_rate=".4f")
+
+def log_line(rec):
+    return f"step {rec['step']:5d} | " + " | ".join(f"{k} {rec[k]:{f}}" for k, f in LOG_FMT.items() if k in rec)
+
+def log(R, rec):
+    """One line on stdout and one JSON line in metrics.jsonl (and wandb), from the master."""
+    if not R.master: return
+    if rec["step"] > R.bar.n: R.bar.update(rec["step"] - R.bar.n)
+    R.bar.write(log_line(rec))
+    with open(os.path.join(R.cfg.out_dir, "metrics.jsonl"), "a") as f: f.write(json.dumps(rec) + "\n")
+    if R.wandb: R.wandb.log(rec, step=rec["step"])
+
+def save(R):
+    """Checkpoints the current step, with the full EOS set, after checking the weights; nothing is lost on failure."""
+    sd = gathered_weights(R.student) if R.cfg.fsdp else None  # FSDP2: the full weights, on the master's CPU
+    if R.master:
+        params = sd.values() if sd is not None else R.student.parameters()
+        if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
+            raise UserError(f"step {R.step}: non-finite weights after the update; stopping without saving")
+        state = dict(step=R.step, optimizer=None if R.cfg.fsdp else R.opt.state_dict(),
+                     config=dataclasses.asdict(R.cfg), world=R.world,
+                     rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
+        if R.student.generation_config is not None:  # eval.py, generate() and vLLM stop where training did
+            R.student.generation_config.eos_token_id = list(R.eos_ids)
+    try:
+        with deferred_signals():
+            if R.cfg.fsdp: save_sharded_optimizer(R)        # every rank writes its shard into out_dir.tmp
+            if R.master: save_checkpoint(R.cfg.out_dir, R.student, R.tok, state, sd, fresh=not R.cfg.fsdp)
+            R.saved = R.step                                 # before a deferred signal stops the run
+    except Exception as e:  # a full disk, a quota: the previous checkpoint is untouched
+        shutil.rmtree(os.path.abspath(R.cfg.out_dir) + ".tmp", ignore_errors=True)
+        prev = f"the checkpoint of step {R.saved}" if R.saved is not None else "no earlier checkpoint"
+        raise UserError(f"step {R.step}: saving the checkpoint failed ({_first_line(e)}); {prev} in "
+                        f"{R.cfg.out_dir} is intact; stopping") from None
+    barrier(R.world)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# plumbing: command line and checks
+
+def main(argv=None):
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # SIGTERM stops like Ctrl-C
+    try:
+        train(*parse_args(argv))
+    except KeyboardInterrupt:
+        raise SystemExit("trb: interrupted before training started") from None
+    except Stopped as e:
+        raise SystemExit(f"trb: {e}")
+    except UserError as e:
+        raise SystemExit(f"trb: error: {e}")
+    finally:
+        if main_thread: signal.signal(signal.SIGTERM, old)
+
 def _bool(s):
     if s.lower() in ("1", "true", "yes"): return True
     if s.lower() in ("0", "false", "no"): return False
@@ -196,9 +771,9 @@ def parse_args(argv=None):
 def check_config(c):
     for name in ("batch_size", "micro_batch_size", "n_samples", "max_new_tokens", "max_steps", "max_prompt_len"):
         if getattr(c, name) < 1: raise UserError(f"--{name} must be >= 1, got {getattr(c, name)}")
-    for name in ("eps0", "warmup_steps", "temperature", "lr", "lr_warmup_steps", "loss_topk", "eval_every", "save_every",
-                 "eval_prompts", "skd_topk", "skd_steps", "veto_beta", "temp_warmup", "sft_warmup_steps", "loss_chunk",
-                 "weight_decay", "grad_clip", "rollout_batch_size"):
+    for name in ("eps0", "warmup_steps", "temperature", "lr", "lr_warmup_steps", "loss_topk", "eval_every",
+                 "save_every", "eval_prompts", "skd_topk", "skd_steps", "veto_beta", "temp_warmup", "sft_warmup_steps",
+                 "loss_chunk", "weight_decay", "grad_clip", "rollout_batch_size"):
         x = getattr(c, name)
         if not x >= 0: raise UserError(f"--{name} must be >= 0, got {x}")  # `not >=` also catches NaN
         if not math.isfinite(x): raise UserError(f"--{name} must be finite, got {x}")
@@ -217,8 +792,8 @@ def check_config(c):
     if c.schedule == "constant" and c.eps0 == 0: raise UserError("--schedule constant needs --eps0 > 0")
     if not c.out_dir: raise UserError("--out_dir must not be empty")
 
-# -----------------------------------------------------------------------------
-# init (ddp, device, dtype, seed)
+# ---------------------------------------------------------------------------------------------------------------------
+# plumbing: runtime and setup
 
 def init_runtime(cfg):
     """Returns (rank, world, device, autocast dtype). Under torchrun, one process per GPU."""
@@ -240,8 +815,100 @@ def init_runtime(cfg):
     random.seed(cfg.seed + rank)
     return rank, world, torch.device(dev), getattr(torch, dtype)
 
-# -----------------------------------------------------------------------------
-# models, tokenizers, prompts
+def setup(cfg, given, rank, world, device, amp_dtype):
+    """
+    Checkpoint, tokenizers, data, models and optimizer, the cheap checks first: no model loads before the flags,
+    out_dir and data are known to be good.
+    """
+    master, state, changed = rank == 0, None, []
+    if master and cfg.resume: recover_checkpoint(cfg.out_dir)
+    barrier(world)
+    if cfg.resume:
+        state = load_state(cfg.out_dir)
+        cfg, changed = resume_config(cfg, given, state)
+        check_config(cfg)
+    if cfg.batch_size % world: raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks")
+    if state is not None and bool(state["config"].get("fsdp")) != cfg.fsdp:
+        raise UserError("--resume: --fsdp must stay as the run began (its optimizer state is saved differently)")
+    if cfg.fsdp and not torch.distributed.is_initialized():
+        raise UserError("this run used --fsdp: resume it under torchrun")
+    s_path = cfg.out_dir if state is not None else cfg.student
+    tok, t_tok = load_tokenizer(s_path, cfg.trust_remote_code), load_tokenizer(cfg.teacher, cfg.trust_remote_code)
+    V = shared_vocab(tok, t_tok)
+    for name in ("loss_topk", "skd_topk"):
+        if getattr(cfg, name) > V: raise UserError(f"--{name} {getattr(cfg, name)} is larger than the {V}-token vocab")
+    prompts, skipped = encode_prompts(tok, load_prompts(cfg.data, cfg.prompt_field), cfg)
+    if not prompts:
+        raise UserError(f"data {cfg.data!r}: every prompt is longer than --max_prompt_len {cfg.max_prompt_len}")
+    evals = encode_prompts(tok, load_prompts(cfg.eval_data, cfg.prompt_field), cfg)[0] if cfg.eval_data else []
+    student = load_model(s_path, torch.float32, device, cfg.trust_remote_code)  # fp32 master weights
+    teacher = load_model(cfg.teacher, amp_dtype, device, cfg.trust_remote_code).eval().requires_grad_(False)
+    check_logits(V, student=student, teacher=teacher)
+    eos_ids = eos_ids_of((tok, student), (t_tok, teacher))
+    if cfg.grad_ckpt: enable_grad_ckpt(student)
+    if cfg.fsdp: shard(student, device, amp_dtype)           # FSDP2: the student is sharded in place
+    ids = [device.index] if device.index is not None else None
+    model = torch.nn.parallel.DistributedDataParallel(student, ids) if world > 1 and not cfg.fsdp else student
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))  # one kernel for all
+    if state is not None:
+        if cfg.fsdp: load_sharded_optimizer(student, opt, cfg.out_dir)
+        else: opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+    step = state["step"] if state is not None else 0
+    cuda_amp = device.type == "cuda" and amp_dtype != torch.float32
+    amp = torch.autocast(device.type, dtype=amp_dtype) if cuda_amp else nullcontext()
+    R = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=master, device=device, amp=amp, tok=tok, V=V,
+                        eos_ids=eos_ids, pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0],
+                        prompts=prompts, eval_prompts=evals[:cfg.eval_prompts], student=student, teacher=teacher,
+                        model=model, opt=opt, step=step, saved=state["step"] if state is not None else None, bar=None,
+                        wandb=None)
+    if master:
+        keep_metrics(cfg.out_dir, step)
+        print(f"trb | V={V} eos={eos_ids} prompts={len(prompts)} skipped_long={skipped} world={world} device={device} "
+              f"dtype={amp_dtype}".replace("torch.", ""), flush=True)
+        if changed: print(f"trb | resume from step {step}: " + ", ".join(changed), flush=True)
+        if cfg.wandb_project:
+            import wandb
+            R.wandb = wandb
+            wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
+    from tqdm import tqdm
+    R.bar = tqdm(total=cfg.max_steps, initial=step, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True)
+    return R
+
+def enable_grad_ckpt(m):
+    kw = {"use_reentrant": False}
+    if hasattr(m, "activation_checkpointing_enable"):
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else: m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)  # transformers before 5.2x
+
+def resume_config(cfg, given, state):
+    """The checkpoint's config, with the flags given again on this command line taking over; and what changed."""
+    old = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
+    new = dataclasses.replace(old, **{k: getattr(cfg, k) for k in set(given) | {"out_dir", "resume"}})
+    return new, [f"--{k} {getattr(old, k)} -> {getattr(new, k)}" for k in sorted(given)
+                 if k not in ("out_dir", "resume") and getattr(old, k) != getattr(new, k)]
+
+def all_reduce(x, world):
+    if world > 1: torch.distributed.all_reduce(x)
+    return x
+
+def barrier(world):
+    if world > 1: torch.distributed.barrier()
+
+@contextmanager
+def progress(R, **kw):
+    """A tqdm bar on the master's terminal; none in a log file or a pipe."""
+    from tqdm import tqdm
+    bar = tqdm(disable=not (R.master and sys.stderr.isatty()), leave=False, dynamic_ncols=True, **kw)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+# ---------------------------------------------------------------------------------------------------------------------
+# plumbing: models, tokenizers, prompts
 
 def _check_path(path, what="model"):
     """A local directory, or something shaped like a hub name (owner/model) while the hub is in reach."""
@@ -321,6 +988,24 @@ def format_prompt(tok, question, system=SYSTEM_PROMPT):
         return tok(text, add_special_tokens=False)["input_ids"]
     return tok(f"{system}\n\n{question}\n")["input_ids"]
 
+def encode_prompts(tok, prompts, cfg):
+    enc, skipped = [], 0
+    for q in prompts:
+        ids = format_prompt(tok, q, cfg.system_prompt)
+        if len(ids) > cfg.max_prompt_len: skipped += 1
+        else: enc.append(ids)
+    return enc, skipped
+
+def left_pad(seqs, pad_id, device):
+    """Left-pads lists of token ids into (B, P) ids and attention mask."""
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)  # (B, P)
+    attn = torch.zeros(len(seqs), P, dtype=torch.long)          # (B, P)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
+        attn[i, P - len(s):] = 1
+    return ids.to(device), attn.to(device)
+
 HUB_DATA = {  # name -> (load_dataset args, prompt field)
     "gsm8k": (("openai/gsm8k", "main"), "question"),
     "math": (("DigitalLearningGmbH/MATH-lighteval",), "problem"),  # the 7.5k MATH train split
@@ -356,7 +1041,8 @@ def load_records(data, split="train"):
     else:
         if not os.path.isfile(data): raise UserError(f"data {data!r}: no such file, and not one of {sorted(HUB_DATA)}")
         ext = data.rsplit(".", 1)[-1].lower()
-        if ext not in ("jsonl", "json", "parquet"): raise UserError(f"data {data!r}: expected .jsonl, .json or .parquet")
+        if ext not in ("jsonl", "json", "parquet"):
+            raise UserError(f"data {data!r}: expected .jsonl, .json or .parquet")
         if ext != "parquet": return read_json_records(data), None
         args, field, kw = ("parquet",), None, dict(data_files=data, split="train")
     from datasets import load_dataset
@@ -376,701 +1062,16 @@ def load_prompts(data, field=""):
     for i, r in enumerate(recs, 1):
         q = r.get(field)
         if not isinstance(q, str) or not q.strip():
-            raise UserError(f"data {data!r}, record {i}: the prompt {field!r} is {repr(q)[:40]}, not a non-empty string")
+            raise UserError(f"data {data!r}, record {i}: the prompt {field!r} is {repr(q)[:40]}, "
+                            f"not a non-empty string")
     return [r[field] for r in recs]
 
-def left_pad(seqs, pad_id, device):
-    """Left-pads lists of token ids into (B, P) ids and attention mask."""
-    P = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)  # (B, P)
-    attn = torch.zeros(len(seqs), P, dtype=torch.long)          # (B, P)
-    for i, s in enumerate(seqs):
-        ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
-        attn[i, P - len(s):] = 1
-    return ids.to(device), attn.to(device)
-
-# -----------------------------------------------------------------------------
-# math helpers: EOS folding, the trust-region blend, the budget schedule
-
-def fold_eos(logits, eos_ids):
-    """Folds the mass of all EOS ids into eos_ids[0] (logsumexp); the others get -inf. float32 (..., V)."""
-    x = logits.float()                                       # the folded logit is written in float32, not bf16
-    if len(eos_ids) < 2: return x
-    ids = torch.tensor(eos_ids, device=x.device)
-    lse = x.index_select(-1, ids).logsumexp(-1, keepdim=True)  # (..., 1)
-    return x.index_fill(-1, ids[1:], NEG_INF).index_copy(-1, ids[:1], lse)  # (..., V)
-
-def policy_logits(logits, eos_ids, tau=1.0):
-    """
-    Logits of the policy a sampler draws from at temperature tau: tempered first, then EOS folded, since a sampler
-    stops on any EOS id of the tempered distribution: P(stop) = sum_i p_tau(eos_i) (design choice 5). (..., V)
-    """
-    x = logits.float()
-    return fold_eos(x / tau if tau != 1 else x, eos_ids)
-
-def token_logp(logits, tokens):
-    """log softmax(logits)[tokens] in float32 without materialising the (..., V) log-softmax. (..., V), (...) -> (...)"""
-    x = logits.float()
-    return x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - x.logsumexp(-1)
-
-def _kl_and_slope(logp, p, dc, beta):
-    """KL(mu_beta || p) and its derivative beta*Var_mu[dc], in the log domain (any logits). Off the support logp is -1e30, not -inf."""
-    v = (dc * beta.unsqueeze(-1)).add_(logp)                # (N, V) unnormalised log mu
-    m = v.amax(-1, keepdim=True)                            # (N, 1)
-    mu = (v - m).exp_()                                     # (N, V) one exp serves both mu and log Z
-    Z = mu.sum(-1, keepdim=True)                            # (N, 1)
-    mu.div_(Z)
-    x = v.sub_(m + Z.log()).sub_(logp)                      # (N, V) log(mu/p), from the same exp as mu
-    # sum_i p_i (r_i log r_i - r_i + 1) with r = mu/p = e^x: every term >= 0 (design choice 2). p*(r - 1) is
-    # p*expm1(min(x, 1)) - mu*expm1(-max(x - 1, 0)): p*expm1(x) where x <= 1 (relative precision near r = 1) and
-    # mu - p where x > 1 (no overflow, and p may underflow), with no mask: bool-mask kernels (torch.where,
-    # masked_fill) cost as much as ~15 float ops on a CPU.
-    pr1 = torch.expm1(x.clamp(max=1)).mul_(p).sub_(torch.expm1((x - 1).clamp_(min=0).neg_()).mul_(mu))  # (N, V)
-    kl = (mu * x).sub_(pr1).sum(-1)                         # (N,)
-    m1 = mu * dc                                            # (N, V)
-    s1 = m1.sum(-1)                                         # (N,) E_mu[dc]
-    var = (torch.linalg.vecdot(m1, dc) - s1 ** 2).clamp(min=0)  # (N,) Var_mu[dc]
-    return kl, beta * var
-
-def _kl_and_slope_sums(p, dc, sig2, beta):
-    """
-    KL(mu_beta || p) and its derivative from three sums, with no (N, V) log mu: for x = beta*dc and E_p[dc] = 0,
-    Z = E_p[e^x] = 1 + S0, S0 = E_p[e^x - 1 - x] (terms >= 0), KL = beta E_mu[dc] - log Z, E_mu[dc] = S1/Z,
-    E_mu[dc^2] = (sigma^2 + S2)/Z, S_k = E_p[(e^x - 1) dc^k] (S1's terms >= 0). A third of _kl_and_slope's passes.
-    Only while e^x cannot overflow (beta * max dc <= 50).
-    """
-    x = dc * beta[:, None]                                  # (N, V)
-    e = torch.expm1(x)                                      # (N, V)
-    S0 = ((e - x).mul_(p)).sum(-1)                          # (N,)
-    q = e.mul_(p).mul_(dc)                                  # (N, V) p (e^x - 1) dc
-    S1, S2 = q.sum(-1), torch.linalg.vecdot(q, dc)          # (N,), (N,)
-    Z = 1 + S0                                              # (N,)
-    m1 = S1 / Z                                             # (N,) E_mu[dc]
-    kl = beta * m1 - torch.log1p(S0)                        # (N,)
-    var = ((sig2 + S2) / Z - m1 ** 2).clamp(min=0)          # (N,) Var_mu[dc]
-    return kl, beta * var
-
-def _support(ls, lt):
-    """
-    Where mu_beta lives and what the solver needs (design choice 4). For beta > 0, mu_beta is supported on A, the
-    tokens finite under both policies, and KL(mu_beta||pi_S) = KL(mu_beta||p) + c with p = pi_S renormalised on A
-    and c = -log pi_S(A) >= 0. Returns p, log p (finite, <= -1e30 off A), dc = log pi_T - log pi_S centred under p
-    (0 off A), c (N,) and off (0 on A, -1e30 off A). ls, lt: (N, V) log-probabilities.
-    """
-    d = lt - ls                                              # (N, V) inf or nan off A
-    inA = torch.nan_to_num(d * 0 + 1, nan=0.0)               # (N, V) 1 on A, 0 off A: a float mask, not a bool one
-    off = (inA - 1) * 1e30                                   # (N, V) 0 on A, -1e30 off A
-    m_out = (ls.exp() * (1 - inA)).sum(-1)                   # (N,) student mass off A: exactly 0 when A holds it all
-    c = torch.where(m_out < 0.5, -torch.log1p(-m_out), -(ls + off).logsumexp(-1))  # (N,) no overflow at pi_S(A) -> 0
-    logp = (ls + c[:, None]).clamp_(min=-1e30).add_(off)     # (N, V) finite off A: keeps 0 * log 0 out of the sums
-    p = logp.exp()                                           # (N, V)
-    d = torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)  # (N, V)
-    dc = d - (p * d).sum(-1, keepdim=True)                   # (N, V) centred: E_p[dc] = 0
-    return p, logp, dc, c, off
-
-def _solve_beta(p, logp, dc, target, tol=1e-4, max_iter=60, newton=True):
-    """
-    The largest beta in [0, 1] with KL(mu_beta||p) <= target, per row, by safeguarded Newton (design choice 1).
-    Accepted band: target * [1 - 2 tol, 1 - tol/2]; the margin below target absorbs the float32 rounding of the
-    returned log-probs (design choice 2). Returns the feasible end of the bracket, its KL and the iterations used.
-    newton=False: plain bisection, for bench.py.
-    """
-    # App. E: KL(mu_beta||pi_S) ~ beta^2 sigma^2 / 2  =>  beta0 = sqrt(2 eps / sigma^2). The next cumulant,
-    # KL ~ sigma^2 beta^2 / 2 + kappa3 beta^3 / 3, corrects it to beta0 (1 - kappa3 beta0 / (3 sigma^2)).
-    # A start at 1 tries the closed form (mu = pi_T) first.
-    hi_ok, lo_ok = target * (1 - tol / 2), target * (1 - 2 * tol)  # (N,) the accepted band
-    aim = target * (1 - 1.25 * tol)                          # (N,) its centre
-    pdc2 = p * dc * dc                                       # (N, V)
-    sig2, k3 = pdc2.sum(-1), (pdc2 * dc).sum(-1)             # (N,), (N,)
-    beta = torch.sqrt(2 * aim.clamp(min=0) / sig2)           # (N,)
-    beta = beta * (1 - k3 * beta / (3 * sig2)).clamp(0.5, 1.5)
-    beta = beta.nan_to_num(1.0).clamp(max=1.0) if newton else torch.full_like(beta, 0.5)
-    lo, hi = torch.zeros_like(target), torch.full_like(target, 2.0)  # lo feasible; hi = 2: beta = 1 not yet tried
-    kl_lo = torch.zeros_like(target)
-    dmax = dc.amax(-1)                                       # (N,) bounds beta*dc, the exponent of the fast sums
-    done, it = ~(target > 0), 0
-    while it < max_iter:
-        all_done, fast = torch.stack([done.all(), (beta * dmax <= 50).all()]).tolist()  # one host sync per iteration
-        if all_done: break
-        it += 1
-        kl, slope = _kl_and_slope_sums(p, dc, sig2, beta) if fast else _kl_and_slope(logp, p, dc, beta)  # (N,), (N,)
-        ok = (kl <= hi_ok) & ~done
-        lo, kl_lo = torch.where(ok, beta, lo), torch.where(ok, kl, kl_lo)
-        hi = torch.where(~ok & ~done, beta, hi)
-        done = done | (ok & ((kl >= lo_ok) | (beta == 1))) | (hi - lo <= 1e-7 * hi)
-        # Newton on sqrt(KL) - sqrt(aim); sqrt(KL) is near-linear in beta (design choice 1)
-        rk = kl.clamp(min=0).sqrt()
-        nxt = (beta - (rk - aim.sqrt()) * 2 * rk / slope).clamp(max=1.0)
-        inside = (nxt > lo) & (nxt < hi) & newton            # NaN/inf steps fail this too
-        beta = torch.where(done, beta, torch.where(inside, nxt, (lo + hi.clamp(max=1.0)) / 2))
-    return lo, kl_lo, it
-
-def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60, newton=True):
-    """trust_region_blend, plus the realised KL(mu||pi_S) and the solver's iterations (for the rollout and bench.py)."""
-    with torch.autocast(s_logits.device.type, enabled=False):  # float32 throughout, even inside an autocast region
-        return _blend_fp32(s_logits, t_logits, eps, tol, max_iter, newton)
-
-def _blend_fp32(s_logits, t_logits, eps, tol, max_iter, newton):
-    shape, V = s_logits.shape[:-1], s_logits.shape[-1]
-    ls = F.log_softmax(s_logits.float().reshape(-1, V), -1)  # (N, V) log pi_S
-    lt = F.log_softmax(t_logits.float().reshape(-1, V), -1)  # (N, V) log pi_T
-    eps = torch.as_tensor(eps, dtype=torch.float32, device=ls.device).expand(shape).reshape(-1)  # (N,)
-    p, logp, dc, c, off = _support(ls, lt)
-    beta, kl, it = _solve_beta(p, logp, dc, torch.where(eps > 0, eps - c, 0.0), tol, max_iter, newton)  # (N,) x 2
-    # eq. 1: log mu = log pi_S + beta (log pi_T - log pi_S) - log Z, on A; off A mu = 0 (design choice 4)
-    v = torch.addcmul(logp, dc, beta[:, None])               # (N, V) log pi_S + beta d + a row constant
-    logp_mu = (v - v.logsumexp(-1, keepdim=True)).add_(off.mul_(1e30))  # (N, V) -1e30 * 1e30 = -inf off A
-    logp_mu = torch.where(beta[:, None] > 0, logp_mu, ls)    # (N, V) beta* = 0: mu = pi_S exactly
-    kl = torch.where(beta > 0, kl + c, 0.0)                  # (N,) realised KL(mu||pi_S)
-    return logp_mu.reshape(*shape, V), beta.reshape(shape), kl.reshape(shape), it
-
-def trust_region_blend(s_logits, t_logits, eps):
-    """
-    Behavior policy of eq. 1-2: mu = pi_S^(1-beta*) pi_T^beta*, with the largest beta* in [0,1]
-    such that KL(mu || pi_S) <= eps. s_logits, t_logits: (..., V), any float dtype, already divided
-    by the sampling temperature. eps: float or tensor broadcasting to (...).
-    Returns logp_mu (..., V) float32 log-probabilities and beta (...) float32.
-    """
-    logp_mu, beta, _, _ = _blend(s_logits, t_logits, eps)
-    return logp_mu, beta
-
-def sample(logits, gen=None, u=None):
-    """
-    One draw per row from softmax(logits) by inverse CDF: the first i with cumsum(p)_i >= u * sum(p), u ~ U(0, 1]
-    (design choice 9). u: (B, 1) float64 in (0, 1], else drawn from gen. The cumsum is float64, so the drawn
-    distribution is the float32 softmax itself, and a token with p_i = 0 is never drawn. (B, V) -> (B,)
-    """
-    c = torch.cumsum(F.softmax(logits.float(), -1), -1, dtype=torch.float64)  # (B, V)
-    if u is None: u = 1 - torch.rand(c.shape[0], 1, dtype=torch.float64, device=c.device, generator=gen)  # (B, 1)
-    tok = torch.searchsorted(c, u * c[:, -1:]).squeeze(-1)  # (B,) u * total <= total: always in range
-    return tok.clamp_(max=c.shape[-1] - 1)                   # ... but for NaN logits, which rollout() reports
-
-def kl_budget(step, eps0, warmup_steps, schedule="linear"):
-    """eps_k = eps0 * max(0, 1 - k/K) (eq. 3); K = 0 is pure OPD from step 0. 'constant': eps0 always (fixed-eps baseline)."""
-    if schedule == "constant": return eps0
-    if warmup_steps <= 0: return 0.0
-    return eps0 * max(0.0, 1.0 - step / warmup_steps)
-
-# -----------------------------------------------------------------------------
-# rollout
-
-def _new_cache(model):
-    from transformers import DynamicCache
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # older transformers 5.x
-        return DynamicCache()
-
-def _decode(model, x, attn, pos, cache, V):
-    """
-    One KV-cached forward; logits of the last position (b, V). The cache object is ours and is updated in place,
-    passed under the keyword this transformers reads ('cache' in 5.24, 'past_key_values' before), so the loop runs
-    on both; the parity tests fail if it were ignored.
-    """
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **{kw: cache})
-    return out.logits[:, -1, :V]                             # (b, V)
-
-def _next_token(s, tl, eps, u, skd_topk=0):
-    """
-    One decoding step: the token drawn from mu (eq. 1-2), or from pi_S where the teacher is idle, with beta and
-    the realised KL(mu||pi_S). s, tl: (b, V) policy logits; u: (b, 2) uniforms, None = greedy.
-    skd_topk=K: the SKD baseline; the student proposes, and a token outside the teacher's top-K is replaced by a
-    teacher sample. Returns tok, beta, kl, replaced, all (b,).
-    """
-    draw = lambda x, i: x.argmax(-1) if u is None else sample(x, u=u[:, i:i + 1])  # noqa: E731
-    zero = torch.zeros_like(eps)
-    if skd_topk:
-        tok = draw(s, 0)
-        rep = ~(tl.topk(skd_topk, -1).indices == tok[:, None]).any(-1)  # (b,) outside the teacher's top-K
-        return torch.where(rep, draw(tl, 1), tok), zero, zero, rep
-    if tl is None: return draw(s, 0), zero, zero, zero.bool()
-    logp_mu, beta, kl, _ = _blend(s, tl, eps)                # (b, V), (b,), (b,)
-    return draw(logp_mu, 0), beta, kl, zero.bool()
-
-@torch.inference_mode()
-def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tokens, temperature=1.0, gen=None,
-            skd_topk=0, compact=0.25, bar=None):
-    """
-    Samples B responses token by token from mu (eq. 1-2), decoding with both models' KV caches in one batch.
-    ids, attn: (B, P) left-padded prompts. eps: float or (B,) per-row budgets; where every row has eps <= 0 the
-    teacher never runs. temperature 0 = greedy. skd_topk: see _next_token. bar: a progress bar, one tick per step.
-    Finished rows leave the batch: once a fraction `compact` of it has emitted EOS (0 = never), both caches and the
-    per-row state keep only the live rows, so the work follows the sum of the lengths, not B * the longest. Each
-    step draws one uniform per original row, so the tokens are the same with and without compaction.
-    Returns tokens, mask (response incl. EOS), beta, kl (realised KL(mu||pi_S)), replaced (SKD) and t_logp
-    (teacher log-prob of each token, None when the teacher did not run), all (B, T).
-    Host syncs per step: one (the done count and the NaN flags, read together), one per solver iteration of the
-    blend, and a nonzero() at each compaction.
-    """
-    B, N, dev = ids.shape[0], max_new_tokens, ids.device
-    eps = torch.as_tensor(eps, dtype=torch.float32, device=dev).expand(B)  # (B,)
-    use_t = teacher is not None and (skd_topk > 0 or bool((eps > 0).any()))
-    tau = temperature if temperature > 0 else 1.0
-    out = dict(tokens=torch.full((B, N), pad_id, dtype=torch.long, device=dev), mask=torch.zeros(B, N, dtype=torch.bool,
-               device=dev), beta=torch.zeros(B, N, device=dev), kl=torch.zeros(B, N, device=dev),
-               replaced=torch.zeros(B, N, dtype=torch.bool, device=dev), t_logp=torch.zeros(B, N, device=dev))
-    rows = torch.arange(B, device=dev)                       # (b,) original row of each row of the decoding batch
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)                 # (B, P) position ids under left padding
-    s_cache, t_cache = _new_cache(student), _new_cache(teacher) if use_t else None
-    s_logits = _decode(student, ids, attn, pos, s_cache, V)  # (b, V)
-    t_logits = _decode(teacher, ids, attn, pos, t_cache, V) if use_t else None
-    next_pos = pos[:, -1:] + 1                               # (b, 1)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)      # (b,)
-    for t in range(N):
-        u = None if temperature <= 0 else 1 - torch.rand(B, 2, dtype=torch.float64, device=dev, generator=gen)[rows]
-        with torch.autocast(dev.type, enabled=False):        # the blend and the sampler run in float32
-            s = policy_logits(s_logits, eos_ids, tau)        # (b, V)
-            tl = policy_logits(t_logits, eos_ids, tau) if use_t else None
-            tok, beta, kl, rep = _next_token(s, tl, eps, u, skd_topk)
-        live = ~done
-        tok = torch.where(live, tok, pad_id)                 # (b,)
-        out["tokens"][rows, t], out["mask"][rows, t] = tok, live
-        out["beta"][rows, t], out["kl"][rows, t] = torch.where(live, beta, 0.0), torch.where(live, kl, 0.0)
-        out["replaced"][rows, t] = rep & live
-        if use_t: out["t_logp"][rows, t] = torch.where(live, token_logp(tl, tok), 0.0)  # pad may be a folded EOS
-        done = done | (tok == eos_ids[0])
-        nan = [x.isnan().any() for x in (s_logits, t_logits) if x is not None]
-        n_done, *nan = torch.stack([done.sum(), *nan]).tolist()  # the step's one host sync
-        for who, bad in zip(("student", "teacher"), nan):
-            if bad: raise UserError(f"NaN in the {who} logits at decode position {t}")
-        if bar is not None: bar.update(1)
-        if n_done == len(rows) or t == N - 1: break
-        if compact and n_done >= compact * len(rows):        # enough of the batch is done: drop those rows
-            keep = (~done).nonzero().squeeze(1)              # (b',)
-            for c in (s_cache, t_cache):
-                if c is not None: c.batch_select_indices(keep)
-            rows, attn, next_pos, eps, done, tok = (x[keep] for x in (rows, attn, next_pos, eps, done, tok))
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)  # (b, P+t+1)
-        s_logits = _decode(student, tok[:, None], attn, next_pos, s_cache, V)
-        if use_t: t_logits = _decode(teacher, tok[:, None], attn, next_pos, t_cache, V)
-        next_pos = next_pos + 1
-    out = {k: v[:, :t + 1] for k, v in out.items()}
-    if not use_t: out["t_logp"] = None
-    return out
-
-# -----------------------------------------------------------------------------
-# loss
-
-def reverse_kl(s_logits, t_logits, topk=0, tokens=None):
-    """
-    Per-position reverse KL(pi_S || pi_T), shape (...). Gradient flows to s_logits only.
-    topk=0: full vocabulary; topk=k: the student's top-k tokens, renormalised on both sides
-    (the paper's estimator, k=16). tokens (...): the single-sample estimator
-    log pi_S(y) - log pi_T(y), whose gradient is the score-function one,
-    (log pi_S(y) - log pi_T(y)) * grad log pi_S(y); unbiased only where y ~ pi_S.
-    """
-    t_logits = t_logits.detach()
-    if tokens is not None:
-        lp, lq = token_logp(s_logits, tokens), token_logp(t_logits, tokens)  # (...), (...)
-        k = (lp - lq).detach()
-        return k + k * (lp - lp.detach())
-    if topk:
-        idx = s_logits.detach().topk(topk, -1).indices       # (..., k)
-        s_logits, t_logits = s_logits.gather(-1, idx), t_logits.gather(-1, idx)  # (..., k)
-    ls = F.log_softmax(s_logits.float(), -1)                 # (..., V|k)
-    lt = F.log_softmax(t_logits.float(), -1)                 # (..., V|k)
-    ps = ls.exp()
-    return (ps * torch.where(ps > 0, ls - lt, 0.0)).sum(-1)  # (...)
-
-def _chunk_loss(s, t, m, topk, prep):
-    if prep is not None: s, t = prep(s, t)
-    return torch.where(m, reverse_kl(s, t, topk), 0.0).sum()  # where, not * m: a masked position may be inf
-
-class _ChunkedKL(torch.autograd.Function):
-    """
-    The loss and its gradient, one chunk of positions at a time, in forward. Backward only scales the
-    stored gradient: beside that (N, V) gradient, which the logits need anyway, no (N, V) float32
-    intermediate ever exists, and nothing is recomputed.
-    """
-    @staticmethod
-    def forward(ctx, s, t, m, topk, prep, chunk):
-        grad = torch.zeros_like(s)                           # (N, V) dL/ds, in the logits' dtype
-        total = s.new_zeros((), dtype=torch.float32)
-        for i in range(0, s.shape[0], chunk):
-            if not bool(m[i:i + chunk].any()): continue
-            with torch.enable_grad():
-                si = s[i:i + chunk].detach().requires_grad_()  # (c, V)
-                li = _chunk_loss(si, t[i:i + chunk], m[i:i + chunk], topk, prep)
-                (gi,) = torch.autograd.grad(li, si)
-            grad[i:i + chunk] = gi
-            total += li.detach()
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(g.to(grad.dtype)), None, None, None, None, None
-
-def opd_loss(s_logits, t_logits, mask, topk=0, chunk=0, prep=None):
-    """
-    Sum over masked positions of the reverse KL, in chunks of positions whose gradient is taken on the spot
-    (design choice 7): peak extra memory is O(chunk * V) beyond the logits' own gradient. s_logits, t_logits:
-    (B, T, V); mask: (B, T). prep(s, t) -> (s, t), applied chunk by chunk, is the caller's: EOS folding, a Veto
-    target. chunk=0: 1024 positions on a GPU; on a CPU as many as fit ~8 MiB of float32 per (chunk, V) buffer.
-    """
-    V = s_logits.shape[-1]
-    if chunk <= 0: chunk = 1024 if s_logits.is_cuda else max(1, 2**21 // V)
-    s, t, m = s_logits.reshape(-1, V), t_logits.detach().reshape(-1, V), mask.reshape(-1).bool()  # (N, V) x 2, (N,)
-    if s.requires_grad: return _ChunkedKL.apply(s, t, m, topk, prep, chunk)
-    total = s.new_zeros((), dtype=torch.float32)
-    for i in range(0, s.shape[0], chunk):
-        total += _chunk_loss(s[i:i + chunk], t[i:i + chunk], m[i:i + chunk], topk, prep)
-    return total
-
-def loss_prep(eos_ids, veto=0.0):
-    """The prep of opd_loss: both sides EOS-folded; veto=B replaces pi_T by Q ~ pi_T pi_S^B, pi_S detached (Veto)."""
-    def prep(s, t):
-        s, t = fold_eos(s, eos_ids), fold_eos(t, eos_ids)
-        if veto: t = F.log_softmax(t, -1) + veto * F.log_softmax(s.detach(), -1)  # reverse_kl renormalises Q
-        return s, t
-    return prep
-
-def response_logits(model, seq, attn, T, V):
-    """Logits (B, T, V) at the T positions that predict the response tokens seq[:, -T:]."""
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)                 # (B, P+T)
-    out = model(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=T + 1)
-    return out.logits[:, :-1, :V]                            # (B, T, V)
-
-# -----------------------------------------------------------------------------
-# training loop
-
-Knobs = namedtuple("Knobs", "sft skd_topk veto tau")
-STATS = ("loss", "beta", "kl_mu_s", "teacher_logp", "frac_teacher", "tokens", "skd_replaced")  # a step's sums
-
-def lr_at(step, cfg):
-    """Linear warmup over --lr_warmup_steps, then constant."""
-    return cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else cfg.lr
-
-def warmup_knobs(step, cfg):
-    """
-    The paper's other warmups at this step, all inert at their defaults: sft (the teacher samples, the loss is NLL),
-    skd_topk (SKD's replacement), veto (Veto's exponent B, annealed like eps) and tau (the sampling temperature,
-    rising from --temp_warmup to --temperature over K).
-    """
-    tau = cfg.temperature
-    if cfg.temp_warmup:
-        tau = cfg.temp_warmup + (tau - cfg.temp_warmup) * min(1.0, step / cfg.warmup_steps if cfg.warmup_steps else 1.0)
-    return Knobs(sft=step < cfg.sft_warmup_steps, skd_topk=cfg.skd_topk if step < cfg.skd_steps else 0,
-                 veto=kl_budget(step, cfg.veto_beta, cfg.warmup_steps), tau=tau)
-
-def batch_indices(step, n, cfg, rank, world):
-    """Prompt indices of this rank at `step`: a fresh seeded permutation per epoch, a function of step alone."""
-    out, per = [], cfg.batch_size // world
-    for g in range(step * cfg.batch_size + rank * per, step * cfg.batch_size + (rank + 1) * per):
-        epoch, i = divmod(g, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        out.append(int(perm[i]))
-    return out
-
-def rollout_rows(R, rows, eps, k, gen, bar=None):
-    """The rollouts of `rows` (token-id lists), --rollout_batch_size rows per decoding batch (0: all of them)."""
-    bs, parts = R.cfg.rollout_batch_size or len(rows), []
-    policy, teacher = (R.teacher, None) if k.sft else (R.student, R.teacher)  # SFT warmup: the teacher samples
-    R.student.eval()
-    with whole_weights(R):
-        for i in range(0, len(rows), bs):
-            ids, attn = left_pad(rows[i:i + bs], R.pad_id, R.device)
-            with R.amp:
-                parts.append(rollout(policy, teacher, ids, attn, eps, V=R.V, eos_ids=R.eos_ids, pad_id=R.pad_id, gen=gen,
-                                     max_new_tokens=R.cfg.max_new_tokens, temperature=k.tau, skd_topk=k.skd_topk, bar=bar))
-    return cat_rows(parts, R.pad_id)
-
-def cat_rows(parts, pad_id):
-    """Rollout dicts of (b_i, T_i) -> one of (sum b_i, max T_i), padded as finished rows, out of inference mode."""
-    T = max(p["tokens"].shape[1] for p in parts)
-    pad = lambda x, v: F.pad(x, (0, T - x.shape[1]), value=v)  # noqa: E731
-    return {k: None if parts[0][k] is None else torch.cat([pad(p[k], pad_id if k == "tokens" else 0) for p in parts])
-            for k in parts[0]}
-
-def build_sequences(prompt_ids, roll, pad_id):
-    """prompt (B, P) + response (B, T) -> ids, attention mask (B, P+T)."""
-    ids, attn = prompt_ids
-    seq = torch.cat([ids, roll["tokens"]], 1)                # (B, P+T)
-    a = torch.cat([attn, roll["mask"].long()], 1)            # (B, P+T)
-    return seq, a
-
-def micro_batches(R, rows, roll):
-    """(seq, attn, rollout slice) per --micro_batch_size rows: prompts re-padded, responses cut to the longest."""
-    mb = R.cfg.micro_batch_size
-    for i in range(0, len(rows), mb):
-        r = {k: v[i:i + mb] for k, v in roll.items() if v is not None}
-        T = int(r["mask"].sum(1).max())
-        r = {k: v[:, :T] for k, v in r.items()}
-        yield (*build_sequences(left_pad(rows[i:i + mb], R.pad_id, R.device), r, R.pad_id), r)
-
-def grad_sync(R, last):
-    """Gradients are reduced across ranks on a step's last micro-batch only (FSDP2: reduce-scattered)."""
-    if R.cfg.fsdp: R.student.set_requires_gradient_sync(last)
-    return R.model.no_sync() if R.world > 1 and not last and not R.cfg.fsdp else nullcontext()
-
-def loss_step(R, rows, roll, k, n_tok):
-    """
-    Teacher scores, loss and gradient, micro-batch by micro-batch; the loss is divided by the global number of
-    response tokens n_tok (design choice 7). Returns the step's sums by name (STATS).
-    """
-    cfg, prep = R.cfg, loss_prep(R.eos_ids, k.veto)
-    sums = {s: torch.zeros((), device=R.device) for s in STATS}
-    batches = list(micro_batches(R, rows, roll))
-    R.student.train()
-    for j, (seq, a, r) in enumerate(batches):
-        T, m = r["tokens"].shape[1], r["mask"]
-        with torch.inference_mode(), R.amp:
-            t_l = response_logits(R.teacher, seq, a, T, R.V)  # (b, T, V) design choice 8
-            t_lp = torch.where(m, token_logp(fold_eos(t_l, R.eos_ids), r["tokens"]), 0.0)  # (b, T)
-        t_l = t_l.clone()                                    # out of inference mode: autograd may keep it
-        with grad_sync(R, j == len(batches) - 1), R.amp:
-            s_l = response_logits(R.model, seq, a, T, R.V)   # (b, T, V)
-            if k.sft: loss = -torch.where(m, token_logp(fold_eos(s_l, R.eos_ids), r["tokens"]), 0.0).sum()  # NLL
-            else: loss = opd_loss(s_l, t_l, m, cfg.loss_topk, cfg.loss_chunk, prep)
-            (loss * R.world / n_tok).backward()
-        for name, x in (("loss", loss.detach()), ("beta", r["beta"].sum()), ("kl_mu_s", r["kl"].sum()),
-                        ("teacher_logp", t_lp.sum()), ("frac_teacher", ((r["beta"] == 1) & m).sum()),
-                        ("tokens", m.sum()), ("skd_replaced", r["replaced"].sum())):
-            sums[name] += x.float()
-    return sums
-
-def evaluate(R):
-    """Held-out objective: mean full-vocab reverse KL per token on pure student rollouts; every rank its shard."""
-    cfg, tot = R.cfg, torch.zeros(2, device=R.device)       # (sum of KL, tokens)
-    gen = torch.Generator(device=R.device).manual_seed(cfg.seed + 10_000 + R.rank)
-    mine = R.eval_prompts[R.rank::R.world]
-    bs = cfg.rollout_batch_size or max(len(mine), 1)
-    with progress(R, total=-(-len(mine) // bs) * cfg.max_new_tokens, desc="eval_kl (decoding steps)") as bar:
-        for i in range(0, len(mine), bs):
-            roll = rollout_rows(R, mine[i:i + bs], 0.0, Knobs(False, 0, 0.0, cfg.temperature), gen, bar)
-            for seq, a, r in micro_batches(R, mine[i:i + bs], roll):
-                with whole_weights(R), torch.inference_mode(), R.amp:
-                    T = r["tokens"].shape[1]
-                    s_l, t_l = response_logits(R.student, seq, a, T, R.V), response_logits(R.teacher, seq, a, T, R.V)
-                    tot[0] += opd_loss(s_l, t_l, r["mask"], 0, cfg.loss_chunk, loss_prep(R.eos_ids))
-                    tot[1] += r["mask"].sum()
-    all_reduce(tot, R.world)
-    return (tot[0] / tot[1].clamp(min=1)).item()
-
-def record(R, step, eps, k, S, n_rows, t_roll, dt):
-    """The step's metrics record, by name, from the all-reduced sums S."""
-    cfg, n = R.cfg, max(S["tokens"], 1.0)
-    rec = dict(step=step, loss=S["loss"] / n, eps=eps, beta=S["beta"] / n, frac_teacher=S["frac_teacher"] / n,
-               kl_mu_s=S["kl_mu_s"] / n, teacher_logp=S["teacher_logp"] / n, resp_len=S["tokens"] / (n_rows * R.world),
-               tok_per_s=S["tokens"] / t_roll, dt=dt, lr=lr_at(step - 1, cfg), temperature=k.tau)
-    if cfg.skd_topk: rec["skd_rate"] = S["skd_replaced"] / n
-    if cfg.veto_beta: rec["veto_b"] = k.veto
-    if cfg.sft_warmup_steps: rec["sft"] = k.sft
-    return rec
-
-LOG_FMT = dict(loss=".4f", eps=".4g", beta=".3f", frac_teacher=".3f", kl_mu_s=".4g", teacher_logp=".3f",
-               resp_len=".1f", tok_per_s=".1f", dt=".2f", eval_kl=".4f", skd_rate=".4f")
-
-def log_line(rec):
-    return f"step {rec['step']:5d} | " + " | ".join(f"{k} {rec[k]:{f}}" for k, f in LOG_FMT.items() if k in rec)
-
-def train(cfg, given=frozenset()):
-    """The loop, in the paper's order: budget -> rollout -> score -> loss -> update -> log -> save."""
-    rank, world, device, amp_dtype = init_runtime(cfg)
-    lock, R = lock_out_dir(cfg.out_dir) if rank == 0 else None, None
-    try:
-        R = setup(cfg, given, rank, world, device, amp_dtype)
-        cfg, gen = R.cfg, torch.Generator(device=R.device)
-        if R.eval_prompts and cfg.eval_every and R.step == 0: log(R, dict(step=0, eval_kl=evaluate(R)))
-        while R.step < cfg.max_steps:
-            step, t0 = R.step, time.time()
-            eps = kl_budget(step, cfg.eps0, cfg.warmup_steps, cfg.schedule)   # eq. 3
-            k = warmup_knobs(step, cfg)                                          # the baselines; inert by default
-            rows = [R.prompts[i] for i in batch_indices(step, len(R.prompts), cfg, R.rank, R.world)
-                    for _ in range(cfg.n_samples)]
-            gen.manual_seed(cfg.seed * 1_000_003 + step * 1009 + R.rank)        # design choice 9
-            try:
-                roll = rollout_rows(R, rows, eps, k, gen)                        # mu while eps > 0, then pi_S
-            except UserError as e:
-                raise UserError(f"step {step}: {e}; stopping without saving") from None
-            t_roll = time.time() - t0
-            n_tok = all_reduce(roll["mask"].sum().float(), R.world)              # global response tokens
-            sums = loss_step(R, rows, roll, k, n_tok)                            # teacher scores, loss, gradient
-            S = dict(zip(STATS, all_reduce(torch.stack([sums[s] for s in STATS]), R.world).tolist()))
-            for g in R.opt.param_groups: g["lr"] = lr_at(step, cfg)
-            gnorm = clip_grad(R)                                                 # the update: clip, check, AdamW
-            if not (math.isfinite(S["loss"]) and math.isfinite(gnorm)):
-                raise UserError(f"step {step}: non-finite loss ({S['loss'] / max(S['tokens'], 1):.4g}) or gradient "
-                                f"norm ({gnorm:.4g}); stopping without saving")
-            R.opt.step()
-            R.opt.zero_grad(set_to_none=True)
-            R.step = step + 1
-            rec = record(R, R.step, eps, k, S, len(rows), t_roll, time.time() - t0)
-            if R.eval_prompts and cfg.eval_every and (R.step % cfg.eval_every == 0 or R.step == cfg.max_steps):
-                rec["eval_kl"] = evaluate(R)
-            log(R, rec)
-            if R.step == cfg.max_steps or (cfg.save_every and R.step % cfg.save_every == 0): save(R)
-    except KeyboardInterrupt:
-        if R is None: raise Stopped("interrupted before training started") from None
-        last = f"its checkpoint of step {R.saved} is intact" if R.saved is not None else "no checkpoint was saved yet"
-        raise Stopped(f"interrupted during step {R.step + 1}; {cfg.out_dir}: {last}") from None
-    finally:
-        if R is not None: R.bar.close()
-        if lock is not None: unlock(lock)
-        if world > 1: torch.distributed.destroy_process_group()
-    return R.student
-
-# -----------------------------------------------------------------------------
-# plumbing: setup, logging, checkpoints, signals
-
-def all_reduce(x, world):
-    if world > 1: torch.distributed.all_reduce(x)
-    return x
-
-def barrier(world):
-    if world > 1: torch.distributed.barrier()
-
-def clip_grad(R):
-    """Clips the gradient norm to --grad_clip (0: no clipping) and returns the norm before clipping."""
-    clip = R.cfg.grad_clip if R.cfg.grad_clip > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(R.student.parameters(), clip)  # works on FSDP2's sharded DTensors too
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-def encode_prompts(tok, prompts, cfg):
-    enc, skipped = [], 0
-    for q in prompts:
-        ids = format_prompt(tok, q, cfg.system_prompt)
-        if len(ids) > cfg.max_prompt_len: skipped += 1
-        else: enc.append(ids)
-    return enc, skipped
-
-def setup(cfg, given, rank, world, device, amp_dtype):
-    """
-    Checkpoint, tokenizers, data, models and optimizer, the cheap checks first: no model loads before the flags,
-    out_dir and data are known to be good.
-    """
-    master, state, changed = rank == 0, None, []
-    if master and cfg.resume: recover_checkpoint(cfg.out_dir)
-    barrier(world)
-    if cfg.resume:
-        state = load_state(cfg.out_dir)
-        cfg, changed = resume_config(cfg, given, state)
-        check_config(cfg)
-    if cfg.batch_size % world: raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks")
-    if state is not None and bool(state["config"].get("fsdp")) != cfg.fsdp:
-        raise UserError("--resume: --fsdp must stay as the run began (its optimizer state is saved differently)")
-    if cfg.fsdp and not torch.distributed.is_initialized(): raise UserError("this run used --fsdp: resume it under torchrun")
-    s_path = cfg.out_dir if state is not None else cfg.student
-    tok, t_tok = load_tokenizer(s_path, cfg.trust_remote_code), load_tokenizer(cfg.teacher, cfg.trust_remote_code)
-    V = shared_vocab(tok, t_tok)
-    for name in ("loss_topk", "skd_topk"):
-        if getattr(cfg, name) > V: raise UserError(f"--{name} {getattr(cfg, name)} is larger than the {V}-token vocab")
-    prompts, skipped = encode_prompts(tok, load_prompts(cfg.data, cfg.prompt_field), cfg)
-    if not prompts: raise UserError(f"data {cfg.data!r}: every prompt is longer than --max_prompt_len {cfg.max_prompt_len}")
-    evals = encode_prompts(tok, load_prompts(cfg.eval_data, cfg.prompt_field), cfg)[0] if cfg.eval_data else []
-    student = load_model(s_path, torch.float32, device, cfg.trust_remote_code)  # fp32 master weights
-    teacher = load_model(cfg.teacher, amp_dtype, device, cfg.trust_remote_code).eval().requires_grad_(False)
-    check_logits(V, student=student, teacher=teacher)
-    eos_ids = eos_ids_of((tok, student), (t_tok, teacher))
-    if cfg.grad_ckpt: enable_grad_ckpt(student)
-    if cfg.fsdp: shard(student, device, amp_dtype)           # FSDP2: the student is sharded in place
-    ids = [device.index] if device.index is not None else None
-    model = torch.nn.parallel.DistributedDataParallel(student, ids) if world > 1 and not cfg.fsdp else student
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                            fused=device.type in ("cpu", "cuda"))  # one kernel for all parameters
-    if state is not None:
-        if cfg.fsdp: load_sharded_optimizer(student, opt, cfg.out_dir)
-        else: opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-    step = state["step"] if state is not None else 0
-    amp = torch.autocast(device.type, dtype=amp_dtype) if device.type == "cuda" and amp_dtype != torch.float32 else nullcontext()
-    R = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=master, device=device, amp=amp, tok=tok, V=V,
-                        eos_ids=eos_ids, pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0],
-                        prompts=prompts, eval_prompts=evals[:cfg.eval_prompts], student=student, teacher=teacher,
-                        model=model, opt=opt, step=step, saved=state["step"] if state is not None else None, bar=None,
-                        wandb=None)
-    if master:
-        keep_metrics(cfg.out_dir, step)
-        print(f"trb | V={V} eos={eos_ids} prompts={len(prompts)} skipped_long={skipped} world={world} device={device} "
-              f"dtype={amp_dtype}".replace("torch.", ""), flush=True)
-        if changed: print(f"trb | resume from step {step}: " + ", ".join(changed), flush=True)
-        if cfg.wandb_project:
-            import wandb
-            R.wandb = wandb
-            wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
-    from tqdm import tqdm
-    R.bar = tqdm(total=cfg.max_steps, initial=step, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True)
-    return R
-
-def enable_grad_ckpt(m):
-    kw = {"use_reentrant": False}
-    if hasattr(m, "activation_checkpointing_enable"): m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-    else: m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)  # transformers before 5.2x
-
-def resume_config(cfg, given, state):
-    """The checkpoint's config, with the flags given again on this command line taking over; and what changed."""
-    old = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
-    new = dataclasses.replace(old, **{k: getattr(cfg, k) for k in set(given) | {"out_dir", "resume"}})
-    return new, [f"--{k} {getattr(old, k)} -> {getattr(new, k)}" for k in sorted(given)
-                 if k not in ("out_dir", "resume") and getattr(old, k) != getattr(new, k)]
-
-@contextmanager
-def progress(R, **kw):
-    """A tqdm bar on the master's terminal; none in a log file or a pipe."""
-    from tqdm import tqdm
-    bar = tqdm(disable=not (R.master and sys.stderr.isatty()), leave=False, dynamic_ncols=True, **kw)
-    try:
-        yield bar
-    finally:
-        bar.close()
-
-def log(R, rec):
-    """One line on stdout and one JSON line in metrics.jsonl (and wandb), from the master."""
-    if not R.master: return
-    if rec["step"] > R.bar.n: R.bar.update(rec["step"] - R.bar.n)
-    R.bar.write(log_line(rec))
-    with open(os.path.join(R.cfg.out_dir, "metrics.jsonl"), "a") as f: f.write(json.dumps(rec) + "\n")
-    if R.wandb: R.wandb.log(rec, step=rec["step"])
-
-def read_metrics(path):
-    """The records of a metrics.jsonl; a last line cut short (a kill, a full disk) is dropped."""
-    recs = []
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(r, dict) and isinstance(r.get("step"), int): recs.append(r)
-    return recs
-
-def keep_metrics(out_dir, step):
-    """Drops the records past `step` (the checkpoint we resume from), atomically."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path): return
-    with open(path + ".part", "w") as f: f.writelines(json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= step)
-    os.replace(path + ".part", path)
-
-def save(R):
-    """Checkpoints the current step, with the full EOS set, after checking the weights; nothing is lost on failure."""
-    sd = gathered_weights(R.student) if R.cfg.fsdp else None  # FSDP2: the full weights, on the master's CPU
-    if R.master:
-        params = sd.values() if sd is not None else R.student.parameters()
-        if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
-            raise UserError(f"step {R.step}: non-finite weights after the update; stopping without saving")
-        state = dict(step=R.step, optimizer=None if R.cfg.fsdp else R.opt.state_dict(), config=dataclasses.asdict(R.cfg),
-                     world=R.world, rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
-        if R.student.generation_config is not None:  # eval.py, generate() and vLLM stop where training did
-            R.student.generation_config.eos_token_id = list(R.eos_ids)
-    try:
-        with deferred_signals():
-            if R.cfg.fsdp: save_sharded_optimizer(R)        # every rank writes its shard into out_dir.tmp
-            if R.master: save_checkpoint(R.cfg.out_dir, R.student, R.tok, state, sd, fresh=not R.cfg.fsdp)
-    except Exception as e:  # a full disk, a quota: the previous checkpoint is untouched
-        shutil.rmtree(os.path.abspath(R.cfg.out_dir) + ".tmp", ignore_errors=True)
-        prev = f"the checkpoint of step {R.saved}" if R.saved is not None else "no earlier checkpoint"
-        raise UserError(f"step {R.step}: saving the checkpoint failed ({_first_line(e)}); {prev} in "
-                        f"{R.cfg.out_dir} is intact; stopping") from None
-    R.saved = R.step
-    barrier(R.world)
+# ---------------------------------------------------------------------------------------------------------------------
+# plumbing: checkpoints, metrics, the out_dir lock (design choice 11)
 
 def save_checkpoint(out_dir, model, tok, state, state_dict=None, fresh=True):
     """
-    Writes out_dir.tmp completely, then swaps it in by rename (design choice 10). A kill at any point leaves a
+    Writes out_dir.tmp completely, then swaps it in by rename (design choice 11). A kill at any point leaves a
     complete checkpoint that recover_checkpoint() finds: out_dir, a complete .tmp or .old. Files that are not part
     of the checkpoint (metrics.jsonl, the user's) are hard-linked into .tmp, not moved, so out_dir never lacks them.
     fresh=False keeps what is already in .tmp (FSDP2's optimizer shards).
@@ -1113,7 +1114,8 @@ def recover_checkpoint(out_dir):
         if not _complete(cand): continue
         if os.path.isdir(out_dir):
             for f in os.listdir(out_dir):
-                if not os.path.exists(os.path.join(cand, f)): os.replace(os.path.join(out_dir, f), os.path.join(cand, f))
+                if not os.path.exists(os.path.join(cand, f)):
+                    os.replace(os.path.join(out_dir, f), os.path.join(cand, f))
             shutil.rmtree(out_dir)
         os.replace(cand, out_dir)
         return
@@ -1127,6 +1129,27 @@ def load_state(out_dir):
     except Exception:
         raise UserError(f"--resume: corrupt checkpoint state {path}") from None
     return state
+
+def read_metrics(path):
+    """The records of a metrics.jsonl; a last line cut short (a kill, a full disk) is dropped."""
+    recs = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(r, dict) and isinstance(r.get("step"), int): recs.append(r)
+    return recs
+
+def keep_metrics(out_dir, step):
+    """Drops the records past `step` (the checkpoint we resume from), atomically."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path): return
+    keep = [json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= step]
+    with open(path + ".part", "w") as f: f.writelines(keep)
+    os.replace(path + ".part", path)
 
 def lock_out_dir(out_dir):
     """
@@ -1163,14 +1186,16 @@ def unlock(f):
         pass
     f.close()
 
-# FSDP2 (--fsdp): the student sharded in place; decoding on whole weights; full weights and sharded AdamW state saved
+# ---------------------------------------------------------------------------------------------------------------------
+# plumbing: FSDP2 (--fsdp, design choice 12)
 
 def shard(student, device, amp_dtype):
     """fully_shard each decoder layer, then the root; on CUDA, bf16 compute with fp32 reduction and master weights."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if device.type == "cuda" else None
     kw = dict(mp_policy=mp) if mp is not None else {}
-    for m in [m for m in student.modules() if type(m).__name__ in (student._no_split_modules or [])]: fully_shard(m, **kw)
+    for m in [m for m in student.modules() if type(m).__name__ in (student._no_split_modules or [])]:
+        fully_shard(m, **kw)
     fully_shard(student, **kw)
 
 @contextmanager
@@ -1217,6 +1242,9 @@ def load_sharded_optimizer(student, opt, out_dir):
     dcp.load(osd, checkpoint_id=os.path.join(out_dir, "optimizer"))
     set_optimizer_state_dict(student, opt, optim_state_dict=osd)
 
+# ---------------------------------------------------------------------------------------------------------------------
+# plumbing: signals
+
 class Stopped(UserError):
     """A run stopped by SIGINT or SIGTERM: one line, and the checkpoint is intact."""
 
@@ -1237,19 +1265,6 @@ def deferred_signals():
         for s, h in old.items(): signal.signal(s, h)
     if got: raise KeyboardInterrupt
 
-def main(argv=None):
-    main_thread = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # SIGTERM stops like Ctrl-C
-    try:
-        train(*parse_args(argv))
-    except KeyboardInterrupt:
-        raise SystemExit("trb: interrupted before training started") from None
-    except Stopped as e:
-        raise SystemExit(f"trb: {e}")
-    except UserError as e:
-        raise SystemExit(f"trb: error: {e}")
-    finally:
-        if main_thread: signal.signal(signal.SIGTERM, old)
 
 if __name__ == "__main__":
     main()
