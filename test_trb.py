@@ -560,12 +560,14 @@ def test_rollout_batch_size_is_one_decoding_batch_per_slice(tiny, tmp_path, monk
 # -----------------------------------------------------------------------------
 # training: the CLI end to end, exact resume, micro-batching and DDP invariance
 
-def run_cli(tiny, out, *extra):
-    args = ["--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["data"], "--out_dir", str(out),
+def cli_args(tiny, out, *extra):
+    return ["--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["data"], "--out_dir", str(out),
             "--batch_size", "2", "--n_samples", "2", "--micro_batch_size", "4", "--max_new_tokens", "12",
             "--eps0", "0.1", "--warmup_steps", "3", "--lr", "1e-3", "--lr_warmup_steps", "2", "--loss_topk", "0",
             *extra]
-    trb.main(args)
+
+def run_cli(tiny, out, *extra):
+    trb.main(cli_args(tiny, out, *extra))
     return out
 
 def weights(path):
@@ -1019,6 +1021,23 @@ def test_signals_stop_with_one_line_and_an_intact_checkpoint(tiny, tmp_path, sig
     saved = int(last.split("checkpoint of step ")[1].split()[0])
     assert trb.load_state(str(out))["step"] == saved >= 1
     assert "\r" not in line + rest, "no progress-bar escapes in a pipe"
+
+def test_kill_9_mid_run_resumes_exactly(tiny, tmp_path):
+    """kill -9 right after a step's log line (its save follows), twice: --resume ends bit-exact, metrics whole."""
+    a = run_cli(tiny, tmp_path / "a", "--max_steps", "6", "--save_every", "1")
+    args = [sys.executable, os.path.join(HERE, "trb.py"), *cli_args(tiny, tmp_path / "b", "--max_steps", "6",
+                                                                    "--save_every", "1")]
+    for k, resume in ((2, []), (4, ["--resume"])):
+        p = subprocess.Popen(args + resume, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+        for line in p.stdout:
+            if line.startswith(f"step {k:5d} |"): break
+        p.kill()
+        p.wait()
+    trb.main(["--out_dir", str(tmp_path / "b"), "--resume"])
+    wa, wb = weights(a), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "a run killed twice resumed to other weights"
+    assert metric_steps(tmp_path / "b") == [1, 2, 3, 4, 5, 6]
 
 def test_a_second_run_on_the_same_out_dir_is_refused(tiny, tmp_path):
     """The out_dir lock: a second run stops at once, naming the holder's pid."""

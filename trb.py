@@ -54,6 +54,7 @@ Usage
 """
 import argparse
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -340,16 +341,16 @@ def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tok
     step draws one uniform per original row, so the tokens are the same with and without compaction.
     Returns tokens, mask (response incl. EOS), beta, kl (realised KL(mu||pi_S)), replaced (SKD) and t_logp
     (teacher log-prob of each token, None when the teacher did not run), all (B, T).
-    Host syncs per step: one (the done count and the NaN flags, read together), one per solver iteration of the
-    blend, and a nonzero() at each compaction.
+    Host syncs: one per decoding step (the done count and the NaN flags, read together), one per solver iteration
+    of the blend, a nonzero() at each compaction, and one per rollout (whether any row has eps > 0).
     """
     B, N, dev = ids.shape[0], max_new_tokens, ids.device
     eps = torch.as_tensor(eps, dtype=torch.float32, device=dev).expand(B)  # (B,)
     use_t = teacher is not None and (skd_topk > 0 or bool((eps > 0).any()))
     tau = temperature if temperature > 0 else 1.0
-    out = dict(tokens=torch.full((B, N), pad_id, dtype=torch.long, device=dev), mask=torch.zeros(B, N, dtype=torch.bool,
-               device=dev), beta=torch.zeros(B, N, device=dev), kl=torch.zeros(B, N, device=dev),
-               replaced=torch.zeros(B, N, dtype=torch.bool, device=dev), t_logp=torch.zeros(B, N, device=dev))
+    z = lambda dtype=torch.float32: torch.zeros(B, N, dtype=dtype, device=dev)  # noqa: E731  (B, N) outputs
+    out = dict(tokens=z(torch.long).fill_(pad_id), mask=z(torch.bool), beta=z(), kl=z(), replaced=z(torch.bool),
+               t_logp=z())
     rows = torch.arange(B, device=dev)                       # (b,) original row of each row of the decoding batch
     pos = (attn.cumsum(-1) - 1).clamp(min=0)                 # (B, P) position ids under left padding
     s_cache, t_cache = _new_cache(student), _new_cache(teacher) if use_t else None
@@ -419,9 +420,13 @@ def _decode(model, x, attn, pos, cache, V):
     passed under the keyword this transformers reads ('cache' in 5.24, 'past_key_values' before), so the loop runs
     on both; the parity tests fail if it were ignored.
     """
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **{kw: cache})
+    out = model(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **{_cache_keyword(type(model)): cache})
     return out.logits[:, -1, :V]                             # (b, V)
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(cls):
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 # ---------------------------------------------------------------------------------------------------------------------
 # loss: the reverse KL, chunked (design choices 7, 8)
@@ -884,11 +889,15 @@ def enable_grad_ckpt(m):
     else: m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)  # transformers before 5.2x
 
 def resume_config(cfg, given, state):
-    """The checkpoint's config, with the flags given again on this command line taking over; and what changed."""
+    """
+    The checkpoint's config, with the flags given again on this command line taking over, and what changed. Where
+    the run lives and runs (out_dir, device, dtype) always comes from this command line.
+    """
+    here = {"out_dir", "resume", "device", "dtype"}
     old = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
-    new = dataclasses.replace(old, **{k: getattr(cfg, k) for k in set(given) | {"out_dir", "resume"}})
+    new = dataclasses.replace(old, **{k: getattr(cfg, k) for k in set(given) | here})
     return new, [f"--{k} {getattr(old, k)} -> {getattr(new, k)}" for k in sorted(given)
-                 if k not in ("out_dir", "resume") and getattr(old, k) != getattr(new, k)]
+                 if k not in here and getattr(old, k) != getattr(new, k)]
 
 def all_reduce(x, world):
     if world > 1: torch.distributed.all_reduce(x)
