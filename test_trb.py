@@ -3,6 +3,7 @@ Tests for trb.py and eval.py: pytest, CPU, tiny models built here (no downloads)
   python -m pytest -q test_trb.py
 Opt-in checks on the real SmolLM2 pair run with TRB_SLOW=1.
 """
+import dataclasses
 import json
 import math
 import os
@@ -353,6 +354,25 @@ def test_sample_matches_inverse_cdf_reference_and_distribution():
     one = torch.full((5, 40), float("-inf"))
     one[torch.arange(5), torch.tensor([0, 39, 3, 3, 20])] = 0.0
     assert trb.sample(one).tolist() == [0, 39, 3, 3, 20], "a one-hot row always gives its token, at both ends too"
+
+@pytest.mark.parametrize("script", ["trb.py", "eval.py", "bench.py"])
+def test_help_explains_every_flag(script):
+    """--help gives each flag its comment in the config dataclass, its default, and the dataclass's groups."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "250"}, check=True)
+    cls = {"trb.py": trb.Config, "eval.py": ev.EvalConfig, "bench.py": None}[script]
+    if cls is None:
+        import bench
+        cls = bench.BenchConfig
+    for group, fields in trb.config_help(cls):
+        assert f"\n{group}:\n" in p.stdout, f"{script}: group {group!r} missing"
+        for name, h in fields:
+            default = next(f for f in dataclasses.fields(cls) if f.name == name).default
+            assert f"--{name}" in p.stdout and h in p.stdout, f"{script}: --{name} lacks its help {h!r}"
+            if not callable(default) and default is not dataclasses.MISSING and not isinstance(default, str):
+                assert f"{h} (default: {default})" in p.stdout, f"{script}: --{name} lacks its default"
+    assert len(p.stdout.split("\n\n")[1]) > 40, "a description line"
+    if script == "trb.py": assert "--eps0 FLOAT          initial KL budget; 0 = vanilla OPD (default: 0.02)" in p.stdout
 
 def test_import_has_no_side_effects():
     """import trb loads no models, parses no arguments, imports no transformers or datasets."""
