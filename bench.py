@@ -193,35 +193,6 @@ def bench_rollouts(s, t, ids, attn, V, N, device, repeats, r2_repeats, eps=0.02,
     return res
 
 # -----------------------------------------------------------------------------
-# R7: real lengths (EOS on): finished rows leaving the decoding batch
-
-def bench_lengths(s, ids, attn, V, eos_ids, pad_id, N, device, rounds):
-    """
-    Pure-OPD rollouts at temperature 1 with the model's own EOS, with and without compaction, and HF generate on
-    the same prompts; the prefill (one forward of the prompts) is timed apart and taken out of both rollouts.
-    """
-    from transformers import GenerationConfig
-    ids, attn = ids.to(device), attn.to(device)
-    kw = dict(V=V, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=N, temperature=1.0)
-    gen = lambda: torch.Generator(device=device).manual_seed(0)  # noqa: E731
-    run = lambda c: trb.rollout(s, None, ids, attn, 0.0, gen=gen(), compact=c, **kw)  # noqa: E731
-    lens = run(0.25)["mask"].sum(1)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    prefill = lambda: torch.inference_mode()(trb._decode)(s, ids, attn, pos, trb._new_cache(s), V)
-    gc = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N, eos_token_id=eos_ids,
-                          pad_token_id=pad_id, use_cache=True)
-    def generate():
-        torch.manual_seed(0)
-        return torch.inference_mode()(s.generate)(input_ids=ids, attention_mask=attn, generation_config=gc)
-    ts = timed_all(dict(compact=lambda: run(0.25), full=lambda: run(0), prefill=prefill, generate=generate), device,
-                   rounds, warmup=False)
-    res = {k: med(v) for k, v in ts.items()}
-    res["useful"] = float(lens.sum() / (lens.numel() * lens.max()))
-    res["lens"] = lens.tolist()
-    res["r7"] = (res["compact"] - res["prefill"]) / (res["useful"] * (res["full"] - res["prefill"]))
-    return res
-
-# -----------------------------------------------------------------------------
 # R3: the blend on real rows
 
 @torch.inference_mode()
@@ -297,44 +268,6 @@ def bench_loss_memory(B, T, V):
                 logits=B * T * V * 4)
 
 # -----------------------------------------------------------------------------
-# R9: per-rank training state of the student, DDP against FSDP2 (2 CPU processes, gloo)
-
-STATE_CHILD = r"""
-import json, sys, torch, torch.distributed as dist
-sys.path.insert(0, sys.argv[1])
-import bench, trb
-dist.init_process_group("gloo")
-s, _ = bench.random_pair("smollm2", "cpu", torch.float32)
-if sys.argv[2] == "fsdp": trb.shard(s, torch.device("cpu"), torch.float32)
-model = s if sys.argv[2] == "fsdp" else torch.nn.parallel.DistributedDataParallel(s)
-opt = torch.optim.AdamW(s.parameters(), lr=1e-5, fused=True)
-x = torch.randint(3, 49152, (2, 16))
-model(input_ids=x, labels=x).loss.backward()
-opt.step()
-local = lambda t: t.to_local() if hasattr(t, "to_local") else t
-nbytes = lambda ts: sum(local(t).numel() * t.element_size() for t in ts if torch.is_tensor(t))
-out = dict(params=nbytes(s.parameters()), grads=nbytes(p.grad for p in s.parameters()),
-           optimizer=nbytes(v for st in opt.state.values() for v in st.values()))
-if dist.get_rank() == 0: print("STATE", json.dumps(out))
-dist.destroy_process_group()
-"""
-
-def bench_training_state(tmp):
-    """Bytes of the student's parameters, gradients and AdamW state held by rank 0 of 2, under DDP and FSDP2."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    child = os.path.join(tmp, "state_child.py")
-    with open(child, "w") as f: f.write(STATE_CHILD)
-    out = {}
-    for how in ("ddp", "fsdp"):
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            child, here, how], capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-        line = [l for l in p.stdout.splitlines() if l.startswith("STATE")]
-        if not line: raise RuntimeError(f"R9 {how}: {(p.stderr.strip().splitlines() or ['failed'])[-1]}")
-        out[how] = json.loads(line[0].split(" ", 1)[1])
-    return out
-
-# -----------------------------------------------------------------------------
 # R5: a pure-OPD training step against TRL
 
 TRL_CHILD = r"""
@@ -405,6 +338,74 @@ def bench_trl(paths, N, B, steps, tmp):
     return out
 
 # -----------------------------------------------------------------------------
+# R7: real lengths (EOS on): finished rows leaving the decoding batch
+
+def bench_lengths(s, ids, attn, V, eos_ids, pad_id, N, device, rounds):
+    """
+    Pure-OPD rollouts at temperature 1 with the model's own EOS, with and without compaction, and HF generate on
+    the same prompts; the prefill (one forward of the prompts) is timed apart and taken out of both rollouts.
+    """
+    from transformers import GenerationConfig
+    ids, attn = ids.to(device), attn.to(device)
+    kw = dict(V=V, eos_ids=eos_ids, pad_id=pad_id, max_new_tokens=N, temperature=1.0)
+    gen = lambda: torch.Generator(device=device).manual_seed(0)  # noqa: E731
+    run = lambda c: trb.rollout(s, None, ids, attn, 0.0, gen=gen(), compact=c, **kw)  # noqa: E731
+    lens = run(0.25)["mask"].sum(1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    prefill = lambda: torch.inference_mode()(trb._decode)(s, ids, attn, pos, trb._new_cache(s), V)
+    gc = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N, eos_token_id=eos_ids,
+                          pad_token_id=pad_id, use_cache=True)
+    def generate():
+        torch.manual_seed(0)
+        return torch.inference_mode()(s.generate)(input_ids=ids, attention_mask=attn, generation_config=gc)
+    ts = timed_all(dict(compact=lambda: run(0.25), full=lambda: run(0), prefill=prefill, generate=generate), device,
+                   rounds, warmup=False)
+    res = {k: med(v) for k, v in ts.items()}
+    res["useful"] = float(lens.sum() / (lens.numel() * lens.max()))
+    res["lens"] = lens.tolist()
+    res["r7"] = (res["compact"] - res["prefill"]) / (res["useful"] * (res["full"] - res["prefill"]))
+    return res
+
+# -----------------------------------------------------------------------------
+# R9: per-rank training state of the student, DDP against FSDP2 (2 CPU processes, gloo)
+
+STATE_CHILD = r"""
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import bench, trb
+dist.init_process_group("gloo")
+s, _ = bench.random_pair("smollm2", "cpu", torch.float32)
+if sys.argv[2] == "fsdp": trb.shard(s, torch.device("cpu"), torch.float32)
+model = s if sys.argv[2] == "fsdp" else torch.nn.parallel.DistributedDataParallel(s)
+opt = torch.optim.AdamW(s.parameters(), lr=1e-5, fused=True)
+x = torch.randint(3, 49152, (2, 16))
+model(input_ids=x, labels=x).loss.backward()
+opt.step()
+local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+nbytes = lambda ts: sum(local(t).numel() * t.element_size() for t in ts if torch.is_tensor(t))
+out = dict(params=nbytes(s.parameters()), grads=nbytes(p.grad for p in s.parameters()),
+           optimizer=nbytes(v for st in opt.state.values() for v in st.values()))
+if dist.get_rank() == 0: print("STATE", json.dumps(out))
+dist.destroy_process_group()
+"""
+
+def bench_training_state(tmp):
+    """Bytes of the student's parameters, gradients and AdamW state held by rank 0 of 2, under DDP and FSDP2."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    child = os.path.join(tmp, "state_child.py")
+    with open(child, "w") as f: f.write(STATE_CHILD)
+    out = {}
+    for how in ("ddp", "fsdp"):
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            child, here, how], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        line = [l for l in p.stdout.splitlines() if l.startswith("STATE")]
+        if not line: raise RuntimeError(f"R9 {how}: {(p.stderr.strip().splitlines() or ['failed'])[-1]}")
+        out[how] = json.loads(line[0].split(" ", 1)[1])
+    return out
+
+# -----------------------------------------------------------------------------
+# the table, the command line, and the GPU run (R6, R8)
 
 def row(name, value, target="", ok=True):
     status = ("met" if ok else "MISSED") if target else ""
