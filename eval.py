@@ -202,7 +202,8 @@ def plot_runs(run_dirs, out_png):
         import matplotlib.pyplot as plt
     except ImportError:
         raise trb.UserError("--plot needs matplotlib (pip install matplotlib)") from None
-    K = min((next(r["step"] for r in recs if r.get("eps") == 0) for rs in runs.values() for recs in rs
+    # K: the record of step s was trained with eps_{s-1}, so a decaying budget first reads 0 at record K + 1
+    K = min((next(r["step"] for r in recs if r.get("eps") == 0) - 1 for rs in runs.values() for recs in rs
              if recs[-1].get("eps") == 0 and any(r.get("eps", 0) > 0 for r in recs)), default=None)
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.6))
     axes = axes.ravel()
@@ -278,6 +279,7 @@ def check_args(a):
         print("eval: warning: --temperature 0 with --n_samples > 1 gives identical samples", file=sys.stderr)
 
 def main(argv=None):
+    trb.keep_freed_memory()
     a, _ = trb.parse_config(EvalConfig, argv, "GSM8K / MATH exact match of a trb.py checkpoint or any HF causal LM, "
                                               "pass@1 over n samples; or --plot the curves of trb.py runs")
     try:

@@ -53,6 +53,7 @@ Usage
   python trb.py --help                                                                     # every flag
 """
 import argparse
+import ctypes
 import dataclasses
 import functools
 import inspect
@@ -205,10 +206,15 @@ def _support(ls, lt):
     d = lt - ls                                              # (N, V) inf or nan off A
     inA = torch.nan_to_num(d * 0 + 1, nan=0.0)               # (N, V) 1 on A, 0 off A: a float mask, not a bool one
     off = (inA - 1) * 1e30                                   # (N, V) 0 on A, -1e30 off A
-    m_out = (ls.exp() * (1 - inA)).sum(-1)                   # (N,) student mass off A: exactly 0 when A holds it all
-    c = torch.where(m_out < 0.5, -torch.log1p(-m_out), -(ls + off).logsumexp(-1))  # (N,) no overflow at pi_S(A) -> 0
+    ps = ls.exp()                                            # (N, V)
+    pA = ps * inA                                            # (N, V) pi_S on A, 0 off A
+    m_A = pA.sum(-1)                                         # (N,) pi_S(A)
+    # c from the smaller of the two masses: exactly 0 when A holds it all, and no 1 - m_out = 0 overflow when A holds
+    # next to nothing (c = inf only below pi_S(A) = 1e-38, i.e. 87 nats, beyond any budget)
+    m_out = (ps - pA).sum(-1)                                # (N,) pi_S off A, from exact terms
+    c = torch.where(m_A > 0.5, -torch.log1p(-m_out), -torch.log(m_A))  # (N,)
     logp = (ls + c[:, None]).clamp_(min=-1e30).add_(off)     # (N, V) finite off A: keeps 0 * log 0 out of the sums
-    p = logp.exp()                                           # (N, V)
+    p = pA.mul_(c.exp()[:, None])                            # (N, V)
     d = torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)  # (N, V)
     dc = d - (p * d).sum(-1, keepdim=True)                   # (N, V) centred: E_p[dc] = 0
     return p, logp, dc, c, off
@@ -717,6 +723,7 @@ def save(R):
 # plumbing: command line and checks
 
 def main(argv=None):
+    keep_freed_memory()
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # SIGTERM stops like Ctrl-C
     try:
@@ -898,6 +905,19 @@ def resume_config(cfg, given, state):
     new = dataclasses.replace(old, **{k: getattr(cfg, k) for k in set(given) | here})
     return new, [f"--{k} {getattr(old, k)} -> {getattr(new, k)}" for k in sorted(given)
                  if k not in here and getattr(old, k) != getattr(new, k)]
+
+def keep_freed_memory():
+    """
+    On glibc, freed (B, V)-sized buffers go back to the OS and page-fault in again at the next decoding step, which
+    made a CPU TRB step up to 1.5x slower depending on the allocation pattern (bench.py): keep them in the heap
+    (mallopt: M_MMAP_THRESHOLD 64 MiB, M_TRIM_THRESHOLD 256 MiB). A no-op where libc is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 20)                           # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 << 20)                          # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 def all_reduce(x, world):
     if world > 1: torch.distributed.all_reduce(x)
