@@ -285,8 +285,7 @@ def _kl_and_slope(logp, p, dc, beta):
     x = v.sub_(m + Z.log()).sub_(logp)                      # (N, V) log(mu/p), from the same exp as mu
     # sum_i p_i (r_i log r_i - r_i + 1) with r = mu/p = e^x: every term >= 0 (design choice 2). p*(r - 1) is
     # p*expm1(min(x, 1)) - mu*expm1(-max(x - 1, 0)): p*expm1(x) where x <= 1 (relative precision near r = 1) and
-    # mu - p where x > 1 (no overflow, and p may underflow), with no mask: bool-mask kernels (torch.where,
-    # masked_fill) cost as much as ~15 float ops on a CPU.
+    # mu - p where x > 1 (no overflow, and p may underflow), with no bool mask (design choice 2).
     pr1 = torch.expm1(x.clamp(max=1)).mul_(p).sub_(torch.expm1((x - 1).clamp_(min=0).neg_()).mul_(mu))  # (N, V)
     kl = (mu * x).sub_(pr1).sum(-1)                         # (N,)
     m1 = mu * dc                                            # (N, V)
@@ -661,8 +660,8 @@ def evaluate(R):
     with progress(R, total=-(-len(mine) // bs) * cfg.max_new_tokens, desc="eval_kl (decoding steps)") as bar:
         for i in range(0, len(mine), bs):
             roll = rollout_rows(R, mine[i:i + bs], 0.0, Knobs(False, 0, 0.0, cfg.temperature), gen, bar)
-            for seq, a, r in micro_batches(R, mine[i:i + bs], roll):
-                with whole_weights(R), torch.inference_mode(), R.amp:
+            with whole_weights(R), torch.inference_mode(), R.amp:  # FSDP2: gathered once for all micro-batches
+                for seq, a, r in micro_batches(R, mine[i:i + bs], roll):
                     T = r["tokens"].shape[1]
                     s_l, t_l = response_logits(R.student, seq, a, T, R.V), response_logits(R.teacher, seq, a, T, R.V)
                     tot[0] += opd_loss(s_l, t_l, r["mask"], 0, cfg.loss_chunk, loss_prep(R.eos_ids))
