@@ -104,6 +104,11 @@ def is_correct(completion, gold, task):
 # data
 
 def gold_of(rec, task, where):
+    """(problem, gold answer string) of a record; an answer that is not text or a number is refused."""
+    for k in ("answer", "solution"):
+        v = rec.get(k)
+        if k in rec and not (isinstance(v, str) or type(v) in (int, float)):
+            raise trb.UserError(f"{where}: the {k} is {repr(v)[:40]}, not text or a number")
     if task == "gsm8k":
         if "question" not in rec or "answer" not in rec:
             raise trb.UserError(f"{where}: a GSM8K record needs question and answer")
@@ -145,7 +150,8 @@ def generate(model, tok, prompts, n_samples, temperature, max_new_tokens, batch_
     out, n_tok = [[] for _ in prompts], 0
     gen = torch.Generator(device=device).manual_seed(seed)
     from tqdm import tqdm
-    for b in tqdm(range(0, len(order), batch_size), desc="generate", dynamic_ncols=True):
+    bar = tqdm(range(0, len(order), batch_size), desc="generate", dynamic_ncols=True, disable=not sys.stderr.isatty())
+    for b in bar:                                           # a bar on a terminal only, none in a log file
         idx = order[b:b + batch_size]
         ids, attn = trb.left_pad([rows[r][1] for r in idx], pad, device)
         r = trb.rollout(model, None, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=pad, max_new_tokens=max_new_tokens,
@@ -186,8 +192,8 @@ def method_of(run_dir):
 def plot_runs(run_dirs, out_png):
     """
     The curves of trb.py runs: per method (runs named NAME-sSEED are its seeds) the mean over seeds and a min-max
-    band, and a last panel with the held-out reverse KL at the end of the warmup (the first step where a decaying
-    budget reaches 0) and at the last eval, per method, with the seeds' spread.
+    band, and a last panel with the held-out reverse KL at the end of the warmup (step K, the last step that sampled
+    with eps > 0, as trb.py logs it) and at the last eval, per method, with the seeds' spread.
     """
     runs = {}
     for d in run_dirs:
@@ -220,7 +226,8 @@ def plot_runs(run_dirs, out_png):
                 ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.2)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step")
-        ends = [s for s in (K, max(r["step"] for recs in rs for r in recs if "eval_kl" in r)) if s is not None]
+        last = max((r["step"] for recs in rs for r in recs if "eval_kl" in r), default=None)  # None: no --eval_data
+        ends = [s for s in (K, last) if s is not None]
         for j, s in enumerate(ends):
             v = [r["eval_kl"] for recs in rs for r in recs if r["step"] == s and "eval_kl" in r]
             if not v: continue
@@ -275,11 +282,15 @@ def check_args(a):
         raise trb.UserError(f"--dtype must be auto, bfloat16, float16 or float32, got {a.dtype!r}")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise trb.UserError(f"--device {a.device}: no CUDA here")
+    if a.out and (os.path.isdir(a.out) or not os.access(os.path.dirname(os.path.abspath(a.out)), os.W_OK)):
+        why = "is a directory" if os.path.isdir(a.out) else "cannot be written: its folder is missing or read-only"
+        raise trb.UserError(f"--out {a.out!r} {why}")
     if a.temperature == 0 and a.n_samples > 1:
         print("eval: warning: --temperature 0 with --n_samples > 1 gives identical samples", file=sys.stderr)
 
 def main(argv=None):
     trb.keep_freed_memory()
+    trb.quiet_progress_bars()
     a, _ = trb.parse_config(EvalConfig, argv, "GSM8K / MATH exact match of a trb.py checkpoint or any HF causal LM, "
                                               "pass@1 over n samples; or --plot the curves of trb.py runs")
     try:

@@ -809,7 +809,7 @@ def test_prompt_field_and_length_refusals(tiny, tmp_path):
     """A missing --prompt_field and prompts all over --max_prompt_len are refused early."""
     assert "has no prompt field body" in cli_error(tiny, tmp_path, "--data", tiny["data"], "--prompt_field", "body",
                                                    early=True)
-    assert "every prompt is longer" in cli_error(tiny, tmp_path, "--max_prompt_len", "5", early=True)
+    assert "--data: all 12 prompts are longer" in cli_error(tiny, tmp_path, "--max_prompt_len", "5", early=True)
 
 def test_hub_names_fail_fast_offline(tmp_path):
     """With the hub out of reach, the default run stops at once with one line naming the ways out."""
@@ -911,7 +911,7 @@ def test_resume_missing_or_corrupt(tiny, tmp_path):
     assert "corrupt checkpoint" in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", base=False)
     out = run_cli(tiny, tmp_path / "ok2", "--max_steps", "1")
     (out / "model.safetensors").write_bytes(b"\x00" * 100)
-    assert "cannot load model" in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", base=False)
+    assert "cannot load student" in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", base=False)
 
 # -----------------------------------------------------------------------------
 # faults: a kill at any point of a save, signals, a full disk, two runs, a non-finite update
@@ -962,7 +962,7 @@ def test_a_kill_at_any_point_of_a_save_loses_nothing(tiny, one_step_run, tmp_pat
     """Kill a save at each of its steps, then its recovery at each of its steps: a complete checkpoint remains,
     metrics.jsonl keeps every line, and the next save works (no stale .old or .tmp in its way)."""
     m, tok = load(tiny["student"]), tiny["tok"]
-    state = lambda s: {"step": s, "optimizer": {}, "config": {}}  # noqa: E731
+    state = lambda s: {"step": s, "optimizer": {}, "config": {}, "world": 1, "rng": {}}  # noqa: E731
     tried = survived = rec_tried = 0
     for kill_at in range(100):
         out = str(tmp_path / f"k{kill_at}" / "run")
@@ -1035,7 +1035,7 @@ def test_signals_stop_with_one_line_and_an_intact_checkpoint(tiny, tmp_path, sig
     rest, err = p.communicate(timeout=300)
     last = err.strip().splitlines()[-1]
     assert p.returncode != 0 and "Traceback" not in err, err[-2000:]
-    assert last.startswith("trb: interrupted during step ") and "is intact" in last, last
+    assert last.startswith("trb: interrupted after step ") and "is intact" in last, last
     saved = int(last.split("checkpoint of step ")[1].split()[0])
     assert trb.load_state(str(out))["step"] == saved >= 1
     assert "\r" not in line + rest, "no progress-bar escapes in a pipe"
@@ -1109,6 +1109,283 @@ def test_truncated_metrics_line_is_dropped_on_resume(tiny, tmp_path):
     with open(out / "metrics.jsonl", "a") as f: f.write('{"step": 2, "lo')
     trb.main(["--out_dir", str(out), "--resume", "--max_steps", "2"])
     assert metric_steps(out) == [1, 2]
+
+# -----------------------------------------------------------------------------
+# hardening, round two: runs started in the wrong place, wrong weights, odd signals, failing writes
+
+def files_of(out):
+    """Every file under out, with its bytes: what must still be there, unchanged."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+@pytest.fixture(scope="module")
+def finished_run(tiny, tmp_path_factory):
+    """A finished 2-step run with a step-0 eval record, copied afresh by each scenario."""
+    return run_cli(tiny, tmp_path_factory.mktemp("fin") / "run", "--max_steps", "2", "--eval_data", tiny["data"],
+                   "--eval_prompts", "2", "--eval_every", "2")
+
+@pytest.mark.parametrize("what", ["checkpoint", "metrics only"])
+def test_a_fresh_run_into_a_run_is_refused_and_loses_nothing(tiny, finished_run, tmp_path, what):
+    """Re-running into an out_dir that holds a run: one line naming --resume and --overwrite; every file unchanged."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    if what == "metrics only":  # a run killed before its first save
+        for f in out.iterdir():
+            if f.name != "metrics.jsonl": f.unlink()
+    before = files_of(out)
+    msg = cli_error(tiny, tmp_path, "--out_dir", str(out), early=True)
+    want = "holds a checkpoint" if what == "checkpoint" else "holds the metrics of a run that saved no checkpoint"
+    assert want in msg and "--resume" in msg and "--overwrite" in msg, msg
+    assert files_of(out) == before, "a refused run changed the out_dir"
+
+def test_overwrite_replaces_the_run_only_at_its_first_save(tiny, finished_run, tmp_path, monkeypatch):
+    """--overwrite: the old checkpoint and metrics stay until the new checkpoint is written; the new run inherits no
+    record (no old step-0 eval_kl); the user's own files stay; a kill before the first save leaves the old run."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / "notes.txt").write_text("mine")
+    before = files_of(out)
+    orig, saves = trb.save_checkpoint, []
+    def first_save_sees_the_old_run(*a, **k):
+        if not saves: assert files_of(out) == before, "the old run changed before the new checkpoint was in place"
+        saves.append(1)
+        return orig(*a, **k)
+    monkeypatch.setattr(trb, "save_checkpoint", first_save_sees_the_old_run)
+    def killed(*a, **k): raise Killed("kill -9 during the rollout")
+    with monkeypatch.context() as mp:
+        mp.setattr(trb, "rollout_rows", killed)
+        with pytest.raises(Killed):
+            run_cli(tiny, out, "--max_steps", "2", "--overwrite")
+    assert files_of(out) == before, "a kill before the first save changed the old run"
+    run_cli(tiny, out, "--max_steps", "3", "--save_every", "2", "--overwrite")
+    recs = trb.read_metrics(str(out / "metrics.jsonl"))
+    assert [r["step"] for r in recs] == [1, 2, 3] and not any("eval_kl" in r for r in recs), recs
+    assert trb.load_state(str(out))["step"] == 3 and (out / "notes.txt").read_text() == "mine"
+    assert not os.path.exists(str(out) + ".old") and not os.path.exists(str(out) + ".tmp")
+
+OUT_DIR_REFUSALS = [  # (what out_dir is, extra flags, words of the one-line error)
+    ("model", [], "holds a model that is not a trb.py run"), ("cwd", [], "holds the current directory"),
+    ("empty", ["--resume", "--overwrite"], "pass one of them"),
+]
+
+@pytest.mark.parametrize("kind,flags,words", OUT_DIR_REFUSALS, ids=[k for k, _, _ in OUT_DIR_REFUSALS])
+def test_out_dirs_a_run_must_not_use(tiny, tmp_path, monkeypatch, kind, flags, words):
+    """A model directory (the student's own, say), the current directory, --resume with --overwrite: one line each."""
+    out = tmp_path / "o"
+    if kind == "model": shutil.copytree(tiny["student"], out)
+    else: out.mkdir()
+    if kind == "cwd": monkeypatch.chdir(out / "..")
+    before = files_of(out)
+    assert words in cli_error(tiny, tmp_path, "--out_dir", str(out) if kind != "cwd" else ".", *flags, early=True)
+    assert files_of(out) == before
+
+def test_symlinked_out_dir_saves_resumes_and_locks_where_it_points(tiny, tmp_path):
+    """out_dir -> real: three saves keep the link and the real checkpoint; the same directory by either path, or
+    with its lock file removed, cannot be taken by a second run."""
+    real, link = tmp_path / "scratch" / "real", tmp_path / "out"
+    real.mkdir(parents=True)
+    link.symlink_to(real)
+    run_cli(tiny, link, "--max_steps", "3", "--save_every", "1")
+    assert link.is_symlink() and os.path.realpath(link) == str(real), "the link was replaced"
+    assert trb.load_state(str(real))["step"] == 3 and sorted(os.listdir(tmp_path / "scratch")) == ["real"]
+    assert not os.path.lexists(str(link) + ".old") and not os.path.lexists(str(link) + ".tmp")
+    trb.main(["--out_dir", str(link), "--resume", "--max_steps", "4"])
+    assert trb.load_state(str(real))["step"] == 4 and metric_steps(real) == [1, 2, 3, 4]
+    lock = trb.lock_out_dir(str(real))
+    try:
+        for path in (link, real):
+            assert f"in use by another trb.py run (pid {os.getpid()})" in cli_error(tiny, tmp_path, "--out_dir",
+                                                                                  str(path), "--resume")
+        os.remove(str(real) + ".lock")  # a user's rm: the socket still holds the directory
+        assert f"(pid {os.getpid()})" in cli_error(tiny, tmp_path, "--out_dir", str(link), "--resume")
+    finally:
+        trb.unlock(lock)
+
+@pytest.mark.parametrize("who", ["student", "teacher", "resume"])
+def test_weights_that_do_not_match_the_model_are_refused(tiny, tmp_path, who):
+    """A model.safetensors of other keys, or a checkpoint whose config no longer fits its weights: one line with the
+    counts and a few keys, never a run from random init."""
+    from safetensors.torch import save_file
+    if who == "resume":
+        bad = run_cli(tiny, tmp_path / "ck", "--max_steps", "1")
+        cfg = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+        msg = cli_error(tiny, tmp_path, "--out_dir", str(bad), "--resume", "--max_steps", "2", base=False)
+        assert "student" in msg and "unexpected (model.layers.1." in msg, msg
+        return
+    bad = tmp_path / who
+    shutil.copytree(tiny[who], bad)
+    save_file({"foo.weight": torch.zeros(3)}, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    msg = cli_error(tiny, tmp_path, f"--{who}", str(bad))
+    assert f"{who} '{bad}': its weights do not match its config" in msg and "missing (" in msg, msg
+    assert "1 unexpected (foo.weight)" in msg, msg
+
+def test_resume_refuses_another_student_and_applies_another_teacher(tiny, tmp_path, capsys):
+    """--resume --student OTHER is refused (the student is the checkpoint's); --teacher OTHER is used and printed."""
+    out = run_cli(tiny, tmp_path / "run", "--max_steps", "1")
+    msg = cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--student", tiny["teacher"], base=False,
+                    early=True)
+    assert "--student cannot change" in msg, msg
+    t2 = tmp_path / "teacher-moved"
+    shutil.copytree(tiny["teacher"], t2)
+    capsys.readouterr()
+    trb.main(["--out_dir", str(out), "--resume", "--max_steps", "2", "--teacher", str(t2)])
+    assert f"--teacher {tiny['teacher']} -> {t2}" in capsys.readouterr().out
+    assert trb.load_state(str(out))["config"]["teacher"] == str(t2)
+    msg = cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--max_steps", "3", "--teacher",
+                    str(tmp_path / "gone"), base=False, early=True)
+    assert "gone" in msg and "no such directory" in msg, msg
+
+EARLY = [  # (flags; "{long}" is a file of one prompt over --max_prompt_len 200), words of the one-line error
+    (["--seed", str(2**32)], "--seed must be in [0, 2^32)"), (["--seed", "-1"], "--seed must be in [0, 2^32)"),
+    (["--max_new_tokens", "600"], "is 6"), (["--max_new_tokens", "500"], "beyond the student's 512 positions"),
+    (["--eval_data", "{long}", "--max_prompt_len", "200"], "--eval_data: all 1 prompts are longer than"),
+    (["--eval_data", "/nonexistent/held-out.jsonl"], "--eval_data '/nonexistent/held-out.jsonl': no such file"),
+]
+
+@pytest.mark.parametrize("flags,words", EARLY, ids=[" ".join(f) for f, _ in EARLY])
+def test_checks_that_come_before_any_model_loads(tiny, tmp_path, flags, words):
+    """Seeds, lengths beyond the models' positions and held-out prompts that all go: one line, no model loaded."""
+    long = write_jsonl(tmp_path / "long.jsonl", [{"question": "apples " * 400}])
+    assert words in cli_error(tiny, tmp_path, *[f.replace("{long}", long) for f in flags], early=True)
+
+def test_largest_seed_works_and_wandb_is_checked_early(tiny, tmp_path, monkeypatch):
+    """Every accepted seed derives valid generator seeds; --wandb_project without wandb is refused early."""
+    run_cli(tiny, tmp_path / "s", "--max_steps", "1", "--seed", str(2**32 - 1), "--eval_data", tiny["data"],
+            "--eval_prompts", "2")
+    import importlib.util
+    orig = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else orig(n, *a))
+    assert "--wandb_project needs wandb" in cli_error(tiny, tmp_path, "--wandb_project", "p", early=True)
+
+def test_skipped_held_out_prompts_are_counted(tiny, tmp_path, capsys):
+    """Held-out prompts over --max_prompt_len are counted on the trb | line, not dropped silently."""
+    ev_data = write_jsonl(tmp_path / "ev.jsonl", [{"question": "How many?"}] * 2 + [{"question": "apples " * 400}])
+    run_cli(tiny, tmp_path / "run", "--max_steps", "1", "--eval_data", ev_data, "--max_prompt_len", "200")
+    assert "eval_prompts=2 eval_skipped_long=1" in capsys.readouterr().out
+
+def no_space(path_part, mode_part="a"):
+    """An open() for trb's module that fails with ENOSPC on files whose path holds path_part."""
+    import builtins
+    import errno
+    def opener(path, mode="r", *a, **k):
+        if path_part in str(path) and mode_part in mode: raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(path, mode, *a, **k)
+    return opener
+
+@pytest.mark.parametrize("how", ["disk full", "out_dir removed"])
+def test_a_failing_metrics_write_stops_with_one_line(tiny, tmp_path, monkeypatch, how):
+    """metrics.jsonl cannot be written at step 2: one line naming what is really on disk; a full disk's run resumes
+    to the weights of an unbroken one."""
+    a = run_cli(tiny, tmp_path / "a", "--max_steps", "3", "--save_every", "1")
+    out = tmp_path / "b"
+    orig = trb.save
+    def save_then_break(R):
+        orig(R)
+        if R.step != 1: return
+        if how == "disk full": monkeypatch.setattr(trb, "open", no_space("metrics.jsonl"), raising=False)
+        else: shutil.rmtree(out)
+    monkeypatch.setattr(trb, "save", save_then_break)
+    msg = cli_error(tiny, tmp_path, *cli_args(tiny, out, "--max_steps", "3", "--save_every", "1"), base=False)
+    assert "step 2: cannot write metrics.jsonl" in msg, msg
+    if how == "out_dir removed":
+        assert "holds no checkpoint" in msg and "is intact" not in msg, msg
+        return
+    assert "its checkpoint of step 1 is intact" in msg, msg
+    monkeypatch.undo()
+    trb.main(["--out_dir", str(out), "--resume"])
+    wa, wb = weights(a), weights(out)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and metric_steps(out) == [1, 2, 3]
+
+def test_resume_on_a_full_disk_is_one_line(tiny, tmp_path, monkeypatch):
+    """--resume cannot rewrite metrics.jsonl: one line, the file untouched, no partial file; later it resumes."""
+    out = run_cli(tiny, tmp_path / "run", "--max_steps", "1")
+    before = files_of(out)
+    monkeypatch.setattr(trb, "open", no_space("metrics.jsonl.part", "w"), raising=False)
+    msg = cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--max_steps", "2", base=False)
+    assert "--resume: cannot rewrite" in msg and "No space left" in msg, msg
+    assert files_of(out) == before
+    monkeypatch.undo()
+    trb.main(["--out_dir", str(out), "--resume", "--max_steps", "2"])
+    assert metric_steps(out) == [1, 2]
+
+BAD_STATE = {  # name -> (a change to trainer_state.pt, words of the one-line error)
+    "no step": (lambda s: s.pop("step"), "lacks its 'step' entry"),
+    "step text": (lambda s: s.update(step="two"), "'step' is 'two', not a valid step"),
+    "negative step": (lambda s: s.update(step=-1), "'step' is '-1'"),
+    "no config": (lambda s: s.pop("config"), "lacks its 'config' entry"),
+    "optimizer int": (lambda s: s.update(optimizer=5), "'optimizer' is '5'"),
+    "config lr text": (lambda s: s["config"].update(lr="fast"), "config 'lr' is 'fast', not of type float"),
+    "config seed float": (lambda s: s["config"].update(seed=1.5), "config 'seed' is 1.5, not of type int"),
+    "rng missing torch": (lambda s: s["rng"].pop("torch"), "optimizer or RNG state does not fit"),
+    "other optimizer": (lambda s: s.update(optimizer=torch.optim.AdamW([torch.zeros(2, requires_grad=True)])
+                                           .state_dict()), "optimizer or RNG state does not fit"),
+}
+
+@pytest.mark.parametrize("case", list(BAD_STATE))
+def test_bad_trainer_state_is_one_line(tiny, tmp_path, case):
+    """trainer_state.pt with a missing or mistyped entry: one line each."""
+    out = run_cli(tiny, tmp_path / "run", "--max_steps", "1")
+    state = torch.load(out / "trainer_state.pt", weights_only=True)
+    change, words = BAD_STATE[case]
+    change(state)
+    torch.save(state, out / "trainer_state.pt")
+    assert words in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--max_steps", "2", base=False)
+
+def test_sigterm_during_the_final_save_completes_the_run(tiny, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the last checkpoint is written: the save finishes, the run is complete (exit 0), and the line
+    names the final step."""
+    import signal
+    orig = trb.save_checkpoint
+    def save_with_sigterm(out_dir, model, tok, state, *a, **k):
+        if state["step"] == 2: os.kill(os.getpid(), signal.SIGTERM)  # deferred until the save is done
+        return orig(out_dir, model, tok, state, *a, **k)
+    monkeypatch.setattr(trb, "save_checkpoint", save_with_sigterm)
+    run_cli(tiny, tmp_path / "run", "--max_steps", "2", "--save_every", "1")
+    out = capsys.readouterr().out
+    assert "the run is complete" in out and "checkpoint of step 2 is intact" in out, out
+    assert trb.load_state(str(tmp_path / "run"))["step"] == 2
+
+def test_a_second_sigint_while_stopping_keeps_the_line(tiny, tmp_path, monkeypatch):
+    """Two SIGINTs in a row: the second, arriving while the first stops the run, changes nothing in its line."""
+    import signal
+    orig_roll, orig_disk = trb.rollout_rows, trb.on_disk
+    def roll(R, *a, **k):
+        if R.step == 1: os.kill(os.getpid(), signal.SIGINT)
+        return orig_roll(R, *a, **k)
+    def on_disk(R):
+        os.kill(os.getpid(), signal.SIGINT)  # the second one, mid-way through the handling of the first
+        return orig_disk(R)
+    monkeypatch.setattr(trb, "rollout_rows", roll)
+    monkeypatch.setattr(trb, "on_disk", on_disk)
+    with pytest.raises(SystemExit) as e:
+        run_cli(tiny, tmp_path / "run", "--max_steps", "3", "--save_every", "1")
+    assert str(e.value).startswith("trb: interrupted after step 1;") and "checkpoint of step 1 is intact" in str(
+        e.value), e.value
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "main restores the handlers"
+
+def test_bom_files_files_for_models_and_a_run_that_created_its_out_dir(tiny, tmp_path):
+    """A JSONL with a UTF-8 byte-order mark trains and evaluates; --student a file names it a file; a run that fails
+    before writing anything removes the out_dir it created."""
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"question": "How many?", "answer": "#### 2"}\n')
+    run_cli(tiny, tmp_path / "run", "--data", str(bom), "--max_steps", "1")
+    assert ev.main(["--model", tiny["student"], "--data_file", str(bom), "--max_new_tokens", "2"])["n"] == 1
+    out = tmp_path / "new-out"
+    msg = cli_error(tiny, tmp_path, "--student", str(bom), "--out_dir", str(out), early=True)
+    assert "is a file: expected a model directory" in msg, msg
+    assert not out.exists() and not os.path.exists(str(out) + ".lock"), "the failed run left its out_dir behind"
+
+def test_no_progress_bars_in_a_pipe(tiny, tmp_path):
+    """trb.py and eval.py into a pipe: no bar of ours or of transformers (loading or writing weights)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = str(tmp_path / "run")
+    for cmd in ([os.path.join(HERE, "trb.py"), *cli_args(tiny, out, "--max_steps", "1")],
+                [os.path.join(HERE, "eval.py"), "--model", out, "--data_file", tiny["data"], "--max_new_tokens", "4"]):
+        p = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, timeout=300)
+        text = p.stdout + p.stderr
+        assert p.returncode == 0, text[-2000:]
+        for bar in ("\r", "Loading weights", "Writing model shards", "it/s]"):
+            assert bar not in text, f"{cmd[0]}: {bar!r} in its output: {text[-800:]!r}"
 
 # -----------------------------------------------------------------------------
 # eval.py: grading, and the CLI end to end

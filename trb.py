@@ -56,6 +56,7 @@ import argparse
 import ctypes
 import dataclasses
 import functools
+import importlib.util
 import inspect
 import json
 import math
@@ -98,7 +99,7 @@ class Config:
     eval_every: int = 25                   # steps between evals (0 = never)
     # TRB budget (eq. 3)
     eps0: float = 0.02                     # initial KL budget; 0 = vanilla OPD
-    warmup_steps: int = 50                 # K: eps reaches 0 at step K
+    warmup_steps: int = 50                 # K: steps 1..K (as logged) sample from mu, eps = 0 from step K+1
     schedule: str = "linear"               # linear (eq. 3) | constant: fixed-eps blending, never annealed
     # the paper's other warmups, one at a time and with --eps0 0; the defaults are plain TRB
     skd_topk: int = 0                      # SKD: a student token outside the teacher's top-K is replaced
@@ -135,8 +136,10 @@ class Config:
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     dtype: str = "auto"                    # autocast and teacher dtype: auto (bf16 on CUDA, fp32 on CPU) |
                                            # bfloat16 | float32
-    seed: int = 1337                       # seeds the data order and every step's sampling
+    seed: int = 1337                       # seeds the data order and every step's sampling; 0 <= seed < 2^32
     resume: bool = False                   # continue the run in out_dir; flags given again override its own
+    overwrite: bool = False                # start over in an out_dir that holds a run: its checkpoint and
+                                           # metrics go once this run's first checkpoint is in place
     save_every: int = 50                   # steps between checkpoints (0 = only at the end)
     wandb_project: str = ""                # "" = no wandb
 
@@ -558,8 +561,8 @@ def train(cfg, given=frozenset()):
             if R.step == cfg.max_steps or (cfg.save_every and R.step % cfg.save_every == 0): save(R)
     except KeyboardInterrupt:
         if R is None: raise Stopped("interrupted before training started") from None
-        last = f"its checkpoint of step {R.saved} is intact" if R.saved is not None else "no checkpoint was saved yet"
-        raise Stopped(f"interrupted during step {R.step + 1}; {cfg.out_dir}: {last}") from None
+        if R.saved != cfg.max_steps: raise Stopped(f"interrupted after step {R.step}; {on_disk(R)}") from None
+        if R.master: print(f"trb: a signal came during the final save; the run is complete: {on_disk(R)}")
     finally:
         if R is not None: R.bar.close()
         if lock is not None: unlock(lock)
@@ -687,11 +690,20 @@ def log_line(rec):
     return f"step {rec['step']:5d} | " + " | ".join(f"{k} {rec[k]:{f}}" for k, f in LOG_FMT.items() if k in rec)
 
 def log(R, rec):
-    """One line on stdout and one JSON line in metrics.jsonl (and wandb), from the master."""
+    """
+    One line on stdout and one JSON line in metrics.jsonl (and wandb), from the master. Under --overwrite the lines
+    wait in R.pending until the first save, so the run being replaced keeps its metrics until then.
+    """
     if not R.master: return
     if rec["step"] > R.bar.n: R.bar.update(rec["step"] - R.bar.n)
     R.bar.write(log_line(rec))
-    with open(os.path.join(R.cfg.out_dir, "metrics.jsonl"), "a") as f: f.write(json.dumps(rec) + "\n")
+    if R.pending is not None: R.pending.append(json.dumps(rec) + "\n")
+    else:
+        try:
+            with open(os.path.join(R.cfg.out_dir, "metrics.jsonl"), "a") as f: f.write(json.dumps(rec) + "\n")
+        except OSError as e:  # out_dir removed, a read-only file, a full disk
+            raise UserError(f"step {rec['step']}: cannot write metrics.jsonl ({e.strerror}); {on_disk(R)}; "
+                            f"stopping") from None
     if R.wandb: R.wandb.log(rec, step=rec["step"])
 
 def save(R):
@@ -709,13 +721,13 @@ def save(R):
     try:
         with deferred_signals():
             if R.cfg.fsdp: save_sharded_optimizer(R)        # every rank writes its shard into out_dir.tmp
-            if R.master: save_checkpoint(R.cfg.out_dir, R.student, R.tok, state, sd, fresh=not R.cfg.fsdp)
-            R.saved = R.step                                 # before a deferred signal stops the run
+            if R.master: save_checkpoint(R.cfg.out_dir, R.student, R.tok, state, sd, fresh=not R.cfg.fsdp,
+                                         metrics=R.pending, drop=R.replaces)
+            R.saved, R.pending, R.replaces = R.step, None, ()  # before a deferred signal stops the run
     except Exception as e:  # a full disk, a quota: the previous checkpoint is untouched
-        shutil.rmtree(os.path.abspath(R.cfg.out_dir) + ".tmp", ignore_errors=True)
-        prev = f"the checkpoint of step {R.saved}" if R.saved is not None else "no earlier checkpoint"
-        raise UserError(f"step {R.step}: saving the checkpoint failed ({_first_line(e)}); {prev} in "
-                        f"{R.cfg.out_dir} is intact; stopping") from None
+        shutil.rmtree(os.path.realpath(R.cfg.out_dir) + ".tmp", ignore_errors=True)
+        raise UserError(f"step {R.step}: saving the checkpoint failed ({_first_line(e)}); {on_disk(R)}; "
+                        f"stopping") from None
     barrier(R.world)
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -723,8 +735,10 @@ def save(R):
 
 def main(argv=None):
     keep_freed_memory()
+    quiet_progress_bars()
     main_thread = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # SIGTERM stops like Ctrl-C
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, _interrupt) for s in sigs} if main_thread else {}  # SIGTERM stops like Ctrl-C
     try:
         train(*parse_args(argv))
     except KeyboardInterrupt:
@@ -734,7 +748,7 @@ def main(argv=None):
     except UserError as e:
         raise SystemExit(f"trb: error: {e}")
     finally:
-        if main_thread: signal.signal(signal.SIGTERM, old)
+        for s, h in old.items(): signal.signal(s, h)
 
 def _bool(s):
     if s.lower() in ("1", "true", "yes"): return True
@@ -776,6 +790,8 @@ def parse_config(cls, argv=None, description=""):
 def parse_args(argv=None):
     cfg, given = parse_config(Config, argv, "TRB on-policy distillation (arXiv 2605.31159); every flag is a field of "
                                             "trb.Config")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the run in out_dir, --overwrite replaces it: pass one of them")
     if not cfg.resume: check_config(cfg)  # on --resume, once merged with the checkpoint's config
     return cfg, given
 
@@ -802,6 +818,9 @@ def check_config(c):
     if on and c.eps0 > 0: raise UserError(f"--{on[0]} is a warmup of its own, not a TRB option: use it with --eps0 0")
     if c.schedule == "constant" and c.eps0 == 0: raise UserError("--schedule constant needs --eps0 > 0")
     if not c.out_dir: raise UserError("--out_dir must not be empty")
+    if not 0 <= c.seed < 2**32: raise UserError(f"--seed must be in [0, 2^32), got {c.seed}")
+    if c.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise UserError("--wandb_project needs wandb: pip install wandb")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # plumbing: runtime and setup
@@ -832,7 +851,7 @@ def setup(cfg, given, rank, world, device, amp_dtype):
     out_dir and data are known to be good.
     """
     master, state, changed = rank == 0, None, []
-    if master and cfg.resume: recover_checkpoint(cfg.out_dir)
+    replaces = claim_out_dir(cfg) if master else ()         # recovers a killed save; refuses a run in the way
     barrier(world)
     if cfg.resume:
         state = load_state(cfg.out_dir)
@@ -844,16 +863,17 @@ def setup(cfg, given, rank, world, device, amp_dtype):
     if cfg.fsdp and not torch.distributed.is_initialized():
         raise UserError("this run used --fsdp: resume it under torchrun")
     s_path = cfg.out_dir if state is not None else cfg.student
-    tok, t_tok = load_tokenizer(s_path, cfg.trust_remote_code), load_tokenizer(cfg.teacher, cfg.trust_remote_code)
+    tok = load_tokenizer(s_path, cfg.trust_remote_code, "student")
+    t_tok = load_tokenizer(cfg.teacher, cfg.trust_remote_code, "teacher")
     V = shared_vocab(tok, t_tok)
     for name in ("loss_topk", "skd_topk"):
         if getattr(cfg, name) > V: raise UserError(f"--{name} {getattr(cfg, name)} is larger than the {V}-token vocab")
-    prompts, skipped = encode_prompts(tok, load_prompts(cfg.data, cfg.prompt_field), cfg)
-    if not prompts:
-        raise UserError(f"data {cfg.data!r}: every prompt is longer than --max_prompt_len {cfg.max_prompt_len}")
-    evals = encode_prompts(tok, load_prompts(cfg.eval_data, cfg.prompt_field), cfg)[0] if cfg.eval_data else []
-    student = load_model(s_path, torch.float32, device, cfg.trust_remote_code)  # fp32 master weights
-    teacher = load_model(cfg.teacher, amp_dtype, device, cfg.trust_remote_code).eval().requires_grad_(False)
+    prompts, skipped = encode_prompts(tok, load_prompts(cfg.data, cfg.prompt_field, "--data"), cfg, "--data")
+    evals, e_skipped = encode_prompts(tok, load_prompts(cfg.eval_data, cfg.prompt_field, "--eval_data"), cfg,
+                                      "--eval_data") if cfg.eval_data else ([], 0)
+    check_positions(max(map(len, prompts + evals)) + cfg.max_new_tokens, cfg, student=s_path, teacher=cfg.teacher)
+    student = load_model(s_path, torch.float32, device, cfg.trust_remote_code, "student")  # fp32 master weights
+    teacher = load_model(cfg.teacher, amp_dtype, device, cfg.trust_remote_code, "teacher").eval().requires_grad_(False)
     check_logits(V, student=student, teacher=teacher)
     eos_ids = eos_ids_of((tok, student), (t_tok, teacher))
     if cfg.grad_ckpt: enable_grad_ckpt(student)
@@ -862,11 +882,7 @@ def setup(cfg, given, rank, world, device, amp_dtype):
     model = torch.nn.parallel.DistributedDataParallel(student, ids) if world > 1 and not cfg.fsdp else student
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))  # one kernel for all
-    if state is not None:
-        if cfg.fsdp: load_sharded_optimizer(student, opt, cfg.out_dir)
-        else: opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+    if state is not None: load_trainer_state(student, opt, state, cfg)
     step = state["step"] if state is not None else 0
     cuda_amp = device.type == "cuda" and amp_dtype != torch.float32
     amp = torch.autocast(device.type, dtype=amp_dtype) if cuda_amp else nullcontext()
@@ -874,11 +890,13 @@ def setup(cfg, given, rank, world, device, amp_dtype):
                         eos_ids=eos_ids, pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0],
                         prompts=prompts, eval_prompts=evals[:cfg.eval_prompts], student=student, teacher=teacher,
                         model=model, opt=opt, step=step, saved=state["step"] if state is not None else None, bar=None,
-                        wandb=None)
+                        wandb=None, replaces=replaces, pending=[] if replaces else None)
     if master:
-        keep_metrics(cfg.out_dir, step)
-        print(f"trb | V={V} eos={eos_ids} prompts={len(prompts)} skipped_long={skipped} world={world} device={device} "
-              f"dtype={amp_dtype}".replace("torch.", ""), flush=True)
+        if state is not None: keep_metrics(cfg.out_dir, step)
+        ev = f" eval_prompts={len(R.eval_prompts)} eval_skipped_long={e_skipped}" if cfg.eval_data else ""
+        print(f"trb | V={V} eos={eos_ids} prompts={len(prompts)} skipped_long={skipped}{ev} world={world} "
+              f"device={device} dtype={amp_dtype}".replace("torch.", ""), flush=True)
+        if replaces: print(f"trb | --overwrite: the run in {cfg.out_dir} is replaced at this run's first save")
         if changed: print(f"trb | resume from step {step}: " + ", ".join(changed), flush=True)
         if cfg.wandb_project:
             import wandb
@@ -897,11 +915,15 @@ def enable_grad_ckpt(m):
 def resume_config(cfg, given, state):
     """
     The checkpoint's config, with the flags given again on this command line taking over, and what changed. Where
-    the run lives and runs (out_dir, device, dtype) always comes from this command line.
+    the run lives and runs (out_dir, device, dtype) always comes from this command line. The student is the
+    checkpoint's: another --student is refused, not printed as a change that is not made.
     """
-    here = {"out_dir", "resume", "device", "dtype"}
+    here = {"out_dir", "resume", "overwrite", "device", "dtype"}
     old = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
     new = dataclasses.replace(old, **{k: getattr(cfg, k) for k in set(given) | here})
+    if new.student != old.student:
+        raise UserError(f"--resume trains the student saved in out_dir (the run began from {old.student!r}); "
+                        f"--student cannot change: start a new run in another --out_dir for {new.student!r}")
     return new, [f"--{k} {getattr(old, k)} -> {getattr(new, k)}" for k in sorted(given)
                  if k not in here and getattr(old, k) != getattr(new, k)]
 
@@ -941,7 +963,8 @@ def progress(R, **kw):
 def _check_path(path, what="model"):
     """A local directory, or something shaped like a hub name (owner/model) while the hub is in reach."""
     if os.path.isdir(path): return
-    if os.path.exists(path) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) or path.startswith("."):
+    if os.path.exists(path): raise UserError(f"{what} {path!r} is a file: expected a model directory or a hub name")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) or path.startswith("."):
         raise UserError(f"{what} {path!r}: no such directory, and not a hub name owner/model")
     need_hub(path, what)
 
@@ -963,21 +986,47 @@ def need_hub(name, what):
         raise UserError(f"{what} {name!r} is a hub name, and the hub ({host}) cannot be reached: pass a local "
                         f"path instead, or set HF_HUB_OFFLINE=1 to use a copy in the local cache") from None
 
+def quiet_progress_bars():
+    """No progress bars of transformers and the hub (loading and writing weights) in a log file or a pipe."""
+    if sys.stderr.isatty(): return
+    import huggingface_hub.utils
+    import transformers.utils.logging
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
 def _first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
-def load_model(path, dtype, device, trust_remote_code=False):
+def load_model(path, dtype, device, trust_remote_code=False, what="model"):
+    """from_pretrained, refusing weights that do not match the model (they would be left at random init)."""
     from transformers import AutoModelForCausalLM
-    _check_path(path)
+    _check_path(path, what)
     try:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        m, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                       output_loading_info=True)
     except Exception as e:  # missing files, corrupt safetensors, no network: one line, not a traceback
-        raise UserError(f"cannot load model {path!r}: {_first_line(e)}") from None
+        raise UserError(f"cannot load {what} {path!r}: {_first_line(e)}") from None
+    bad = [f"{len(v)} {k.split('_')[0]} ({', '.join(sorted(v)[:3])}{', ...' * (len(v) > 3)})"
+           for k in ("missing_keys", "unexpected_keys") if (v := info.get(k))]
+    if bad: raise UserError(f"{what} {path!r}: its weights do not match its config: " + "; ".join(bad))
     return m.to(device)
 
-def load_tokenizer(path, trust_remote_code=False):
+def check_positions(n, cfg, **paths):
+    """The longest prompt plus --max_new_tokens (n) must fit each model's positions; read from the config alone."""
+    from transformers import AutoConfig
+    for who, path in paths.items():
+        try:
+            c = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code).get_text_config()
+        except Exception as e:
+            raise UserError(f"cannot load the {who}'s config {path!r}: {_first_line(e)}") from None
+        m = getattr(c, "max_position_embeddings", None)
+        if isinstance(m, int) and n > m:
+            raise UserError(f"the longest prompt plus --max_new_tokens {cfg.max_new_tokens} is {n} tokens, beyond the "
+                            f"{who}'s {m} positions (max_position_embeddings)")
+
+def load_tokenizer(path, trust_remote_code=False, what="model"):
     from transformers import AutoTokenizer
-    _check_path(path)
+    _check_path(path, what)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
@@ -1016,12 +1065,14 @@ def format_prompt(tok, question, system=SYSTEM_PROMPT):
         return tok(text, add_special_tokens=False)["input_ids"]
     return tok(f"{system}\n\n{question}\n")["input_ids"]
 
-def encode_prompts(tok, prompts, cfg):
+def encode_prompts(tok, prompts, cfg, what="--data"):
+    """Token ids of the prompts within --max_prompt_len, and how many were skipped; all skipped is an error."""
     enc, skipped = [], 0
     for q in prompts:
         ids = format_prompt(tok, q, cfg.system_prompt)
         if len(ids) > cfg.max_prompt_len: skipped += 1
         else: enc.append(ids)
+    if not enc: raise UserError(f"{what}: all {skipped} prompts are longer than --max_prompt_len {cfg.max_prompt_len}")
     return enc, skipped
 
 def left_pad(seqs, pad_id, device):
@@ -1039,13 +1090,17 @@ HUB_DATA = {  # name -> (load_dataset args, prompt field)
     "math": (("DigitalLearningGmbH/MATH-lighteval",), "problem"),  # the 7.5k MATH train split
 }
 
-def read_json_records(path):
+def read_json_records(path, what="data"):
     """Records of a local .jsonl or .json file (a list of objects, or one object per line); bad input is one line."""
-    if os.path.getsize(path) == 0: raise UserError(f"data {path!r} is empty")
     try:
-        with open(path, encoding="utf-8") as f: text = f.read()
+        with open(path, "rb") as f: raw = f.read()
+    except OSError as e:
+        raise UserError(f"{what} {path!r}: cannot read it ({e.strerror})") from None
+    if not raw: raise UserError(f"{what} {path!r} is empty")
+    try:
+        text = raw.decode("utf-8-sig")                      # -sig: a leading byte-order mark is dropped
     except UnicodeDecodeError as e:
-        raise UserError(f"data {path!r} is not UTF-8 text (byte {e.start})") from None
+        raise UserError(f"{what} {path!r} is not UTF-8 text (byte {e.start})") from None
     try:
         recs = json.loads(text)
         recs = recs if isinstance(recs, list) else [recs]
@@ -1058,20 +1113,21 @@ def read_json_records(path):
             except json.JSONDecodeError:
                 raise UserError(f"{path}:{i}: not valid JSON") from None
     for i, r in enumerate(recs, 1):
-        if not isinstance(r, dict): raise UserError(f"data {path!r}, record {i}: not a JSON object: {str(r)[:40]!r}")
+        if not isinstance(r, dict): raise UserError(f"{what} {path!r}, record {i}: not a JSON object: {str(r)[:40]!r}")
     return recs
 
-def load_records(data, split="train"):
+def load_records(data, split="train", what="--data"):
     """Records and the prompt field of a hub name (HUB_DATA) or of a local .jsonl, .json or .parquet file."""
     if data in HUB_DATA:
-        need_hub(HUB_DATA[data][0][0], "data")
+        need_hub(HUB_DATA[data][0][0], what)
         args, field, kw = (*HUB_DATA[data], dict(split=split))
     else:
-        if not os.path.isfile(data): raise UserError(f"data {data!r}: no such file, and not one of {sorted(HUB_DATA)}")
+        if not os.path.isfile(data):
+            raise UserError(f"{what} {data!r}: no such file, and not one of {sorted(HUB_DATA)}")
         ext = data.rsplit(".", 1)[-1].lower()
         if ext not in ("jsonl", "json", "parquet"):
-            raise UserError(f"data {data!r}: expected .jsonl, .json or .parquet")
-        if ext != "parquet": return read_json_records(data), None
+            raise UserError(f"{what} {data!r}: expected .jsonl, .json or .parquet")
+        if ext != "parquet": return read_json_records(data, what), None
         args, field, kw = ("parquet",), None, dict(data_files=data, split="train")
     from datasets import load_dataset
     try:
@@ -1079,48 +1135,60 @@ def load_records(data, split="train"):
     except Exception as e:  # no network, parse errors: datasets raises many types
         raise UserError(f"cannot read {data!r}: {_first_line(e)}") from None
 
-def load_prompts(data, field=""):
+def load_prompts(data, field="", what="--data"):
     """Prompt strings from a hub name or local file, the field auto-detected; refuses records without one."""
-    recs, hub_field = load_records(data)
-    if not recs: raise UserError(f"data {data!r} is empty")
+    recs, hub_field = load_records(data, what=what)
+    if not recs: raise UserError(f"{what} {data!r} is empty")
     field = field or hub_field or next((f for f in ("question", "problem", "prompt") if f in recs[0]), None)
     if field is None or field not in recs[0]:
-        raise UserError(f"data {data!r} has no prompt field {field or '(question|problem|prompt)'}; "
+        raise UserError(f"{what} {data!r} has no prompt field {field or '(question|problem|prompt)'}; "
                         f"fields: {sorted(recs[0])}")
     for i, r in enumerate(recs, 1):
         q = r.get(field)
         if not isinstance(q, str) or not q.strip():
-            raise UserError(f"data {data!r}, record {i}: the prompt {field!r} is {repr(q)[:40]}, "
+            raise UserError(f"{what} {data!r}, record {i}: the prompt {field!r} is {repr(q)[:40]}, "
                             f"not a non-empty string")
     return [r[field] for r in recs]
 
 # ---------------------------------------------------------------------------------------------------------------------
 # plumbing: checkpoints, metrics, the out_dir lock (design choice 11)
 
-def save_checkpoint(out_dir, model, tok, state, state_dict=None, fresh=True):
+def save_checkpoint(out_dir, model, tok, state, state_dict=None, fresh=True, metrics=None, drop=()):
     """
     Writes out_dir.tmp completely, then swaps it in by rename (design choice 11). A kill at any point leaves a
     complete checkpoint that recover_checkpoint() finds: out_dir, a complete .tmp or .old. Files that are not part
-    of the checkpoint (metrics.jsonl, the user's) are hard-linked into .tmp, not moved, so out_dir never lacks them.
-    fresh=False keeps what is already in .tmp (FSDP2's optimizer shards).
+    of the checkpoint (metrics.jsonl, the user's) are hard-linked into .tmp, not moved, so out_dir never lacks them;
+    but the names in `drop` (a replaced run's files, under --overwrite), for which `metrics` (lines) is the new
+    metrics.jsonl. fresh=False keeps what is already in .tmp (FSDP2's optimizer shards). A symlinked out_dir is
+    resolved: the swap happens where it points.
     """
-    out_dir = os.path.abspath(out_dir)
+    out_dir = os.path.realpath(out_dir)
     tmp, old = out_dir + ".tmp", out_dir + ".old"
     if fresh: shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(tmp)
+    if metrics is not None:
+        with open(os.path.join(tmp, "metrics.jsonl"), "w") as f: f.writelines(metrics)
+    state = dict(state, files=sorted(os.listdir(tmp)) + ["trainer_state.pt"])  # what --overwrite will replace
     torch.save(state, os.path.join(tmp, "trainer_state.pt.part"))
     os.replace(os.path.join(tmp, "trainer_state.pt.part"), os.path.join(tmp, "trainer_state.pt"))  # completeness marker
     if os.path.isdir(out_dir):
         for f in os.listdir(out_dir):
             src, dst = os.path.join(out_dir, f), os.path.join(tmp, f)
-            if os.path.exists(dst): continue
+            if os.path.exists(dst) or f in drop: continue
             if os.path.isdir(src): shutil.copytree(src, dst, copy_function=_link)
             else: _link(src, dst)
         shutil.rmtree(old, ignore_errors=True)              # a stale .old left by an earlier kill
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+def on_disk(R):
+    """What out_dir holds now, for the line a stopped run ends with."""
+    if R.saved is not None and _complete(os.path.realpath(R.cfg.out_dir)):
+        return f"{R.cfg.out_dir}: its checkpoint of step {R.saved} is intact"
+    if R.replaces: return f"this run saved nothing; the run it was to replace in {R.cfg.out_dir} is untouched"
+    return f"{R.cfg.out_dir} holds no checkpoint"
 
 def _link(src, dst):
     try:
@@ -1136,7 +1204,7 @@ def recover_checkpoint(out_dir):
     Finishes what a kill interrupted: a complete out_dir stays; otherwise a complete .tmp, else a complete .old,
     takes its place, with the files of out_dir that it lacks (metrics.jsonl) moved over first.
     """
-    out_dir = os.path.abspath(out_dir)
+    out_dir = os.path.realpath(out_dir)
     if _complete(out_dir): return
     for cand in (out_dir + ".tmp", out_dir + ".old"):
         if not _complete(cand): continue
@@ -1148,15 +1216,38 @@ def recover_checkpoint(out_dir):
         os.replace(cand, out_dir)
         return
 
-def load_state(out_dir):
+STATE = dict(step=int, optimizer=(dict, type(None)), config=dict, world=int, rng=dict)  # trainer_state.pt's entries
+
+def load_state(out_dir, mmap=False):
+    """trainer_state.pt, its entries and the config's types checked; bad content is one line."""
     path = os.path.join(out_dir, "trainer_state.pt")
     if not os.path.isfile(path): raise UserError(f"--resume: no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        assert isinstance(state, dict) and {"step", "optimizer", "config"} <= state.keys()
-    except Exception:
-        raise UserError(f"--resume: corrupt checkpoint state {path}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)  # data only, never code
+    except Exception as e:
+        raise UserError(f"--resume: corrupt checkpoint state {path} ({_first_line(e)[:80]})") from None
+    if not isinstance(state, dict): raise UserError(f"--resume: corrupt checkpoint state {path} (not a dict)")
+    for k, t in STATE.items():
+        if k not in state: raise UserError(f"--resume: {path} lacks its {k!r} entry")
+        if not isinstance(state[k], t) or isinstance(state[k], bool) or (t is int and state[k] < 0):
+            raise UserError(f"--resume: {path}: {k!r} is {str(state[k])[:40]!r}, not a valid {k}")
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    for k, v in state["config"].items():
+        t = fields.get(k)
+        if t is not None and not (type(v) is t or (t is float and type(v) is int)):
+            raise UserError(f"--resume: {path}: config {k!r} is {v!r}, not of type {t.__name__}")
     return state
+
+def load_trainer_state(student, opt, state, cfg):
+    """The optimizer and RNG states of --resume; a state that does not fit this student is one line."""
+    try:
+        if cfg.fsdp: load_sharded_optimizer(student, opt, cfg.out_dir)
+        else: opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+    except Exception as e:  # KeyError, ValueError, TypeError, RuntimeError: a state of another model, or mistyped
+        raise UserError(f"--resume: the checkpoint's optimizer or RNG state does not fit ({_first_line(e)[:100]})"
+                        ) from None
 
 def read_metrics(path):
     """The records of a metrics.jsonl; a last line cut short (a kill, a full disk) is dropped."""
@@ -1176,43 +1267,124 @@ def keep_metrics(out_dir, step):
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path): return
     keep = [json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= step]
-    with open(path + ".part", "w") as f: f.writelines(keep)
-    os.replace(path + ".part", path)
+    try:
+        with open(path + ".part", "w") as f: f.writelines(keep)
+        os.replace(path + ".part", path)
+    except OSError as e:  # a full disk: metrics.jsonl is untouched
+        shutil.rmtree(path + ".part", ignore_errors=True) if os.path.isdir(path + ".part") else _remove(path + ".part")
+        raise UserError(f"--resume: cannot rewrite {path} ({e.strerror})") from None
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+def claim_out_dir(cfg):
+    """
+    What this run may do with out_dir, once recover_checkpoint() has finished a killed save: --resume needs its
+    checkpoint (load_state); a fresh run starts where there is no run and no model, or, with --overwrite, replaces
+    a run. Returns the names the replaced run's checkpoint and metrics have: they go at the first save, and other
+    files stay.
+    """
+    d = os.path.realpath(cfg.out_dir)
+    if os.path.commonpath([d, os.path.realpath(os.getcwd())]) == d:
+        raise UserError(f"--out_dir {cfg.out_dir!r} holds the current directory, which every save would move: "
+                        f"use a subdirectory")
+    recover_checkpoint(d)
+    ckpt, metrics = _complete(d), os.path.isfile(os.path.join(d, "metrics.jsonl"))
+    if cfg.resume: return ()
+    if not (ckpt or metrics):
+        if os.path.isfile(os.path.join(d, "config.json")):
+            raise UserError(f"--out_dir {cfg.out_dir!r} holds a model that is not a trb.py run, and saves would "
+                            f"overwrite it: choose another directory")
+        return ()
+    what = "a checkpoint" if ckpt else "the metrics of a run that saved no checkpoint"
+    if not cfg.overwrite:
+        raise UserError(f"--out_dir {cfg.out_dir!r} holds {what}: pass --resume to continue that run, or "
+                        f"--overwrite to start over (it is replaced at this run's first save)")
+    try:
+        files = load_state(d, mmap=True).get("files", []) if ckpt else []
+    except UserError:  # a corrupt state: replaced all the same
+        files = []
+    return {*files, "trainer_state.pt", "metrics.jsonl", "optimizer"}
 
 def lock_out_dir(out_dir):
     """
-    Checks that out_dir is a writable directory, then holds an exclusive lock (fcntl) on out_dir.lock for the run:
-    a second run on the same out_dir stops at once, naming the holder's pid.
+    Checks that out_dir is a writable directory (a symlink: where it points), then holds it for the run: an
+    exclusive fcntl lock on <resolved out_dir>.lock, which names the holder's pid, and, on Linux, an abstract socket
+    named after the resolved path, which a removed lock file does not free. A second run on the same directory,
+    by any path to it, stops at once.
     """
+    import errno
     import fcntl
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir): raise UserError(f"--out_dir {out_dir!r} is a file")
+    import hashlib
+    import socket
+    real = os.path.realpath(out_dir)
+    if os.path.exists(real) and not os.path.isdir(real): raise UserError(f"--out_dir {out_dir!r} is a file")
+    created = not os.path.exists(real)
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write-test-{os.getpid()}")
+        os.makedirs(real, exist_ok=True)
+        probe = os.path.join(real, f".write-test-{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
-        f = open(os.path.abspath(out_dir) + ".lock", "a+")
+        f = open(real + ".lock", "a+")
     except OSError as e:
         raise UserError(f"--out_dir {out_dir!r} is not writable: {e.strerror}") from None
+    sock, name, holder = socket.socket(socket.AF_UNIX), b"\0trb:" + hashlib.sha256(real.encode()).digest()[:16], None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.seek(0)
-        pid = f.read().strip() or "?"
+        holder = f.read().strip() or "?"
+    if holder is None:
+        try:
+            sock.bind(name)
+            sock.listen(1)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE: sock = sock.close()  # no abstract sockets (not Linux): the file alone
+            else:                                            # held, though someone removed the lock file
+                holder = _peer_pid(name)
+                _remove(f.name)
+    if holder is not None:                                   # the holder's lock file stays
         f.close()
-        raise UserError(f"--out_dir {out_dir!r} is in use by another trb.py run (pid {pid})") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
-
-def unlock(f):
+        if sock is not None: sock.close()
+        raise UserError(f"--out_dir {out_dir!r} is in use by another trb.py run (pid {holder})")
+    lock = SimpleNamespace(file=f, sock=sock, dir=real, created=False)
     try:
-        os.remove(f.name)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+    except OSError as e:  # a full disk
+        unlock(lock)
+        raise UserError(f"--out_dir {out_dir!r}: cannot write its lock file ({e.strerror})") from None
+    lock.created = created
+    return lock
+
+def _peer_pid(name):
+    """The pid of the process listening on an abstract socket (SO_PEERCRED), or '?'."""
+    import socket
+    import struct
+    c = socket.socket(socket.AF_UNIX)
+    try:
+        c.connect(name)
+        return struct.unpack("3i", c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
     except OSError:
-        pass
-    f.close()
+        return "?"
+    finally:
+        c.close()
+
+def unlock(lock):
+    """Releases the out_dir; one this run created and left empty (it failed before writing anything) goes too."""
+    _remove(lock.file.name)
+    lock.file.close()
+    if lock.sock is not None: lock.sock.close()
+    if lock.created:
+        try:
+            os.rmdir(lock.dir)
+        except OSError:  # not empty: the run's metrics or checkpoint
+            pass
 
 # ---------------------------------------------------------------------------------------------------------------------
 # plumbing: FSDP2 (--fsdp, design choice 12)
@@ -1276,7 +1448,9 @@ def load_sharded_optimizer(student, opt, out_dir):
 class Stopped(UserError):
     """A run stopped by SIGINT or SIGTERM: one line, and the checkpoint is intact."""
 
-def _interrupt(signum, frame):
+def _interrupt(signum=None, frame=None):
+    """The first SIGINT or SIGTERM stops the run; later ones are ignored, so that the stop's line comes out whole."""
+    for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 @contextmanager
@@ -1291,7 +1465,9 @@ def deferred_signals():
         yield
     finally:
         for s, h in old.items(): signal.signal(s, h)
-    if got: raise KeyboardInterrupt
+    h = old[got[0]] if got else signal.SIG_IGN
+    if callable(h): h(got[0], None)                         # main's _interrupt, or Python's KeyboardInterrupt
+    elif h != signal.SIG_IGN: raise KeyboardInterrupt        # SIG_DFL of SIGTERM: stop as for SIGINT
 
 
 if __name__ == "__main__":
