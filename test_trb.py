@@ -1388,6 +1388,153 @@ def test_no_progress_bars_in_a_pipe(tiny, tmp_path):
             assert bar not in text, f"{cmd[0]}: {bar!r} in its output: {text[-800:]!r}"
 
 # -----------------------------------------------------------------------------
+# TRB outside trb.py's loop: the logits processor in generate(), TRL's GKDTrainer, models passed to train()
+
+def forced_logits(model, ids, attn, tokens):
+    """Logits (B, n, V') at the n positions that predict `tokens` (B, n) after the left-padded prompts ids."""
+    seq, a = torch.cat([ids, tokens], 1), torch.cat([attn, torch.ones_like(tokens)], 1)
+    with torch.no_grad():
+        return model(input_ids=seq, attention_mask=a, position_ids=(a.cumsum(-1) - 1).clamp(min=0)).logits[
+            :, ids.shape[1] - 1:-1]
+
+@pytest.mark.parametrize("eps", [0.01, 0.3, 5.0, "per-row", 0.0], ids=["0.01", "0.3", "5", "per-row", "zero"])
+def test_processor_gives_the_blend_on_teacher_forced_prefixes(tiny, eps):
+    """At each step of fixed prefixes (rows of different prompt lengths), the processor's output is log mu of
+    trust_region_blend on the same tempered, EOS-folded logits; at eps = 0 it is the scores and the teacher is idle."""
+    s, t, tok = load(tiny["student"]), load(tiny["teacher"]), tiny["tok"]
+    V, eos = len(tok), trb.eos_ids_of((tok, s), (tok, t))
+    ids, attn = prompt_batch(tok, QS)
+    tokens = torch.randint(5, V, (len(QS), 6), generator=torch.Generator().manual_seed(0))
+    sl, tl = forced_logits(s, ids, attn, tokens), forced_logits(t, ids, attn, tokens)
+    e = torch.tensor([0.0, 0.05, 0.5]) if eps == "per-row" else eps
+    proc = trb.TRBLogitsProcessor(t, e, attn, eos_ids=eos, V=V, temperature=1.5)
+    if eps == 0.0: proc.teacher = _Forbidden()              # eps = 0: the teacher must never run
+    for k in range(tokens.shape[1]):
+        out = proc(torch.cat([ids, tokens[:, :k]], 1), sl[:, k].clone())
+        if eps == 0.0:
+            assert torch.allclose(out, sl[:, k] / 1.5), "eps = 0: the (tempered) scores, unchanged"
+            continue
+        ref, _ = trb.trust_region_blend(*(trb.policy_logits(x[:, k, :V], eos, 1.5) for x in (sl, tl)), e)
+        assert out.shape == sl[:, k].shape and out[:, V:].isneginf().all(), "padded logits stay impossible"
+        assert torch.equal(out[:, :V].isneginf(), ref.isneginf()), f"step {k}: the support differs"
+        fin = ref.isfinite()
+        assert torch.allclose(out[:, :V][fin], ref[fin], atol=1e-5), f"step {k}: log mu differs from the blend"
+    if eps == "per-row": assert (torch.stack(proc.betas)[:, 0] == 0).all() and (torch.stack(proc.betas)[:, 2] > 0).all()
+
+@pytest.mark.parametrize("eps", [0.05, 0.5, "per-row"])
+def test_processor_greedy_generate_equals_rollout(tiny, eps):
+    """Greedy generate() with the processor gives trb.rollout's tokens at temperature 0, EOS folded, on every row,
+    the ones that end early included."""
+    s, t, tok = load(tiny["student"]), load(tiny["teacher"]), tiny["tok"]
+    V, eos = len(tok), trb.eos_ids_of((tok, s), (tok, t))
+    ids, attn = prompt_batch(tok, QS * 2)
+    e = torch.tensor([0.0, 0.05, 0.5, 0.02, 1.0, 0.2]) if eps == "per-row" else eps
+    r = trb.rollout(s, t, ids, attn, e, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=30, temperature=0)
+    proc = trb.TRBLogitsProcessor(t, e, attn, eos_ids=eos, V=V)
+    g = s.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=30, logits_processor=[proc],
+                   eos_token_id=eos, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+    n = r["mask"].sum(1)
+    for i in range(len(n)):
+        assert torch.equal(g[i, :n[i]], r["tokens"][i, :n[i]]), f"row {i}: generate {g[i]} vs rollout {r['tokens'][i]}"
+        assert (g[i, n[i]:] == tok.pad_token_id).all(), f"row {i} ran past its EOS"
+    assert (n < r["mask"].shape[1]).any(), "some rows must end early"
+    print(f"greedy parity: {len(n)} rows, {(n < n.max()).sum().item()} of them ended early")
+
+def chi2_pvalue(counts, probs):
+    """Pearson's chi-square test of counts against probs, bins with expected counts under 5 pooled."""
+    exp = probs * counts.sum()
+    small = exp < 5
+    o = torch.cat([counts[~small], counts[small].sum(0, keepdim=True)])
+    e = torch.cat([exp[~small], exp[small].sum(0, keepdim=True)])
+    keep = e > 0
+    chi2, df = (((o - e) ** 2 / e)[keep]).sum(), keep.sum() - 1
+    return float(torch.special.gammaincc(df / 2, chi2 / 2)), int(df)
+
+def test_processor_sampling_draws_from_mu(tiny):
+    """generate(**EXACT) with the processor draws from mu (chi-square at one step, 6000 draws); generate's default
+    top-k 50 would not, and the same test catches it."""
+    s, t, tok = load(tiny["student"]), load(tiny["teacher"]), tiny["tok"]
+    V, eos, R, tau = len(tok), trb.eos_ids_of((tok, s), (tok, t)), 6000, 2.0
+    ids, attn = prompt_batch(tok, ["Tom has 12 apples and buys 7 more."] * R)
+    with torch.no_grad():
+        sl, tl = (m(input_ids=ids[:1], attention_mask=attn[:1]).logits[0, -1, :V] for m in (s, t))
+    mu = trb.trust_region_blend(trb.policy_logits(sl, eos, tau), trb.policy_logits(tl, eos, tau), 0.3)[0].exp()
+    assert mu.sort(descending=True).values[50:].sum() > 0.05, "mu must have mass beyond its top 50 for the test"
+    p = {}
+    for name, kw in (("exact", trb.TRBLogitsProcessor.EXACT), ("top-50", dict(do_sample=True, top_k=50))):
+        torch.manual_seed(0)
+        proc = trb.TRBLogitsProcessor(t, 0.3, attn, eos_ids=eos, V=V, temperature=tau)
+        out = s.generate(input_ids=ids, attention_mask=attn, max_new_tokens=1, logits_processor=[proc],
+                         pad_token_id=tok.pad_token_id, **kw)[:, -1]
+        p[name] = chi2_pvalue(torch.bincount(out, minlength=V)[:V].double(), mu.double())
+    print(f"chi-square p-value: exact {p['exact'][0]:.3f} (df {p['exact'][1]}), top-50 {p['top-50'][0]:.2e}")
+    assert p["exact"][0] > 1e-3, f"tokens are not drawn from mu: p = {p['exact']}"
+    assert p["top-50"][0] < 1e-6, f"the test cannot see the top-50 truncation: p = {p['top-50']}"
+
+def test_processor_bad_input_is_one_line(tiny):
+    """A teacher with fewer logits than V, vocabularies that differ without V, eps < 0 or NaN, masked scores, and a
+    processor used for a second generate(): one line each."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    s, t, tok = load(tiny["student"]), load(tiny["teacher"]), tiny["tok"]
+    V, eos = len(tok), trb.eos_ids_of((tok, s), (tok, t))
+    ids, attn = prompt_batch(tok, QS)
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    def gen(proc, **k):
+        return s.generate(input_ids=ids, attention_mask=attn, max_new_tokens=3, logits_processor=[proc],
+                          pad_token_id=tok.pad_token_id, do_sample=False, **k)
+    cases = [(lambda: trb.TRBLogitsProcessor(small, 0.1, attn, eos_ids=eos, V=V), "the teacher has 300 logits, fewer"),
+             (lambda: gen(trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos)), "pass V, the size of the shared"),
+             (lambda: trb.TRBLogitsProcessor(t, -0.1, attn, eos_ids=eos, V=V), "eps must be finite and >= 0"),
+             (lambda: trb.TRBLogitsProcessor(t, float("nan"), attn, eos_ids=eos, V=V), "eps must be finite"),
+             (lambda: trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=V, temperature=0), "temperature must be"),
+             (lambda: gen(trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=V), min_new_tokens=2), "masked (-inf)")]
+    proc = trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=V)
+    gen(proc)
+    cases.append((lambda: gen(proc), "used by an earlier generate() call"))
+    for make, words in cases:
+        with pytest.raises(trb.UserError) as e:
+            make()
+        assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+def test_trl_gkd_example_runs_one_step(tiny, tmp_path):
+    """examples/trl_gkd_trb.py: one GKDTrainer step whose samples come from mu (beta > 0), with a finite loss."""
+    pytest.importorskip("trl", reason="trl is a test requirement (.ci/requirements-test.txt)")
+    sys.path.insert(0, os.path.join(HERE, "examples"))
+    try:
+        import trl_gkd_trb as ex
+    finally:
+        sys.path.pop(0)
+    tok = tiny["tok"]
+    teacher = make_model(str(tmp_path / "teacher"), tok, seed=2, layers=3, pad_rows=8, extra_eos=True)  # TRL: same V'
+    tr = ex.make_trainer(load(tiny["student"]), teacher, tok, ["How many?", "Tom has 3 apples."], str(tmp_path / "o"),
+                         eps0=0.05, warmup_steps=4, max_steps=1, max_new_tokens=8, per_device_train_batch_size=2,
+                         use_cpu=True, save_strategy="no", max_length=128, logging_steps=1)
+    loss = tr.train().training_loss
+    betas = torch.stack(tr.proc.betas)
+    assert math.isfinite(loss) and betas.shape[0] >= 1 and (betas > 0).all(), (loss, betas)
+
+def test_train_with_models_in_memory_equals_paths(tiny, tmp_path):
+    """trb.train(cfg, student=, teacher=, tokenizer=): the metrics of the same run from paths, labels for paths, and
+    --resume (the checkpoint's weights loaded into the student passed in) ends at the CLI's weights."""
+    a = run_cli(tiny, tmp_path / "a", "--max_steps", "2")
+    cfg, _ = trb.parse_config(trb.Config, cli_args(tiny, tmp_path / "b", "--max_steps", "2", "--student", "mine",
+                                                   "--teacher", "theirs"))
+    train = lambda c: trb.train(c, student=load(tiny["student"]), teacher=load(tiny["teacher"]),  # noqa: E731
+                                tokenizer=tiny["tok"])
+    train(cfg)
+    keys = ("loss", "eps", "beta", "kl_mu_s", "teacher_logp", "resp_len")
+    ra, rb = (trb.read_metrics(str(d / "metrics.jsonl")) for d in (a, tmp_path / "b"))
+    assert [[r[k] for k in keys] for r in ra] == [[r[k] for k in keys] for r in rb], "models passed in train alike"
+    assert trb.load_state(str(tmp_path / "b"))["config"]["student"] == "mine"
+    train(dataclasses.replace(cfg, resume=True, max_steps=3))
+    trb.main(["--out_dir", str(a), "--resume", "--max_steps", "3"])
+    wa, wb = weights(a), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "--resume with models passed in is exact"
+    with pytest.raises(trb.UserError, match="pass student, teacher and tokenizer together"):
+        trb.train(cfg, student=load(tiny["student"]))
+
+# -----------------------------------------------------------------------------
 # eval.py: grading, and the CLI end to end
 
 import eval as ev  # noqa: E402

@@ -436,6 +436,73 @@ def _decode(model, x, attn, pos, cache, V):
 def _cache_keyword(cls):
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
+class TRBLogitsProcessor:
+    """
+    TRB's behavior policy inside any HF `student.generate(...)` (and so TRL's trainers): a logits processor
+    (transformers' protocol, __call__(input_ids, scores) -> scores) that turns the student's scores into log mu of
+    eq. 1-2 at every step. The teacher keeps its own KV cache, prefilled on the first call and fed one token per
+    step after that, under left padding: attention_mask (B, P) is the prompts' and is extended by one column per
+    step, so rows padded with an EOS id work. EOS ids are folded and logits sliced to V as in rollout() (V = None:
+    the teacher's logits, which must then be as many as the student's), and the blend runs in float32, outside
+    autocast. eps: a float or (B,) budgets; eps <= 0 everywhere returns the scores unchanged (divided by
+    `temperature`) and never runs the teacher. temperature tempers both models before the blend, as in rollout().
+    One processor per generate() call: using it again fails with one line. After the call, .betas holds beta* of
+    every step, (B,) each.
+
+    Tokens are drawn from mu exactly only with generate(**TRBLogitsProcessor.EXACT, logits_processor=[proc]) and
+    no penalty: generate applies its warpers after this processor (temperature, top_k, top_p, min_p, typical_p:
+    a model's generation_config may set them, e.g. top_k 50 or 20) and its penalties before it (repetition,
+    n-gram), neither of which the processor can see. Masks before it (min_new_tokens, bad_words_ids,
+    suppress_tokens) leave -inf scores, which it refuses. do_sample=False decodes argmax mu.
+    """
+    EXACT = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0)
+
+    def __init__(self, teacher, eps, attention_mask, *, eos_ids, V=None, temperature=1.0):
+        eps = torch.as_tensor(eps, dtype=torch.float32, device=attention_mask.device)
+        if not bool(((eps >= 0) & eps.isfinite()).all()):
+            raise UserError(f"TRBLogitsProcessor: eps must be finite and >= 0, got {eps.tolist()}")
+        if not 0 < temperature < math.inf: raise UserError(f"TRBLogitsProcessor: temperature must be > 0, got "
+                                                            f"{temperature} (greedy: generate(do_sample=False))")
+        n = teacher.get_output_embeddings().weight.shape[0]
+        if V is not None and n < V: raise UserError(f"TRBLogitsProcessor: the teacher has {n} logits, fewer than V={V}")
+        self.teacher, self.eps, self.attn, self.tau = teacher, eps, attention_mask, temperature
+        self.eos_ids, self.V, self.idle = list(eos_ids), V or n, not bool((eps > 0).any())
+        self.cache, self.pos, self.seen, self.betas = None, None, None, []
+
+    @torch.no_grad()
+    def __call__(self, input_ids, scores):
+        self._check(input_ids, scores)
+        if self.idle: return scores if self.tau == 1 else scores / self.tau
+        V, first = self.V, self.cache is None
+        if first: self.cache, self.pos = _new_cache(self.teacher), (self.attn.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+        else: self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], 1)  # (B, P+t)
+        x = input_ids if first else input_ids[:, -1:]       # the prompts, then the last token
+        t_logits = _decode(self.teacher, x, self.attn, self.pos, self.cache, V)  # (B, V)
+        self.pos = self.pos[:, -1:] + 1                      # (B, 1) the next token's position
+        with torch.autocast(scores.device.type, enabled=False):
+            s, t = (policy_logits(z[:, :V], self.eos_ids, self.tau) for z in (scores, t_logits))  # (B, V) x 2
+            logp_mu, beta = trust_region_blend(s, t, self.eps)  # eq. 1-2: (B, V), (B,)
+        self.betas.append(beta)
+        return F.pad(logp_mu, (0, scores.shape[-1] - V), value=NEG_INF)  # (B, V') padded logits stay impossible
+
+    def _check(self, input_ids, scores):
+        """The first call must see the prompts it was built for and unmasked scores; each later one, one token more."""
+        if self.seen is None:
+            if tuple(input_ids.shape) != tuple(self.attn.shape):
+                raise UserError(f"TRBLogitsProcessor: built for prompts {tuple(self.attn.shape)}, called on "
+                                f"{tuple(input_ids.shape)}: build one per generate() call from its attention_mask "
+                                f"(expanded, for num_return_sequences)")
+            if scores.shape[-1] < self.V:
+                raise UserError(f"TRBLogitsProcessor: the student has {scores.shape[-1]} logits and the teacher "
+                                f"{self.V}: pass V, the size of the shared tokenizer vocabulary")
+            if bool(scores[:, :self.V].isneginf().any()):
+                raise UserError("TRBLogitsProcessor: the student's scores arrive masked (-inf), by min_new_tokens, "
+                                "bad_words_ids or suppress_tokens: tokens would not be drawn from mu")
+        elif input_ids.shape[1] != self.seen + 1:
+            raise UserError("TRBLogitsProcessor: this processor was used by an earlier generate() call; build a new "
+                            "one for each call")
+        self.seen = input_ids.shape[1]
+
 # ---------------------------------------------------------------------------------------------------------------------
 # loss: the reverse KL, chunked (design choices 7, 8)
 
@@ -523,12 +590,17 @@ def response_logits(model, seq, attn, T, V):
 # ---------------------------------------------------------------------------------------------------------------------
 # training loop: budget -> rollout -> score -> loss -> update -> log -> save
 
-def train(cfg, given=frozenset()):
-    """The loop, in the paper's order: budget -> rollout -> score -> loss -> update -> log -> save."""
+def train(cfg, given=None, *, student=None, teacher=None, tokenizer=None):
+    """
+    The loop, in the paper's order: budget -> rollout -> score -> loss -> update -> log -> save. Returns the student.
+    student, teacher, tokenizer: models already in memory, trained in place (cfg.student and cfg.teacher are then
+    labels). given: the flags set on the command line (None: the fields that differ from Config's defaults).
+    """
+    models = check_start(cfg, student, teacher, tokenizer)
     rank, world, device, amp_dtype = init_runtime(cfg)
     lock, R = lock_out_dir(cfg.out_dir) if rank == 0 else None, None
     try:
-        R = setup(cfg, given, rank, world, device, amp_dtype)
+        R = setup(cfg, given, rank, world, device, amp_dtype, models)
         cfg, gen = R.cfg, torch.Generator(device=R.device)
         if R.eval_prompts and cfg.eval_every and R.step == 0: log(R, dict(step=0, eval_kl=evaluate(R)))
         while R.step < cfg.max_steps:
@@ -788,12 +860,21 @@ def parse_config(cls, argv=None, description=""):
     return cfg, given
 
 def parse_args(argv=None):
-    cfg, given = parse_config(Config, argv, "TRB on-policy distillation (arXiv 2605.31159); every flag is a field of "
-                                            "trb.Config")
+    return parse_config(Config, argv, "TRB on-policy distillation (arXiv 2605.31159); every flag is a field of "
+                                      "trb.Config")
+
+def check_start(cfg, student, teacher, tokenizer):
+    """The checks before anything runs (on --resume, check_config waits for the checkpoint's config); the models
+    passed to train(), if any, as one namespace."""
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume continues the run in out_dir, --overwrite replaces it: pass one of them")
-    if not cfg.resume: check_config(cfg)  # on --resume, once merged with the checkpoint's config
-    return cfg, given
+    if not cfg.resume: check_config(cfg)
+    if student is None and teacher is None and tokenizer is None: return None
+    if student is None or teacher is None or tokenizer is None:
+        raise UserError("train(): pass student, teacher and tokenizer together (or none, to load cfg's paths)")
+    if cfg.fsdp or not hasattr(student, "save_pretrained"):
+        raise UserError("train(): a student passed in must be a transformers model (save_pretrained), not sharded")
+    return SimpleNamespace(student=student, teacher=teacher, tok=tokenizer)
 
 def check_config(c):
     for name in ("batch_size", "micro_batch_size", "n_samples", "max_new_tokens", "max_steps", "max_prompt_len"):
@@ -845,16 +926,18 @@ def init_runtime(cfg):
     random.seed(cfg.seed + rank)
     return rank, world, torch.device(dev), getattr(torch, dtype)
 
-def setup(cfg, given, rank, world, device, amp_dtype):
+def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     """
     Checkpoint, tokenizers, data, models and optimizer, the cheap checks first: no model loads before the flags,
-    out_dir and data are known to be good.
+    out_dir and data are known to be good. models: the student, teacher and tokenizer passed to train().
     """
     master, state, changed = rank == 0, None, []
     replaces = claim_out_dir(cfg) if master else ()         # recovers a killed save; refuses a run in the way
     barrier(world)
     if cfg.resume:
         state = load_state(cfg.out_dir)
+        given = given if given is not None else {f.name for f in dataclasses.fields(Config)
+                                                 if getattr(cfg, f.name) != getattr(Config(), f.name)}
         cfg, changed = resume_config(cfg, given, state)
         check_config(cfg)
     if cfg.batch_size % world: raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks")
@@ -863,17 +946,23 @@ def setup(cfg, given, rank, world, device, amp_dtype):
     if cfg.fsdp and not torch.distributed.is_initialized():
         raise UserError("this run used --fsdp: resume it under torchrun")
     s_path = cfg.out_dir if state is not None else cfg.student
-    tok = load_tokenizer(s_path, cfg.trust_remote_code, "student")
-    t_tok = load_tokenizer(cfg.teacher, cfg.trust_remote_code, "teacher")
+    if models: tok = t_tok = models.tok
+    else: tok, t_tok = (load_tokenizer(p, cfg.trust_remote_code, w) for p, w in ((s_path, "student"),
+                                                                                  (cfg.teacher, "teacher")))
     V = shared_vocab(tok, t_tok)
     for name in ("loss_topk", "skd_topk"):
         if getattr(cfg, name) > V: raise UserError(f"--{name} {getattr(cfg, name)} is larger than the {V}-token vocab")
     prompts, skipped = encode_prompts(tok, load_prompts(cfg.data, cfg.prompt_field, "--data"), cfg, "--data")
     evals, e_skipped = encode_prompts(tok, load_prompts(cfg.eval_data, cfg.prompt_field, "--eval_data"), cfg,
                                       "--eval_data") if cfg.eval_data else ([], 0)
-    check_positions(max(map(len, prompts + evals)) + cfg.max_new_tokens, cfg, student=s_path, teacher=cfg.teacher)
-    student = load_model(s_path, torch.float32, device, cfg.trust_remote_code, "student")  # fp32 master weights
-    teacher = load_model(cfg.teacher, amp_dtype, device, cfg.trust_remote_code, "teacher").eval().requires_grad_(False)
+    student, teacher = (models.student, models.teacher) if models else (s_path, cfg.teacher)
+    check_positions(max(map(len, prompts + evals)) + cfg.max_new_tokens, cfg, student=student, teacher=teacher)
+    if models: student, teacher = student.to(device), teacher.to(device)
+    else:
+        student = load_model(s_path, torch.float32, device, cfg.trust_remote_code, "student")  # fp32 master weights
+        teacher = load_model(cfg.teacher, amp_dtype, device, cfg.trust_remote_code, "teacher")
+    teacher.eval().requires_grad_(False)
+    if models and state is not None: load_weights(student, cfg)  # --resume: the checkpoint's weights, in place
     check_logits(V, student=student, teacher=teacher)
     eos_ids = eos_ids_of((tok, student), (t_tok, teacher))
     if cfg.grad_ckpt: enable_grad_ckpt(student)
@@ -1011,14 +1100,16 @@ def load_model(path, dtype, device, trust_remote_code=False, what="model"):
     if bad: raise UserError(f"{what} {path!r}: its weights do not match its config: " + "; ".join(bad))
     return m.to(device)
 
-def check_positions(n, cfg, **paths):
+def check_positions(n, cfg, **models):
     """The longest prompt plus --max_new_tokens (n) must fit each model's positions; read from the config alone."""
     from transformers import AutoConfig
-    for who, path in paths.items():
+    for who, m in models.items():
         try:
-            c = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code).get_text_config()
+            c = m.config if hasattr(m, "config") else AutoConfig.from_pretrained(m, trust_remote_code=
+                                                                                 cfg.trust_remote_code)
+            c = c.get_text_config()
         except Exception as e:
-            raise UserError(f"cannot load the {who}'s config {path!r}: {_first_line(e)}") from None
+            raise UserError(f"cannot load the {who}'s config {m!r}: {_first_line(e)}") from None
         m = getattr(c, "max_position_embeddings", None)
         if isinstance(m, int) and n > m:
             raise UserError(f"the longest prompt plus --max_new_tokens {cfg.max_new_tokens} is {n} tokens, beyond the "
@@ -1040,6 +1131,14 @@ def shared_vocab(s_tok, t_tok):
         if a != b:
             raise UserError(f"incompatible tokenizers: token id {i} is {a!r} for the student but {b!r} for the teacher")
     return V
+
+def load_weights(student, cfg):
+    """--resume of a student passed to train(): the checkpoint's weights, loaded into it in place."""
+    ckpt = load_model(cfg.out_dir, torch.float32, "cpu", cfg.trust_remote_code, "checkpoint")
+    missing, unexpected = student.load_state_dict(ckpt.state_dict(), strict=False)
+    if missing or unexpected:
+        raise UserError(f"--resume: the checkpoint in {cfg.out_dir} does not fit the student passed in "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected weights)")
 
 def check_logits(V, **models):
     for name, m in models.items():
