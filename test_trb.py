@@ -594,6 +594,11 @@ def weights(path):
     from safetensors.torch import load_file
     return load_file(os.path.join(path, "model.safetensors"))
 
+def adapters(path):
+    """The LoRA adapters of a --lora_r checkpoint."""
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
 def test_train_cli_end_to_end(tiny, tmp_path):
     """The CLI trains, logs every field, follows eq. 3 and writes a clean from_pretrained checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -661,13 +666,17 @@ def multi_gpu_flags(tiny):
             "--n_samples", "2", "--micro_batch_size", "2", "--max_new_tokens", "10", "--eps0", "0.1",
             "--warmup_steps", "3", "--lr", "1e-3", "--lr_warmup_steps", "0", "--temperature", "0", "--loss_topk", "4"]
 
-@pytest.mark.parametrize("shard", ["ddp", "fsdp"])
+@pytest.mark.parametrize("shard", ["ddp", "fsdp", "ddp-lora"])
 def test_two_processes_equal_one(tiny, tmp_path, shard):
-    """A 2-rank update (DDP, or FSDP2 with --fsdp) equals the 1-process update of the same global batch."""
+    """A 2-rank update (DDP, FSDP2 with --fsdp, or DDP of LoRA adapters) equals the 1-process update of the same
+    global batch."""
     common = multi_gpu_flags(tiny) + ["--max_steps", "1", "--eval_data", tiny["data"], "--eval_prompts", "4"]
+    if shard == "ddp-lora": common += ["--lora_r", "4", "--lr", "1e-2"]
     trb.main(common + ["--out_dir", str(tmp_path / "one")])
     torchrun(2, *common, "--out_dir", tmp_path / "two", *(["--fsdp"] if shard == "fsdp" else []))
-    w1, w2, w0 = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(tiny["student"])
+    w = weights if shard != "ddp-lora" else adapters
+    w1, w2 = w(tmp_path / "one"), w(tmp_path / "two")
+    w0 = weights(tiny["student"]) if shard != "ddp-lora" else {k: v * ("lora_B" not in k) for k, v in w1.items()}
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1), f"{shard}: 2 ranks differ from 1 process"
     assert any(not torch.allclose(w1[k], w0[k], atol=1e-4) for k in w1)
     r1, r2 = (trb.read_metrics(str(tmp_path / d / "metrics.jsonl"))[-1] for d in ("one", "two"))
@@ -1533,6 +1542,88 @@ def test_train_with_models_in_memory_equals_paths(tiny, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "--resume with models passed in is exact"
     with pytest.raises(trb.UserError, match="pass student, teacher and tokenizer together"):
         trb.train(cfg, student=load(tiny["student"]))
+
+# -----------------------------------------------------------------------------
+# LoRA students through PEFT (--lora_r)
+
+def test_lora_trains_only_adapters_and_starts_as_the_student(tiny, tmp_path):
+    """One LoRA step: the base weights bit-identical, the adapters moved; at B = 0 the first step's rollout and loss
+    are the plain student's; trainer_state holds the adapters' AdamW state only."""
+    cfg, _ = trb.parse_config(trb.Config, cli_args(tiny, tmp_path / "lora", "--max_steps", "1", "--lora_r", "4",
+                                                   "--lr", "1e-2"))
+    student = trb.train(cfg)
+    plain = run_cli(tiny, tmp_path / "plain", "--max_steps", "1", "--lr", "1e-2")
+    base, w0 = student.get_base_model().state_dict(), load(tiny["student"]).state_dict()
+    frozen = {k: v for k, v in base.items() if "lora_" not in k}
+    same = [torch.equal(v, w0[k.replace(".base_layer", "")]) for k, v in frozen.items()]
+    assert len(frozen) == len(w0) and all(same), "the student's own weights changed"
+    assert all(v.abs().sum() > 0 for k, v in adapters(tmp_path / "lora").items() if "lora_B" in k), "adapters moved"
+    keys = ("loss", "beta", "kl_mu_s", "teacher_logp", "resp_len")
+    rl, rp = (trb.read_metrics(str(d / "metrics.jsonl"))[0] for d in (tmp_path / "lora", plain))
+    assert [rl[k] for k in keys] == [rp[k] for k in keys], "zero-initialised adapters: the plain student's step"
+    n_adapters = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    st = trb.load_state(str(tmp_path / "lora"))["optimizer"]["state"]
+    assert sum(s["exp_avg"].numel() for s in st.values()) == n_adapters < sum(v.numel() for v in w0.values()) / 5
+
+def test_lora_resume_is_exact(tiny, tmp_path):
+    """--lora_r: 2 steps + --resume + 2 steps equal 4 steps, bit for bit."""
+    a = run_cli(tiny, tmp_path / "a", "--max_steps", "4", "--lora_r", "4", "--lr", "1e-2")
+    b = run_cli(tiny, tmp_path / "b", "--max_steps", "2", "--lora_r", "4", "--lr", "1e-2")
+    trb.main(["--out_dir", str(b), "--resume", "--max_steps", "4"])
+    wa, wb = adapters(a), adapters(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "LoRA resume is exact"
+    assert metric_steps(b) == [1, 2, 3, 4]
+
+def test_lora_checkpoint_loads_in_eval_and_from_pretrained(tiny, tmp_path):
+    """eval.py and AutoModelForCausalLM.from_pretrained load base + adapters (and the run's EOS set) and decode the
+    in-memory student's greedy tokens; --lora_merge writes plain weights with the same logits."""
+    from transformers import AutoModelForCausalLM
+    cfg, _ = trb.parse_config(trb.Config, cli_args(tiny, tmp_path / "run", "--max_steps", "2", "--lora_r", "4",
+                                                   "--lr", "3e-2", "--lora_merge"))
+    student, out = trb.train(cfg).eval(), str(tmp_path / "run")
+    tok = tiny["tok"]
+    ids, attn = prompt_batch(tok, QS)
+    eos = trb.eos_ids_of((tok, student))
+    def greedy(m):
+        return trb.rollout(m, None, ids, attn, 0.0, V=len(tok), eos_ids=eos, pad_id=tok.pad_token_id,
+                           max_new_tokens=16, temperature=0)["tokens"]
+    ref = greedy(student)
+    for name, m in (("eval.py", trb.load_model(out, torch.float32, "cpu")),
+                    ("from_pretrained", AutoModelForCausalLM.from_pretrained(out).eval())):
+        assert torch.equal(greedy(m), ref), f"{name}: other greedy tokens than the trained student"
+    assert trb.load_model(out, torch.float32, "cpu").generation_config.eos_token_id == eos, "the run's EOS set"
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "merged")).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids, attention_mask=attn).logits,
+                              student(input_ids=ids, attention_mask=attn).logits, atol=1e-4), "merged weights differ"
+    comps, _ = ev.generate(trb.load_model(out, torch.float32, "cpu"), tok, QS, 1, 0.0, 16, 4, 0, "cpu")
+    assert len(comps) == len(QS)
+
+LORA_BAD = [  # (flags, words of the one-line error); every one before a model loads
+    (["--lora_r", "-1"], "--lora_r must be >= 0"), (["--lora_r", "4", "--lora_targets", "no_such_proj"],
+                                                    "--lora_targets 'no_such_proj': Target modules"),
+    (["--lora_merge"], "--lora_merge needs --lora_r > 0"), (["--lora_r", "4", "--lora_dropout", "1"], "--lora_dropout"),
+    (["--lora_r", "4", "--lora_alpha", "nan"], "--lora_alpha must be >= 0"),
+    (["--lora_r", "4", "--fsdp"], "--fsdp with --lora_r is not supported: FSDP2 pays off by sharding"),
+]
+
+@pytest.mark.parametrize("flags,words", LORA_BAD, ids=[" ".join(f) for f, _ in LORA_BAD])
+def test_lora_bad_flags(tiny, tmp_path, flags, words):
+    """A bad LoRA flag is one line, before any model loads."""
+    assert words in cli_error(tiny, tmp_path, *flags, early=True)
+
+def test_lora_resume_switch_and_missing_peft_are_refused(tiny, tmp_path, monkeypatch):
+    """--resume cannot switch LoRA on or off; --lora_r without peft installed is one line."""
+    full = run_cli(tiny, tmp_path / "full", "--max_steps", "1")
+    lora = run_cli(tiny, tmp_path / "lora", "--max_steps", "1", "--lora_r", "4")
+    for out, flags in ((full, ["--lora_r", "4"]), (lora, ["--lora_r", "0"]), (lora, ["--lora_r", "8"])):
+        msg = cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--max_steps", "2", *flags, base=False,
+                        early=True)
+        assert "--resume: --lora_r cannot change" in msg, msg
+    import importlib.util
+    orig = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "peft" else orig(n, *a))
+    assert "--lora_r needs peft: pip install peft" in cli_error(tiny, tmp_path, "--lora_r", "4", early=True)
 
 # -----------------------------------------------------------------------------
 # eval.py: grading, and the CLI end to end

@@ -53,6 +53,7 @@ Usage
   python trb.py --help                                                                     # every flag
 """
 import argparse
+import copy
 import ctypes
 import dataclasses
 import functools
@@ -129,6 +130,13 @@ class Config:
     loss_chunk: int = 0                    # positions per loss chunk; 0 = auto (1024 on GPU, ~8 MiB of
                                            # (chunk, V) float32 on CPU)
     grad_ckpt: bool = False                # gradient checkpointing of the student
+    # LoRA (peft): low-rank adapters train, the student's own weights stay frozen
+    lora_r: int = 0                        # adapter rank; 0 = full fine-tuning
+    lora_alpha: float = 32.0               # adapter scale alpha (the update is scaled by alpha / r)
+    lora_dropout: float = 0.0              # dropout on the adapters' input (training forward only)
+    lora_targets: str = "all-linear"       # modules to adapt: all-linear (every linear layer of the decoder) or
+                                           # comma-separated names, e.g. q_proj,v_proj
+    lora_merge: bool = False               # also write student + adapters merged to out_dir/merged at the end
     # multi-GPU (under torchrun; DDP by default)
     fsdp: bool = False                     # shard the student, its gradients and AdamW state with FSDP2
     # system
@@ -426,10 +434,11 @@ def _decode(model, x, attn, pos, cache, V):
     """
     One KV-cached forward; logits of the last position (b, V). The cache object is ours and is updated in place,
     passed under the keyword this transformers reads ('cache' in 5.24, 'past_key_values' before), so the loop runs
-    on both; the parity tests fail if it were ignored.
+    on both; the parity tests fail if it were ignored. A PEFT model passes it on to its base model.
     """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = model(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
-                **{_cache_keyword(type(model)): cache})
+                **{_cache_keyword(type(base)): cache})
     return out.logits[:, -1, :V]                             # (b, V)
 
 @functools.lru_cache(maxsize=None)
@@ -631,6 +640,7 @@ def train(cfg, given=None, *, student=None, teacher=None, tokenizer=None):
                 rec["eval_kl"] = evaluate(R)
             log(R, rec)
             if R.step == cfg.max_steps or (cfg.save_every and R.step % cfg.save_every == 0): save(R)
+        if cfg.lora_merge and R.master: save_merged(R)      # plain weights beside the adapters, for servers
     except KeyboardInterrupt:
         if R is None: raise Stopped("interrupted before training started") from None
         if R.saved != cfg.max_steps: raise Stopped(f"interrupted after step {R.step}; {on_disk(R)}") from None
@@ -881,7 +891,7 @@ def check_config(c):
         if getattr(c, name) < 1: raise UserError(f"--{name} must be >= 1, got {getattr(c, name)}")
     for name in ("eps0", "warmup_steps", "temperature", "lr", "lr_warmup_steps", "loss_topk", "eval_every",
                  "save_every", "eval_prompts", "skd_topk", "skd_steps", "veto_beta", "temp_warmup", "sft_warmup_steps",
-                 "loss_chunk", "weight_decay", "grad_clip", "rollout_batch_size"):
+                 "loss_chunk", "weight_decay", "grad_clip", "rollout_batch_size", "lora_r", "lora_alpha"):
         x = getattr(c, name)
         if not x >= 0: raise UserError(f"--{name} must be >= 0, got {x}")  # `not >=` also catches NaN
         if not math.isfinite(x): raise UserError(f"--{name} must be finite, got {x}")
@@ -902,6 +912,17 @@ def check_config(c):
     if not 0 <= c.seed < 2**32: raise UserError(f"--seed must be in [0, 2^32), got {c.seed}")
     if c.wandb_project and importlib.util.find_spec("wandb") is None:
         raise UserError("--wandb_project needs wandb: pip install wandb")
+    check_lora(c)
+
+def check_lora(c):
+    if not 0 <= c.lora_dropout < 1: raise UserError(f"--lora_dropout must be in [0, 1), got {c.lora_dropout}")
+    if c.lora_r == 0:
+        if c.lora_merge: raise UserError("--lora_merge needs --lora_r > 0")
+        return
+    if importlib.util.find_spec("peft") is None: raise UserError("--lora_r needs peft: pip install peft")
+    if c.lora_alpha == 0: raise UserError("--lora_alpha must be > 0")
+    if c.fsdp: raise UserError("--fsdp with --lora_r is not supported: FSDP2 pays off by sharding gradients and AdamW "
+                               "state, which LoRA already shrinks to the adapters; use DDP (no --fsdp)")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # plumbing: runtime and setup
@@ -945,32 +966,25 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
         raise UserError("--resume: --fsdp must stay as the run began (its optimizer state is saved differently)")
     if cfg.fsdp and not torch.distributed.is_initialized():
         raise UserError("this run used --fsdp: resume it under torchrun")
-    s_path = cfg.out_dir if state is not None else cfg.student
     if models: tok = t_tok = models.tok
-    else: tok, t_tok = (load_tokenizer(p, cfg.trust_remote_code, w) for p, w in ((s_path, "student"),
-                                                                                  (cfg.teacher, "teacher")))
+    else: tok, t_tok = (load_tokenizer(p, cfg.trust_remote_code, w) for p, w in (
+        (cfg.out_dir if state is not None else cfg.student, "student"), (cfg.teacher, "teacher")))
     V = shared_vocab(tok, t_tok)
     for name in ("loss_topk", "skd_topk"):
         if getattr(cfg, name) > V: raise UserError(f"--{name} {getattr(cfg, name)} is larger than the {V}-token vocab")
     prompts, skipped = encode_prompts(tok, load_prompts(cfg.data, cfg.prompt_field, "--data"), cfg, "--data")
     evals, e_skipped = encode_prompts(tok, load_prompts(cfg.eval_data, cfg.prompt_field, "--eval_data"), cfg,
                                       "--eval_data") if cfg.eval_data else ([], 0)
-    student, teacher = (models.student, models.teacher) if models else (s_path, cfg.teacher)
-    check_positions(max(map(len, prompts + evals)) + cfg.max_new_tokens, cfg, student=student, teacher=teacher)
-    if models: student, teacher = student.to(device), teacher.to(device)
-    else:
-        student = load_model(s_path, torch.float32, device, cfg.trust_remote_code, "student")  # fp32 master weights
-        teacher = load_model(cfg.teacher, amp_dtype, device, cfg.trust_remote_code, "teacher")
-    teacher.eval().requires_grad_(False)
-    if models and state is not None: load_weights(student, cfg)  # --resume: the checkpoint's weights, in place
+    n = max(map(len, prompts + evals)) + cfg.max_new_tokens  # positions the longest rollout needs
+    student, teacher = load_pair(cfg, state, models, device, amp_dtype, n)
     check_logits(V, student=student, teacher=teacher)
     eos_ids = eos_ids_of((tok, student), (t_tok, teacher))
-    if cfg.grad_ckpt: enable_grad_ckpt(student)
     if cfg.fsdp: shard(student, device, amp_dtype)           # FSDP2: the student is sharded in place
     ids = [device.index] if device.index is not None else None
     model = torch.nn.parallel.DistributedDataParallel(student, ids) if world > 1 and not cfg.fsdp else student
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))  # one kernel for all
+    trained = [p for p in student.parameters() if p.requires_grad]  # all of them, or LoRA's adapters
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                            fused=device.type in ("cpu", "cuda"))  # one kernel for all
     if state is not None: load_trainer_state(student, opt, state, cfg)
     step = state["step"] if state is not None else 0
     cuda_amp = device.type == "cuda" and amp_dtype != torch.float32
@@ -995,6 +1009,57 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     R.bar = tqdm(total=cfg.max_steps, initial=step, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True)
     return R
 
+def load_pair(cfg, state, models, device, amp_dtype, n):
+    """
+    The student (fp32 master weights; with --lora_r, wrapped with fresh adapters or the checkpoint's) and the frozen
+    teacher, from their paths (on --resume, a full student from out_dir) or the models passed to train(). The
+    longest rollout's n positions must fit both, and --lora_targets must name modules: checked before loading.
+    """
+    s_path = cfg.out_dir if state is not None and not cfg.lora_r else cfg.student  # LoRA: out_dir holds adapters
+    student, teacher = (models.student, models.teacher) if models else (s_path, cfg.teacher)
+    check_positions(n, cfg, student=student, teacher=teacher)
+    if cfg.lora_r: check_lora_targets(cfg, student)
+    if models: student, teacher = student.to(device), teacher.to(device)
+    else:
+        student = load_model(s_path, torch.float32, device, cfg.trust_remote_code, "student")
+        teacher = load_model(cfg.teacher, amp_dtype, device, cfg.trust_remote_code, "teacher")
+    teacher.eval().requires_grad_(False)
+    if models and state is not None and not cfg.lora_r: load_weights(student, cfg)  # --resume: in place
+    if cfg.grad_ckpt: enable_grad_ckpt(student)
+    if cfg.lora_r: student = with_lora(student, cfg, cfg.out_dir if state is not None else None)
+    return student, teacher
+
+def with_lora(student, cfg, resume_from=None):
+    """The student wrapped by PEFT: fresh LoRA adapters (B = 0: the same function), or the adapters of a checkpoint;
+    only the adapters train."""
+    import peft
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+    try:
+        if resume_from is None:
+            m = peft.get_peft_model(student, peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, task_type=
+                                    "CAUSAL_LM", lora_dropout=cfg.lora_dropout, target_modules=targets))
+            base = cfg.student if not os.path.isdir(cfg.student) else os.path.abspath(cfg.student)
+            m.peft_config["default"].base_model_name_or_path = base  # where from_pretrained(out_dir) finds it
+            return m
+        m = peft.PeftModel.from_pretrained(student, resume_from, is_trainable=True)
+    except Exception as e:  # NoMatchingPeftModuleError (a ValueError), missing or corrupt adapter files
+        what = f"--lora_targets {cfg.lora_targets!r}" if resume_from is None else f"the adapters in {resume_from!r}"
+        raise UserError(f"{what}: {_first_line(e)}") from None
+    from safetensors.torch import load_file
+    saved, have = load_file(os.path.join(resume_from, "adapter_model.safetensors")), peft.get_peft_model_state_dict(m)
+    if saved.keys() != have.keys():
+        raise UserError(f"--resume: the adapters in {resume_from!r} do not fit the student ({len(saved)} saved, "
+                        f"{len(have)} expected)")
+    return m
+
+def check_lora_targets(cfg, student):
+    """--lora_targets must name modules of the student: tried on a weightless copy (meta device) before loading."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    c = student.config if hasattr(student, "config") else AutoConfig.from_pretrained(student, trust_remote_code=
+                                                                                     cfg.trust_remote_code)
+    with torch.device("meta"):
+        with_lora(AutoModelForCausalLM.from_config(c, trust_remote_code=cfg.trust_remote_code), cfg)
+
 def enable_grad_ckpt(m):
     kw = {"use_reentrant": False}
     if hasattr(m, "activation_checkpointing_enable"):
@@ -1013,6 +1078,10 @@ def resume_config(cfg, given, state):
     if new.student != old.student:
         raise UserError(f"--resume trains the student saved in out_dir (the run began from {old.student!r}); "
                         f"--student cannot change: start a new run in another --out_dir for {new.student!r}")
+    for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"):
+        if getattr(new, k) != getattr(old, k):
+            raise UserError(f"--resume: --{k} cannot change (the run began with {getattr(old, k)}; --lora_r 0 is full "
+                            f"fine-tuning)")
     return new, [f"--{k} {getattr(old, k)} -> {getattr(new, k)}" for k in sorted(given)
                  if k not in here and getattr(old, k) != getattr(new, k)]
 
@@ -1098,6 +1167,10 @@ def load_model(path, dtype, device, trust_remote_code=False, what="model"):
     bad = [f"{len(v)} {k.split('_')[0]} ({', '.join(sorted(v)[:3])}{', ...' * (len(v) > 3)})"
            for k in ("missing_keys", "unexpected_keys") if (v := info.get(k))]
     if bad: raise UserError(f"{what} {path!r}: its weights do not match its config: " + "; ".join(bad))
+    if os.path.isfile(os.path.join(path, "adapter_config.json")) and m.can_generate():  # LoRA: the base + adapters
+        from transformers import GenerationConfig
+        if os.path.isfile(os.path.join(path, "generation_config.json")):  # ... and the run's EOS set, not the base's
+            m.generation_config = GenerationConfig.from_pretrained(path)
     return m.to(device)
 
 def check_positions(n, cfg, **models):
@@ -1265,6 +1338,7 @@ def save_checkpoint(out_dir, model, tok, state, state_dict=None, fresh=True, met
     tmp, old = out_dir + ".tmp", out_dir + ".old"
     if fresh: shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    if hasattr(model, "peft_config"): model.generation_config.save_pretrained(tmp)  # PEFT writes adapters only
     tok.save_pretrained(tmp)
     if metrics is not None:
         with open(os.path.join(tmp, "metrics.jsonl"), "w") as f: f.writelines(metrics)
@@ -1288,6 +1362,23 @@ def on_disk(R):
         return f"{R.cfg.out_dir}: its checkpoint of step {R.saved} is intact"
     if R.replaces: return f"this run saved nothing; the run it was to replace in {R.cfg.out_dir} is untouched"
     return f"{R.cfg.out_dir} holds no checkpoint"
+
+def save_merged(R):
+    """--lora_merge: the student with its adapters merged in, as plain weights, in out_dir/merged (swapped in)."""
+    d = os.path.join(os.path.realpath(R.cfg.out_dir), "merged")
+    merged = copy.deepcopy(R.student).merge_and_unload()
+    merged.generation_config.eos_token_id = list(R.eos_ids)
+    try:
+        with deferred_signals():
+            shutil.rmtree(d + ".tmp", ignore_errors=True)
+            merged.save_pretrained(d + ".tmp", safe_serialization=True)
+            R.tok.save_pretrained(d + ".tmp")
+            if os.path.isdir(d): os.replace(d, d + ".old")
+            os.replace(d + ".tmp", d)
+            shutil.rmtree(d + ".old", ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(d + ".tmp", ignore_errors=True)
+        raise UserError(f"--lora_merge: writing {d} failed ({e.strerror}); {on_disk(R)}") from None
 
 def _link(src, dst):
     try:
@@ -1406,7 +1497,7 @@ def claim_out_dir(cfg):
         files = load_state(d, mmap=True).get("files", []) if ckpt else []
     except UserError:  # a corrupt state: replaced all the same
         files = []
-    return {*files, "trainer_state.pt", "metrics.jsonl", "optimizer"}
+    return {*files, "trainer_state.pt", "metrics.jsonl", "optimizer", "merged"}
 
 def lock_out_dir(out_dir):
     """
