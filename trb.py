@@ -772,20 +772,11 @@ def log_line(rec):
     return f"step {rec['step']:5d} | " + " | ".join(f"{k} {rec[k]:{f}}" for k, f in LOG_FMT.items() if k in rec)
 
 def log(R, rec):
-    """
-    One line on stdout and one JSON line in metrics.jsonl (and wandb), from the master. Under --overwrite the lines
-    wait in R.pending until the first save, so the run being replaced keeps its metrics until then.
-    """
+    """One line on stdout and one JSON line in metrics.jsonl (and wandb), from the master."""
     if not R.master: return
     if rec["step"] > R.bar.n: R.bar.update(rec["step"] - R.bar.n)
     R.bar.write(log_line(rec))
-    if R.pending is not None: R.pending.append(json.dumps(rec) + "\n")
-    else:
-        try:
-            with open(os.path.join(R.cfg.out_dir, "metrics.jsonl"), "a") as f: f.write(json.dumps(rec) + "\n")
-        except OSError as e:  # out_dir removed, a read-only file, a full disk
-            raise UserError(f"step {rec['step']}: cannot write metrics.jsonl ({e.strerror}); {on_disk(R)}; "
-                            f"stopping") from None
+    append_metrics(R, rec)
     if R.wandb: R.wandb.log(rec, step=rec["step"])
 
 def save(R):
@@ -1355,6 +1346,16 @@ def save_checkpoint(out_dir, model, tok, state, state_dict=None, fresh=True, met
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+def append_metrics(R, rec):
+    """One JSON line in out_dir/metrics.jsonl; under --overwrite the lines wait in R.pending until the first save,
+    so the run being replaced keeps its metrics until then. A failed write stops the run with one line."""
+    if R.pending is not None: return R.pending.append(json.dumps(rec) + "\n")
+    try:
+        with open(os.path.join(R.cfg.out_dir, "metrics.jsonl"), "a") as f: f.write(json.dumps(rec) + "\n")
+    except OSError as e:  # out_dir removed, a read-only file, a full disk
+        raise UserError(f"step {rec['step']}: cannot write metrics.jsonl ({e.strerror}); {on_disk(R)}; "
+                        f"stopping") from None
 
 def on_disk(R):
     """What out_dir holds now, for the line a stopped run ends with."""
