@@ -118,6 +118,7 @@ def gold_of(rec, task, where):
             raise trb.UserError(f"{where}: a MATH record needs problem and answer (or solution)")
         q, gold = rec["problem"], str(rec.get("answer") or last_boxed(str(rec.get("solution", ""))) or "").strip()
     if not isinstance(q, str) or not q.strip(): raise trb.UserError(f"{where}: the problem is {repr(q)[:40]}, not text")
+    trb.check_text(q, f"{where}: the problem")
     if not gold: raise trb.UserError(f"{where}: empty answer (and no \\boxed{{}} in the solution)")
     return q, gold
 
@@ -204,7 +205,8 @@ def plot_runs(run_dirs, out_png):
     for d in run_dirs:
         path = os.path.join(d, "metrics.jsonl")
         if not os.path.isfile(path): raise trb.UserError(f"--plot: no metrics.jsonl in {d!r}")
-        recs = trb.read_metrics(path)
+        recs = [{k: v for k, v in r.items() if type(v) in (int, float) and math.isfinite(v)}  # hand edits: dropped
+                for r in trb.read_metrics(path)]
         if not recs: raise trb.UserError(f"--plot: {path} holds no records")
         runs.setdefault(method_of(d), []).append(recs)
     try:
@@ -213,6 +215,11 @@ def plot_runs(run_dirs, out_png):
         import matplotlib.pyplot as plt
     except ImportError:
         raise trb.UserError("--plot needs matplotlib (pip install matplotlib)") from None
+    out_png = out_png if os.path.splitext(out_png)[1] else out_png + ".png"
+    ext, folder = os.path.splitext(out_png)[1][1:].lower(), os.path.dirname(os.path.abspath(out_png))
+    if ext not in plt.figure().canvas.get_supported_filetypes():
+        raise trb.UserError(f"--plot_out {out_png!r}: matplotlib cannot write .{ext} files")
+    if not os.path.isdir(folder): raise trb.UserError(f"--plot_out {out_png!r}: no folder {folder}")
     K = warmup_end(runs)
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.6))
     axes = axes.ravel()
@@ -243,7 +250,10 @@ def plot_runs(run_dirs, out_png):
     axes[-1].set_title("held-out reverse KL per method: mean, min-max", fontsize=9)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
+    try:
+        fig.savefig(out_png, dpi=120)
+    except OSError as e:
+        raise trb.UserError(f"--plot_out {out_png!r}: writing it failed ({e.strerror})") from None
     return out_png
 
 # -----------------------------------------------------------------------------
@@ -271,6 +281,17 @@ class EvalConfig:
     plot: list = field(default_factory=list)  # run dirs whose metrics.jsonl to draw (needs matplotlib)
     plot_out: str = "trb_compare.png"      # the figure's path
 
+def write_out(a, problems, comps, verdicts):
+    """--out: one JSON line per problem; a failed write is one line (the summary is already printed)."""
+    grade_as = "gsm8k" if a.task == "gsm8k" else "math"
+    try:
+        with open(a.out, "w") as f:
+            for (p, gold, _), c, v in zip(problems, comps, verdicts):
+                f.write(json.dumps(dict(prompt=p, completions=c, extracted=[extract_answer(x, grade_as) for x in c],
+                                        gold=gold, correct=v)) + "\n")
+    except OSError as e:
+        raise trb.UserError(f"--out {a.out!r}: writing it failed ({e.strerror}); the summary above stands") from None
+
 def check_args(a):
     if not a.model: raise trb.UserError("--model is required")
     if a.task not in TASKS: raise trb.UserError(f"--task must be one of {', '.join(TASKS)}, got {a.task!r}")
@@ -285,9 +306,13 @@ def check_args(a):
         raise trb.UserError(f"--dtype must be auto, bfloat16, float16 or float32, got {a.dtype!r}")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise trb.UserError(f"--device {a.device}: no CUDA here")
-    if a.out and (os.path.isdir(a.out) or not os.access(os.path.dirname(os.path.abspath(a.out)), os.W_OK)):
+    folder = os.path.dirname(os.path.abspath(a.out))
+    if a.out and (os.path.isdir(a.out) or not (os.path.isdir(folder) and os.access(folder, os.W_OK))):
         why = "is a directory" if os.path.isdir(a.out) else "cannot be written: its folder is missing or read-only"
         raise trb.UserError(f"--out {a.out!r} {why}")
+    if not 0 <= a.seed < 2**32: raise trb.UserError(f"--seed must be in [0, 2^32), got {a.seed}")
+    if 0 < a.temperature < trb.MIN_TAU:
+        raise trb.UserError(f"--temperature must be 0 or >= {trb.MIN_TAU}, got {a.temperature}")
     if a.temperature == 0 and a.n_samples > 1:
         print("eval: warning: --temperature 0 with --n_samples > 1 gives identical samples", file=sys.stderr)
 
@@ -311,17 +336,12 @@ def main(argv=None):
         dt = time.time() - t0
         verdicts, summary = score(problems, comps, a.task)
         summary.update(model=a.model, n_samples=a.n_samples, temperature=a.temperature, tok_per_s=round(n_tok / dt, 1))
-        if a.out:
-            grade_as = "gsm8k" if a.task == "gsm8k" else "math"
-            with open(a.out, "w") as f:
-                for (p, gold, _), c, v in zip(problems, comps, verdicts):
-                    f.write(json.dumps(dict(prompt=p, completions=c, extracted=[extract_answer(x, grade_as) for x in c],
-                                            gold=gold, correct=v)) + "\n")
         print(f"{a.task} | accuracy {summary['accuracy']:.4f} ± {summary['stderr']:.4f} | n {summary['n']} | "
               f"samples {a.n_samples} | tok/s {summary['tok_per_s']}")
         for key in ("by_subject", "by_level"):
             if key in summary: print(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[key].items()))
-        print(json.dumps(summary))
+        print(json.dumps(summary), flush=True)
+        if a.out: write_out(a, problems, comps, verdicts)  # after the summary: a failed write loses nothing else
         return summary
     except trb.UserError as e:
         raise SystemExit(f"eval: error: {e}")

@@ -778,6 +778,10 @@ BAD_FLAGS = [  # (flags, words of the one-line error); every one refused before 
     (["--skd_topk", "5", "--skd_steps", "3"], "use it with --eps0 0"), (["--eps0", "0", "--skd_topk", "5"],
                                                                         "go together"),
     (["--eps0", "0", "--veto_beta", "0.5", "--temp_warmup", "0.5"], "one at a time"),
+    (["--temperature", "1e-40"], "--temperature must be 0 or >= 0.001"),
+    (["--eps0", "0", "--temp_warmup", "1e-9"], "--temp_warmup must be 0 or >= 0.001"),
+    (["--n_samples", str(10**12)], "rows a step; at most 2^20"), (["--batch_size", str(10**12)], "at most 2^20"),
+    (["--save_every", str(10**400), "--batch_size", "0"], "--batch_size must be >= 1"),
 ]
 
 @pytest.mark.parametrize("flags,words", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
@@ -803,6 +807,7 @@ BAD_DATA = [  # (records, or raw bytes, words of the one-line error)
     ([{"text": "hello"}], "has no prompt field (question|problem|prompt)"),
     (b'{"question": "caf\xe9"}\n', "is not UTF-8 text (byte 17)"), (b"", "is empty"),
     (b'{"question": "a"}\n{"question": \n', "bad.jsonl:2: not valid JSON"),
+    (b'{"question": "a\\ud800b"}\n', "record 1: the prompt 'question' is not valid Unicode (a lone surrogate"),
 ]
 
 @pytest.mark.parametrize("rows,words", BAD_DATA, ids=[w.split(":")[0][:30] for _, w in BAD_DATA])
@@ -1142,8 +1147,8 @@ def test_a_fresh_run_into_a_run_is_refused_and_loses_nothing(tiny, finished_run,
             if f.name != "metrics.jsonl": f.unlink()
     before = files_of(out)
     msg = cli_error(tiny, tmp_path, "--out_dir", str(out), early=True)
-    want = "holds a checkpoint" if what == "checkpoint" else "holds the metrics of a run that saved no checkpoint"
-    assert want in msg and "--resume" in msg and "--overwrite" in msg, msg
+    want = "holds a checkpoint: pass --resume" if what == "checkpoint" else "holds the metrics of a run without a"
+    assert want in msg and "--overwrite" in msg, msg
     assert files_of(out) == before, "a refused run changed the out_dir"
 
 def test_overwrite_replaces_the_run_only_at_its_first_save(tiny, finished_run, tmp_path, monkeypatch):
@@ -1210,7 +1215,7 @@ def test_symlinked_out_dir_saves_resumes_and_locks_where_it_points(tiny, tmp_pat
         trb.unlock(lock)
 
 @pytest.mark.parametrize("who", ["student", "teacher", "resume"])
-def test_weights_that_do_not_match_the_model_are_refused(tiny, tmp_path, who):
+def test_weights_that_do_not_match_the_model_are_refused(tiny, tmp_path, who, capfd):
     """A model.safetensors of other keys, or a checkpoint whose config no longer fits its weights: one line with the
     counts and a few keys, never a run from random init."""
     from safetensors.torch import save_file
@@ -1227,6 +1232,7 @@ def test_weights_that_do_not_match_the_model_are_refused(tiny, tmp_path, who):
     msg = cli_error(tiny, tmp_path, f"--{who}", str(bad))
     assert f"{who} '{bad}': its weights do not match its config" in msg and "missing (" in msg, msg
     assert "1 unexpected (foo.weight)" in msg, msg
+    assert "LOAD REPORT" not in "".join(capfd.readouterr()), "transformers' report table: the line is ours alone"
 
 def test_resume_refuses_another_student_and_applies_another_teacher(tiny, tmp_path, capsys):
     """--resume --student OTHER is refused (the student is the checkpoint's); --teacher OTHER is used and printed."""
@@ -1328,6 +1334,9 @@ BAD_STATE = {  # name -> (a change to trainer_state.pt, words of the one-line er
     "rng missing torch": (lambda s: s["rng"].pop("torch"), "optimizer or RNG state does not fit"),
     "other optimizer": (lambda s: s.update(optimizer=torch.optim.AdamW([torch.zeros(2, requires_grad=True)])
                                            .state_dict()), "optimizer or RNG state does not fit"),
+    "moments of another model": (lambda s: s["optimizer"]["state"][0].update(exp_avg=torch.zeros(48, 48)),
+                                 "exp_avg (48, 48) for a"),
+    "NaN moments": (lambda s: s["optimizer"]["state"][1]["exp_avg_sq"].fill_(float("nan")), "non-finite exp_avg_sq"),
 }
 
 @pytest.mark.parametrize("case", list(BAD_STATE))
@@ -1385,16 +1394,138 @@ def test_bom_files_files_for_models_and_a_run_that_created_its_out_dir(tiny, tmp
     assert not out.exists() and not os.path.exists(str(out) + ".lock"), "the failed run left its out_dir behind"
 
 def test_no_progress_bars_in_a_pipe(tiny, tmp_path):
-    """trb.py and eval.py into a pipe: no bar of ours or of transformers (loading or writing weights)."""
+    """trb.py and eval.py into a pipe: no bar of ours, of transformers (loading or writing weights) or of datasets
+    (a parquet file)."""
+    from datasets import Dataset
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = str(tmp_path / "run")
-    for cmd in ([os.path.join(HERE, "trb.py"), *cli_args(tiny, out, "--max_steps", "1")],
+    out, pq = str(tmp_path / "run"), str(tmp_path / "train.parquet")
+    Dataset.from_list([json.loads(l) for l in open(tiny["data"])]).to_parquet(pq)
+    for cmd in ([os.path.join(HERE, "trb.py"), *cli_args(tiny, out, "--max_steps", "1", "--data", pq)],
                 [os.path.join(HERE, "eval.py"), "--model", out, "--data_file", tiny["data"], "--max_new_tokens", "4"]):
         p = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, timeout=300)
         text = p.stdout + p.stderr
         assert p.returncode == 0, text[-2000:]
-        for bar in ("\r", "Loading weights", "Writing model shards", "it/s]"):
+        for bar in ("\r", "Loading weights", "Writing model shards", "it/s]", "examples/s", "Generating train"):
             assert bar not in text, f"{cmd[0]}: {bar!r} in its output: {text[-800:]!r}"
+
+def test_a_users_old_and_tmp_directories_are_never_taken(tiny, finished_run, tmp_path):
+    """`mv run run.old` (or .tmp) is the user's: a new run into `run`, with --overwrite too, neither takes nor
+    deletes it; trb's own swap siblings are run.trb-tmp and run.trb-old."""
+    out = tmp_path / "run"
+    for name in ("run.old", "run.tmp"): shutil.copytree(finished_run, tmp_path / name)
+    before = {n: files_of(tmp_path / n) for n in ("run.old", "run.tmp")}
+    run_cli(tiny, out, "--max_steps", "2", "--save_every", "1")
+    run_cli(tiny, out, "--max_steps", "1", "--overwrite")
+    assert {n: files_of(tmp_path / n) for n in before} == before, "the user's directories changed"
+    assert trb.load_state(str(out))["step"] == 1 and sorted(os.listdir(tmp_path)) == ["run", "run.old", "run.tmp"]
+
+def test_a_stale_old_never_replaces_a_newer_out_dir(tiny, finished_run, tmp_path):
+    """A kill right after the final swap leaves a complete .trb-old; the user then deletes trainer_state.pt (the
+    weights stay loadable): no later run rolls the final weights back to the older checkpoint."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    old = run_cli(tiny, tmp_path / "older", "--max_steps", "1")
+    os.replace(old, str(out) + trb.OLD)
+    (out / "trainer_state.pt").unlink()
+    final = (out / "model.safetensors").read_bytes()
+    assert "--overwrite" in cli_error(tiny, tmp_path, "--out_dir", str(out), early=True)
+    assert (out / "model.safetensors").read_bytes() == final, "the final weights were rolled back"
+
+def test_a_failed_final_rename_keeps_the_checkpoint_and_resumes_exactly(tiny, tmp_path, monkeypatch):
+    """The rename that puts .trb-tmp in place fails (EIO), also on retry: the line says where the complete
+    checkpoint is, nothing is deleted, and --resume takes it and ends at the weights of an unbroken run."""
+    import errno
+    a = run_cli(tiny, tmp_path / "a", "--max_steps", "3", "--save_every", "1")
+    out, orig, calls = tmp_path / "b", os.replace, []
+    def failing(src, dst, *x, **k):
+        if str(src).endswith(trb.TMP) and trb.load_state(str(src), mmap=True)["step"] == 2:
+            calls.append(src)
+            raise OSError(errno.EIO, "Input/output error")
+        return orig(src, dst, *x, **k)
+    monkeypatch.setattr(os, "replace", failing)
+    msg = cli_error(tiny, tmp_path, *cli_args(tiny, out, "--max_steps", "3", "--save_every", "1"), base=False)
+    monkeypatch.undo()
+    assert "step 2: saving the checkpoint failed ([Errno 5] Input/output error)" in msg and len(calls) == 2, msg
+    assert f"{trb.TMP} holds one (step 2): --resume takes it" in msg, msg
+    trb.main(["--out_dir", str(out), "--resume"])
+    wa, wb = weights(a), weights(out)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and metric_steps(out) == [1, 2, 3]
+
+def test_late_signals_cannot_change_the_end_of_a_run(tiny, tmp_path, monkeypatch):
+    """SIGINT while the lock is released after the final save: the run is complete, no error; an out-of-memory
+    error is one line naming the step and what is on disk."""
+    import signal
+    orig = trb.unlock
+    def unlock_with_sigint(lock):
+        os.kill(os.getpid(), signal.SIGINT)
+        orig(lock)
+    monkeypatch.setattr(trb, "unlock", unlock_with_sigint)
+    run_cli(tiny, tmp_path / "run", "--max_steps", "2")
+    assert trb.load_state(str(tmp_path / "run"))["step"] == 2
+    monkeypatch.undo()
+    def oom(*a, **k): raise RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(trb, "rollout_rows", oom)
+    msg = cli_error(tiny, tmp_path, "--out_dir", str(tmp_path / "oom"))
+    assert msg.startswith("trb: error: out of memory in step 1;") and "lower --rollout_batch_size" in msg, msg
+
+def test_a_lock_that_cannot_be_written_leaves_no_out_dir(tiny, tmp_path, monkeypatch):
+    """The lock file cannot be created (a full disk): one line, and the out_dir this run made is gone again."""
+    monkeypatch.setattr(trb, "open", no_space("new-out.lock", "a"), raising=False)
+    assert "is not writable: No space left" in cli_error(tiny, tmp_path, "--out_dir", str(tmp_path / "new-out"),
+                                                         early=True)
+    assert not (tmp_path / "new-out").exists()
+
+def test_a_second_signal_while_stopping_keeps_exit_status_1(tiny, tmp_path):
+    """The same signal again while the process prints its stop line and tears down: exit status 1, not the
+    signal's."""
+    import signal
+    args = [sys.executable, os.path.join(HERE, "trb.py"), *cli_args(tiny, tmp_path / "run", "--max_steps", "1000",
+                                                                    "--save_every", "1")]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    for line in p.stdout:
+        if line.startswith("step     2 |"): break
+    p.send_signal(signal.SIGTERM)
+    for line in p.stderr:
+        if line.startswith("trb: interrupted after step"): break
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=300)
+    assert p.returncode == 1 and line.startswith("trb: interrupted after step"), (p.returncode, line)
+
+def test_resume_accepts_the_same_student_by_another_path_and_symlinks_stay_links(tiny, tmp_path):
+    """--resume --student given as the same directory by another path is no change; a symlink of the user's in
+    out_dir stays a symlink through saves."""
+    out = run_cli(tiny, tmp_path / "run", "--max_steps", "1")
+    (out / "data-link").symlink_to(tmp_path)
+    trb.main(["--out_dir", str(out), "--resume", "--max_steps", "2", "--student", tiny["student"] + "/"])
+    assert trb.load_state(str(out))["step"] == 2 and (out / "data-link").is_symlink()
+
+def test_eval_hints_at_an_interrupted_save_and_writes_out_after_the_summary(tiny, tmp_path, monkeypatch, capsys):
+    """eval.py --model on a run whose save was killed names the checkpoint waiting in .trb-tmp; a failing --out
+    write comes after the printed summary, as one line."""
+    import errno
+    out = run_cli(tiny, tmp_path / "run", "--max_steps", "1")
+    os.replace(out, str(out) + trb.TMP)
+    msg = eval_error("--model", str(out), "--data_file", tiny["data"])
+    assert f"{trb.TMP} holds a checkpoint: trb.py --out_dir" in msg and "--resume" in msg, msg
+    os.replace(str(out) + trb.TMP, out)
+    monkeypatch.setattr(ev, "open", no_space("res.jsonl", "w"), raising=False)
+    msg = eval_error("--model", str(out), "--data_file", tiny["data"], "--limit", "2", "--max_new_tokens", "2", "--out",
+                     str(tmp_path / "res.jsonl"))
+    assert "writing it failed (No space left on device); the summary above stands" in msg, msg
+    assert "gsm8k | accuracy" in capsys.readouterr().out
+
+def test_plot_out_and_hand_edited_metrics(tiny, tmp_path):
+    """--plot_out in a missing folder or of an unknown type is one line; without an extension it is a .png, and
+    the path printed is the file written; hand-edited values (null, text) are left out of the curves."""
+    run = tmp_path / "trb-s0"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "eps": 0.1, "loss": 1.0}\n{"step": 2, "eps": null, "loss": "x"}\n'
+                                       '{"step": 3, "eps": 0.0, "loss": 0.5}\n')
+    assert "no folder" in eval_error("--plot", str(run), "--plot_out", str(tmp_path / "nodir" / "x.png"))
+    assert "cannot write .xyz files" in eval_error("--plot", str(run), "--plot_out", str(tmp_path / "x.xyz"))
+    assert ev.main(["--plot", str(run), "--plot_out", str(tmp_path / "fig")]) is None
+    assert (tmp_path / "fig.png").stat().st_size > 0
 
 # -----------------------------------------------------------------------------
 # TRB outside trb.py's loop: the logits processor in generate(), TRL's GKDTrainer, models passed to train()
@@ -1743,6 +1874,8 @@ EVAL_BAD = [  # (a data file's lines, or raw bytes, or flags; words of the one-l
     (["--n_samples", "0"], "--n_samples must be >= 1"), (["--device", "mps"], "--device must be auto, cpu, cuda"),
     (["--task", "aime"], "--task must be one of gsm8k, math500, math"), (["--dtype", "int8"], "--dtype must be"),
     (["--temperature", "inf"], "--temperature must be finite"), (["--limit", "-1"], "--limit must be >= 0"),
+    (["--temperature", "1e-40"], "--temperature must be 0 or >= 0.001"), (["--seed", str(10**20)], "--seed must be"),
+    ([{"question": "a\ud800", "answer": "#### 1"}], "record 1: the problem is not valid Unicode"),
 ]
 
 @pytest.mark.parametrize("case,words", EVAL_BAD, ids=[w[:30] for _, w in EVAL_BAD])

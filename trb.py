@@ -39,7 +39,7 @@ Design choices
 10. A step's rows decode as one batch (--rollout_batch_size 0), both models with KV caches; once a quarter of the
     batch has ended, finished rows leave it (caches and per-row state compacted), so the work follows the sum of
     the lengths. One host sync per decoding step (plus one per solver iteration); blend and sampler in float32.
-11. Checkpoints are written to out_dir.tmp and swapped in by rename, metrics hard-linked along: a kill at any
+11. Checkpoints are written to out_dir.trb-tmp and swapped in by rename, metrics hard-linked along: a kill at any
     point leaves a complete checkpoint. A lock keeps a second run off the out_dir; SIGINT/SIGTERM stop with one
     line; a non-finite loss, gradient or weight stops the run before it saves.
 12. Multi-GPU: DDP, or FSDP2 (--fsdp) for students beyond one GPU: the student is sharded by layer, gathered
@@ -83,6 +83,7 @@ import torch.nn.functional as F
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 NEG_INF = float("-inf")
+MIN_TAU = 1e-3  # the smallest sampling temperature: below it, logits / tau can overflow float32
 
 @dataclass
 class Config:
@@ -470,8 +471,9 @@ class TRBLogitsProcessor:
         eps = torch.as_tensor(eps, dtype=torch.float32, device=attention_mask.device)
         if not bool(((eps >= 0) & eps.isfinite()).all()):
             raise UserError(f"TRBLogitsProcessor: eps must be finite and >= 0, got {eps.tolist()}")
-        if not 0 < temperature < math.inf: raise UserError(f"TRBLogitsProcessor: temperature must be > 0, got "
-                                                            f"{temperature} (greedy: generate(do_sample=False))")
+        if not MIN_TAU <= temperature < math.inf:
+            raise UserError(f"TRBLogitsProcessor: temperature must be >= {MIN_TAU}, got {temperature} (greedy: "
+                            f"do_sample=False)")
         n = teacher.get_output_embeddings().weight.shape[0]
         if V is not None and n < V: raise UserError(f"TRBLogitsProcessor: the teacher has {n} logits, fewer than V={V}")
         self.teacher, self.eps, self.attn, self.tau = teacher, eps, attention_mask, temperature
@@ -607,8 +609,9 @@ def train(cfg, given=None, *, student=None, teacher=None, tokenizer=None):
     """
     models = check_start(cfg, student, teacher, tokenizer)
     rank, world, device, amp_dtype = init_runtime(cfg)
-    lock, R = lock_out_dir(cfg.out_dir) if rank == 0 else None, None
+    lock = R = None
     try:
+        lock = lock_out_dir(cfg.out_dir) if rank == 0 else None
         R = setup(cfg, given, rank, world, device, amp_dtype, models)
         cfg, gen = R.cfg, torch.Generator(device=R.device)
         if R.eval_prompts and cfg.eval_every and R.step == 0: log(R, dict(step=0, eval_kl=evaluate(R)))
@@ -645,10 +648,16 @@ def train(cfg, given=None, *, student=None, teacher=None, tokenizer=None):
         if R is None: raise Stopped("interrupted before training started") from None
         if R.saved != cfg.max_steps: raise Stopped(f"interrupted after step {R.step}; {on_disk(R)}") from None
         if R.master: print(f"trb: a signal came during the final save; the run is complete: {on_disk(R)}")
+    except (MemoryError, RuntimeError) as e:  # torch's out-of-memory errors, CUDA's and the CPU allocator's
+        if not isinstance(e, MemoryError) and not re.search("out of memory|can't allocate memory", str(e)): raise
+        where = f"in step {R.step + 1}; {on_disk(R)}" if R is not None else "while loading"
+        raise UserError(f"out of memory {where}: lower --rollout_batch_size, --micro_batch_size or --batch_size"
+                        ) from None
     finally:
-        if R is not None: R.bar.close()
-        if lock is not None: unlock(lock)
-        if world > 1: torch.distributed.destroy_process_group()
+        with deferred_signals(drop=True):                    # the cleanup runs whole
+            if R is not None: R.bar.close()
+            if lock is not None: unlock(lock)
+            if world > 1: torch.distributed.destroy_process_group()
     return R.student
 
 STATS = ("loss", "beta", "kl_mu_s", "teacher_logp", "frac_teacher", "tokens", "skd_replaced")  # a step's sums
@@ -787,18 +796,18 @@ def save(R):
         if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
             raise UserError(f"step {R.step}: non-finite weights after the update; stopping without saving")
         state = dict(step=R.step, optimizer=None if R.cfg.fsdp else R.opt.state_dict(),
-                     config=dataclasses.asdict(R.cfg), world=R.world,
+                     config=dataclasses.asdict(R.cfg), world=R.world, run=R.run,
                      rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
         if R.student.generation_config is not None:  # eval.py, generate() and vLLM stop where training did
             R.student.generation_config.eos_token_id = list(R.eos_ids)
     try:
         with deferred_signals():
-            if R.cfg.fsdp: save_sharded_optimizer(R)        # every rank writes its shard into out_dir.tmp
+            if R.cfg.fsdp: save_sharded_optimizer(R)        # every rank writes its shard into out_dir.trb-tmp
             if R.master: save_checkpoint(R.cfg.out_dir, R.student, R.tok, state, sd, fresh=not R.cfg.fsdp,
                                          metrics=R.pending, drop=R.replaces)
             R.saved, R.pending, R.replaces = R.step, None, ()  # before a deferred signal stops the run
-    except Exception as e:  # a full disk, a quota: the previous checkpoint is untouched
-        shutil.rmtree(os.path.realpath(R.cfg.out_dir) + ".tmp", ignore_errors=True)
+    except Exception as e:  # a full disk, a quota, a failed rename: a complete checkpoint is put back in place
+        settle(R.cfg.out_dir)
         raise UserError(f"step {R.step}: saving the checkpoint failed ({_first_line(e)}); {on_disk(R)}; "
                         f"stopping") from None
     barrier(R.world)
@@ -869,6 +878,7 @@ def check_start(cfg, student, teacher, tokenizer):
     passed to train(), if any, as one namespace."""
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume continues the run in out_dir, --overwrite replaces it: pass one of them")
+    if not 0 <= cfg.seed < 2**32: raise UserError(f"--seed must be in [0, 2^32), got {cfg.seed}")  # init_runtime's
     if not cfg.resume: check_config(cfg)
     if student is None and teacher is None and tokenizer is None: return None
     if student is None or teacher is None or tokenizer is None:
@@ -885,9 +895,14 @@ def check_config(c):
                  "loss_chunk", "weight_decay", "grad_clip", "rollout_batch_size", "lora_r", "lora_alpha"):
         x = getattr(c, name)
         if not x >= 0: raise UserError(f"--{name} must be >= 0, got {x}")  # `not >=` also catches NaN
-        if not math.isfinite(x): raise UserError(f"--{name} must be finite, got {x}")
+        if isinstance(x, float) and not math.isfinite(x): raise UserError(f"--{name} must be finite, got {x}")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(c, name) < 1: raise UserError(f"--{name} must be in [0, 1), got {getattr(c, name)}")
+    for name in ("temperature", "temp_warmup"):  # logits / tau overflow float32 below MIN_TAU: NaN samples
+        x = getattr(c, name)
+        if 0 < x < MIN_TAU: raise UserError(f"--{name} must be 0 or >= {MIN_TAU}, got {x}")
+    if c.batch_size * c.n_samples > 2**20:
+        raise UserError(f"--batch_size x --n_samples is {c.batch_size * c.n_samples} rows a step; at most 2^20")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", c.device):
         raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {c.device!r}")
     if c.dtype not in ("auto", "bfloat16", "float32"):
@@ -952,6 +967,7 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
                                                  if getattr(cfg, f.name) != getattr(Config(), f.name)}
         cfg, changed = resume_config(cfg, given, state)
         check_config(cfg)
+        if master: keep_metrics(cfg.out_dir, state["step"])  # before the models load: a failing write is quick
     if cfg.batch_size % world: raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks")
     if state is not None and bool(state["config"].get("fsdp")) != cfg.fsdp:
         raise UserError("--resume: --fsdp must stay as the run began (its optimizer state is saved differently)")
@@ -978,15 +994,15 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
                             fused=device.type in ("cpu", "cuda"))  # one kernel for all
     if state is not None: load_trainer_state(student, opt, state, cfg)
     step = state["step"] if state is not None else 0
+    run = state.get("run") if state is not None else os.urandom(6).hex()  # tells this run's checkpoints apart
     cuda_amp = device.type == "cuda" and amp_dtype != torch.float32
     amp = torch.autocast(device.type, dtype=amp_dtype) if cuda_amp else nullcontext()
     R = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=master, device=device, amp=amp, tok=tok, V=V,
                         eos_ids=eos_ids, pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0],
                         prompts=prompts, eval_prompts=evals[:cfg.eval_prompts], student=student, teacher=teacher,
                         model=model, opt=opt, step=step, saved=state["step"] if state is not None else None, bar=None,
-                        wandb=None, replaces=replaces, pending=[] if replaces else None)
+                        wandb=None, replaces=replaces, pending=[] if replaces else None, run=run)
     if master:
-        if state is not None: keep_metrics(cfg.out_dir, step)
         ev = f" eval_prompts={len(R.eval_prompts)} eval_skipped_long={e_skipped}" if cfg.eval_data else ""
         print(f"trb | V={V} eos={eos_ids} prompts={len(prompts)} skipped_long={skipped}{ev} world={world} "
               f"device={device} dtype={amp_dtype}".replace("torch.", ""), flush=True)
@@ -1066,7 +1082,8 @@ def resume_config(cfg, given, state):
     here = {"out_dir", "resume", "overwrite", "device", "dtype"}
     old = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
     new = dataclasses.replace(old, **{k: getattr(cfg, k) for k in set(given) | here})
-    if new.student != old.student:
+    if new.student != old.student and not (os.path.isdir(new.student) and os.path.isdir(old.student) and
+                                           os.path.samefile(new.student, old.student)):
         raise UserError(f"--resume trains the student saved in out_dir (the run began from {old.student!r}); "
                         f"--student cannot change: start a new run in another --out_dir for {new.student!r}")
     for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"):
@@ -1113,6 +1130,9 @@ def _check_path(path, what="model"):
     """A local directory, or something shaped like a hub name (owner/model) while the hub is in reach."""
     if os.path.isdir(path): return
     if os.path.exists(path): raise UserError(f"{what} {path!r} is a file: expected a model directory or a hub name")
+    waits = next((path + x for x in (TMP, OLD) if _complete(path + x)), None)  # a save that a kill interrupted
+    if waits: raise UserError(f"{what} {path!r}: no such directory, but {waits} holds a checkpoint: trb.py "
+                              f"--out_dir {path} --resume puts it in place")
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) or path.startswith("."):
         raise UserError(f"{what} {path!r}: no such directory, and not a hub name owner/model")
     need_hub(path, what)
@@ -1150,11 +1170,16 @@ def load_model(path, dtype, device, trust_remote_code=False, what="model"):
     """from_pretrained, refusing weights that do not match the model (they would be left at random init)."""
     from transformers import AutoModelForCausalLM
     _check_path(path, what)
+    from transformers.utils import logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()                            # its load report: mismatches are one line of ours
     try:
         m, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                        output_loading_info=True)
     except Exception as e:  # missing files, corrupt safetensors, no network: one line, not a traceback
         raise UserError(f"cannot load {what} {path!r}: {_first_line(e)}") from None
+    finally:
+        logging.set_verbosity(level)
     bad = [f"{len(v)} {k.split('_')[0]} ({', '.join(sorted(v)[:3])}{', ...' * (len(v) > 3)})"
            for k in ("missing_keys", "unexpected_keys") if (v := info.get(k))]
     if bad: raise UserError(f"{what} {path!r}: its weights do not match its config: " + "; ".join(bad))
@@ -1292,9 +1317,11 @@ def load_records(data, split="train", what="--data"):
             raise UserError(f"{what} {data!r}: expected .jsonl, .json or .parquet")
         if ext != "parquet": return read_json_records(data, what), None
         args, field, kw = ("parquet",), None, dict(data_files=data, split="train")
-    from datasets import load_dataset
+    import datasets
+    if not sys.stderr.isatty(): datasets.disable_progress_bars()  # no bars, no info lines in a log file
+    datasets.logging.set_verbosity_error()
     try:
-        return list(load_dataset(*args, **kw)), field
+        return list(datasets.load_dataset(*args, **kw)), field
     except Exception as e:  # no network, parse errors: datasets raises many types
         raise UserError(f"cannot read {data!r}: {_first_line(e)}") from None
 
@@ -1311,22 +1338,32 @@ def load_prompts(data, field="", what="--data"):
         if not isinstance(q, str) or not q.strip():
             raise UserError(f"{what} {data!r}, record {i}: the prompt {field!r} is {repr(q)[:40]}, "
                             f"not a non-empty string")
+        check_text(q, f"{what} {data!r}, record {i}: the prompt {field!r}")
     return [r[field] for r in recs]
+
+def check_text(q, where):
+    """Text a tokenizer can take: JSON's \\ud800 escapes decode to lone surrogates, which no UTF-8 can hold."""
+    try:
+        q.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{where} is not valid Unicode (a lone surrogate at character {e.start})") from None
 
 # ---------------------------------------------------------------------------------------------------------------------
 # plumbing: checkpoints, metrics, the out_dir lock (design choice 11)
 
+TMP, OLD = ".trb-tmp", ".trb-old"  # out_dir's swap siblings (design choice 11): names of trb's own, not a user's
+
 def save_checkpoint(out_dir, model, tok, state, state_dict=None, fresh=True, metrics=None, drop=()):
     """
-    Writes out_dir.tmp completely, then swaps it in by rename (design choice 11). A kill at any point leaves a
-    complete checkpoint that recover_checkpoint() finds: out_dir, a complete .tmp or .old. Files that are not part
-    of the checkpoint (metrics.jsonl, the user's) are hard-linked into .tmp, not moved, so out_dir never lacks them;
-    but the names in `drop` (a replaced run's files, under --overwrite), for which `metrics` (lines) is the new
-    metrics.jsonl. fresh=False keeps what is already in .tmp (FSDP2's optimizer shards). A symlinked out_dir is
-    resolved: the swap happens where it points.
+    Writes out_dir.trb-tmp completely, then swaps it in by rename (design choice 11). A kill at any point leaves a
+    complete checkpoint that recover_checkpoint() finds: out_dir, or a complete .trb-tmp, or .trb-old. Files that
+    are not part of the checkpoint (metrics.jsonl, the user's) are hard-linked into .trb-tmp, not moved, so out_dir
+    never lacks them, and symlinks are copied as links; but the names in `drop` (a replaced run's files, under
+    --overwrite), for which `metrics` (lines) is the new metrics.jsonl. fresh=False keeps what is already in
+    .trb-tmp (FSDP2's optimizer shards). A symlinked out_dir is resolved: the swap happens where it points.
     """
     out_dir = os.path.realpath(out_dir)
-    tmp, old = out_dir + ".tmp", out_dir + ".old"
+    tmp, old = out_dir + TMP, out_dir + OLD
     if fresh: shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if hasattr(model, "peft_config"): model.generation_config.save_pretrained(tmp)  # PEFT writes adapters only
@@ -1339,10 +1376,11 @@ def save_checkpoint(out_dir, model, tok, state, state_dict=None, fresh=True, met
     if os.path.isdir(out_dir):
         for f in os.listdir(out_dir):
             src, dst = os.path.join(out_dir, f), os.path.join(tmp, f)
-            if os.path.exists(dst) or f in drop: continue
-            if os.path.isdir(src): shutil.copytree(src, dst, copy_function=_link)
+            if os.path.lexists(dst) or f in drop: continue
+            if os.path.islink(src): os.symlink(os.readlink(src), dst)
+            elif os.path.isdir(src): shutil.copytree(src, dst, copy_function=_link, symlinks=True)
             else: _link(src, dst)
-        shutil.rmtree(old, ignore_errors=True)              # a stale .old left by an earlier kill
+        shutil.rmtree(old, ignore_errors=True)              # a stale .trb-old left by an earlier kill
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
@@ -1358,11 +1396,26 @@ def append_metrics(R, rec):
                         f"stopping") from None
 
 def on_disk(R):
-    """What out_dir holds now, for the line a stopped run ends with."""
-    if R.saved is not None and _complete(os.path.realpath(R.cfg.out_dir)):
-        return f"{R.cfg.out_dir}: its checkpoint of step {R.saved} is intact"
-    if R.replaces: return f"this run saved nothing; the run it was to replace in {R.cfg.out_dir} is untouched"
-    return f"{R.cfg.out_dir} holds no checkpoint"
+    """What out_dir holds now, read from the disk (step and run of its trainer_state.pt), for a stopped run's line."""
+    d, out = os.path.realpath(R.cfg.out_dir), R.cfg.out_dir
+    for where in (d, d + TMP, d + OLD):
+        if not _complete(where): continue
+        st = torch.load(os.path.join(where, "trainer_state.pt"), map_location="cpu", weights_only=True, mmap=True)
+        if where != d: return f"{out} holds no checkpoint; {where} holds one (step {st['step']}): --resume takes it"
+        if st.get("run") == R.run: return f"{out}: its checkpoint of step {st['step']} is intact"
+        if R.replaces: return f"this run saved nothing; the run it was to replace in {out} is untouched"
+        return f"{out} holds another run's checkpoint (step {st['step']})"
+    return f"{out} holds no checkpoint"
+
+def settle(out_dir):
+    """After a failed save: recover what the swap left (recover_checkpoint), then drop the failed .trb-tmp unless
+    it is the only complete checkpoint left."""
+    d = os.path.realpath(out_dir)
+    try:
+        recover_checkpoint(d)
+    except OSError:  # the same failure again: the complete checkpoint stays where it is
+        pass
+    if _complete(d) or not _complete(d + TMP): shutil.rmtree(d + TMP, ignore_errors=True)
 
 def save_merged(R):
     """--lora_merge: the student with its adapters merged in, as plain weights, in out_dir/merged (swapped in)."""
@@ -1371,14 +1424,14 @@ def save_merged(R):
     merged.generation_config.eos_token_id = list(R.eos_ids)
     try:
         with deferred_signals():
-            shutil.rmtree(d + ".tmp", ignore_errors=True)
-            merged.save_pretrained(d + ".tmp", safe_serialization=True)
-            R.tok.save_pretrained(d + ".tmp")
-            if os.path.isdir(d): os.replace(d, d + ".old")
-            os.replace(d + ".tmp", d)
-            shutil.rmtree(d + ".old", ignore_errors=True)
+            shutil.rmtree(d + TMP, ignore_errors=True)
+            merged.save_pretrained(d + TMP, safe_serialization=True)
+            R.tok.save_pretrained(d + TMP)
+            if os.path.isdir(d): os.replace(d, d + OLD)
+            os.replace(d + TMP, d)
+            shutil.rmtree(d + OLD, ignore_errors=True)
     except OSError as e:
-        shutil.rmtree(d + ".tmp", ignore_errors=True)
+        shutil.rmtree(d + TMP, ignore_errors=True)
         raise UserError(f"--lora_merge: writing {d} failed ({e.strerror}); {on_disk(R)}") from None
 
 def _link(src, dst):
@@ -1392,16 +1445,18 @@ def _complete(d):
 
 def recover_checkpoint(out_dir):
     """
-    Finishes what a kill interrupted: a complete out_dir stays; otherwise a complete .tmp, else a complete .old,
-    takes its place, with the files of out_dir that it lacks (metrics.jsonl) moved over first.
+    Finishes what a kill interrupted (design choice 11): a complete out_dir stays. Otherwise a complete .trb-tmp
+    (the newest) takes its place, with the files of out_dir that it lacks (metrics.jsonl) moved over first; where
+    out_dir is gone, a complete .trb-old does if no .trb-tmp is complete. A .trb-old never replaces an out_dir that
+    exists: that out_dir is newer (its trainer_state.pt may have been deleted on purpose).
     """
     out_dir = os.path.realpath(out_dir)
     if _complete(out_dir): return
-    for cand in (out_dir + ".tmp", out_dir + ".old"):
-        if not _complete(cand): continue
+    for cand in (out_dir + TMP, out_dir + OLD):
+        if not _complete(cand) or (cand.endswith(OLD) and os.path.exists(out_dir)): continue
         if os.path.isdir(out_dir):
             for f in os.listdir(out_dir):
-                if not os.path.exists(os.path.join(cand, f)):
+                if not os.path.lexists(os.path.join(cand, f)):
                     os.replace(os.path.join(out_dir, f), os.path.join(cand, f))
             shutil.rmtree(out_dir)
         os.replace(cand, out_dir)
@@ -1436,6 +1491,10 @@ def load_trainer_state(student, opt, state, cfg):
         else: opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
+        for p, st in opt.state.items() if not cfg.fsdp else ():  # another model's moments: read out of bounds
+            for k in ("exp_avg", "exp_avg_sq"):
+                if st[k].shape != p.shape: raise ValueError(f"{k} {tuple(st[k].shape)} for a {tuple(p.shape)} weight")
+                if not bool(st[k].isfinite().all()): raise ValueError(f"non-finite {k}")
     except Exception as e:  # KeyError, ValueError, TypeError, RuntimeError: a state of another model, or mistyped
         raise UserError(f"--resume: the checkpoint's optimizer or RNG state does not fit ({_first_line(e)[:100]})"
                         ) from None
@@ -1490,10 +1549,12 @@ def claim_out_dir(cfg):
             raise UserError(f"--out_dir {cfg.out_dir!r} holds a model that is not a trb.py run, and saves would "
                             f"overwrite it: choose another directory")
         return ()
-    what = "a checkpoint" if ckpt else "the metrics of a run that saved no checkpoint"
-    if not cfg.overwrite:
-        raise UserError(f"--out_dir {cfg.out_dir!r} holds {what}: pass --resume to continue that run, or "
+    if not cfg.overwrite and ckpt:
+        raise UserError(f"--out_dir {cfg.out_dir!r} holds a checkpoint: pass --resume to continue that run, or "
                         f"--overwrite to start over (it is replaced at this run's first save)")
+    if not cfg.overwrite:
+        raise UserError(f"--out_dir {cfg.out_dir!r} holds the metrics of a run without a checkpoint to resume "
+                        f"(trainer_state.pt): pass --overwrite to start over, or choose another directory")
     try:
         files = load_state(d, mmap=True).get("files", []) if ckpt else []
     except UserError:  # a corrupt state: replaced all the same
@@ -1521,6 +1582,7 @@ def lock_out_dir(out_dir):
         os.remove(probe)
         f = open(real + ".lock", "a+")
     except OSError as e:
+        if created: shutil.rmtree(real, ignore_errors=True)  # it is empty: only the probe can be in it
         raise UserError(f"--out_dir {out_dir!r} is not writable: {e.strerror}") from None
     sock, name, holder = socket.socket(socket.AF_UNIX), b"\0trb:" + hashlib.sha256(real.encode()).digest()[:16], None
     try:
@@ -1541,7 +1603,7 @@ def lock_out_dir(out_dir):
         f.close()
         if sock is not None: sock.close()
         raise UserError(f"--out_dir {out_dir!r} is in use by another trb.py run (pid {holder})")
-    lock = SimpleNamespace(file=f, sock=sock, dir=real, created=False)
+    lock = SimpleNamespace(file=f, sock=sock, dir=real, created=created)
     try:
         f.seek(0)
         f.truncate()
@@ -1550,7 +1612,6 @@ def lock_out_dir(out_dir):
     except OSError as e:  # a full disk
         unlock(lock)
         raise UserError(f"--out_dir {out_dir!r}: cannot write its lock file ({e.strerror})") from None
-    lock.created = created
     return lock
 
 def _peer_pid(name):
@@ -1614,10 +1675,10 @@ def gathered_weights(student):
     return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 def save_sharded_optimizer(R):
-    """Every rank writes its AdamW shard to out_dir.tmp/optimizer with torch.distributed.checkpoint."""
+    """Every rank writes its AdamW shard to out_dir.trb-tmp/optimizer with torch.distributed.checkpoint."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    tmp = os.path.abspath(R.cfg.out_dir) + ".tmp"
+    tmp = os.path.realpath(R.cfg.out_dir) + TMP
     if R.master:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -1645,8 +1706,9 @@ def _interrupt(signum=None, frame=None):
     raise KeyboardInterrupt
 
 @contextmanager
-def deferred_signals():
-    """SIGINT and SIGTERM wait for the block (a save) to finish, then stop the run as usual."""
+def deferred_signals(drop=False):
+    """SIGINT and SIGTERM wait for the block (a save) to finish, then stop the run as usual; drop=True: they are
+    dropped (the run's cleanup, once it has stopped or finished)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -1656,10 +1718,13 @@ def deferred_signals():
         yield
     finally:
         for s, h in old.items(): signal.signal(s, h)
-    h = old[got[0]] if got else signal.SIG_IGN
+    h = old[got[0]] if got and not drop else signal.SIG_IGN
     if callable(h): h(got[0], None)                         # main's _interrupt, or Python's KeyboardInterrupt
     elif h != signal.SIG_IGN: raise KeyboardInterrupt        # SIG_DFL of SIGTERM: stop as for SIGINT
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # the process is ending: a late signal must not replace its exit status (1, or 0) with its own
+        for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, signal.SIG_IGN)
