@@ -1329,8 +1329,8 @@ BAD_STATE = {  # name -> (a change to trainer_state.pt, words of the one-line er
     "negative step": (lambda s: s.update(step=-1), "'step' is '-1'"),
     "no config": (lambda s: s.pop("config"), "lacks its 'config' entry"),
     "optimizer int": (lambda s: s.update(optimizer=5), "'optimizer' is '5'"),
-    "config lr text": (lambda s: s["config"].update(lr="fast"), "config 'lr' is 'fast', not of type float"),
-    "config seed float": (lambda s: s["config"].update(seed=1.5), "config 'seed' is 1.5, not of type int"),
+    "config lr text": (lambda s: s["config"].update(lr="fast"), "config: lr is 'fast', not of type float"),
+    "config seed float": (lambda s: s["config"].update(seed=1.5), "config: seed is 1.5, not of type int"),
     "rng missing torch": (lambda s: s["rng"].pop("torch"), "optimizer or RNG state does not fit"),
     "other optimizer": (lambda s: s.update(optimizer=torch.optim.AdamW([torch.zeros(2, requires_grad=True)])
                                            .state_dict()), "optimizer or RNG state does not fit"),
@@ -1552,7 +1552,8 @@ def test_processor_gives_the_blend_on_teacher_forced_prefixes(tiny, eps):
     for k in range(tokens.shape[1]):
         out = proc(torch.cat([ids, tokens[:, :k]], 1), sl[:, k].clone())
         if eps == 0.0:
-            assert torch.allclose(out, sl[:, k] / 1.5), "eps = 0: the (tempered) scores, unchanged"
+            assert torch.equal(out[:, :V], trb.policy_logits(sl[:, k, :V], eos, 1.5)) and out[:, V:].isneginf().all(), \
+                "eps = 0: pi_S itself, tempered, sliced and EOS-folded as in rollout()"
             continue
         ref, _ = trb.trust_region_blend(*(trb.policy_logits(x[:, k, :V], eos, 1.5) for x in (sl, tl)), e)
         assert out.shape == sl[:, k].shape and out[:, V:].isneginf().all(), "padded logits stay impossible"
@@ -1623,8 +1624,17 @@ def test_processor_bad_input_is_one_line(tiny):
     def gen(proc, **k):
         return s.generate(input_ids=ids, attention_mask=attn, max_new_tokens=3, logits_processor=[proc],
                           pad_token_id=tok.pad_token_id, do_sample=False, **k)
-    cases = [(lambda: trb.TRBLogitsProcessor(small, 0.1, attn, eos_ids=eos, V=V), "the teacher has 300 logits, fewer"),
-             (lambda: gen(trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos)), "pass V, the size of the shared"),
+    g = gen(trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=V))[0, ids.shape[1]:].tolist()
+    bad = [g[0], g[1]]  # bad_words_ids masks g[1] only at the second step, after g[0]
+    cases = [(lambda: trb.TRBLogitsProcessor(small, 0.1, attn, eos_ids=eos, V=V), "V must be an int in [1, 300]"),
+             (lambda: gen(trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos)), "pass V, the shared tokenizer"),
+             (lambda: trb.TRBLogitsProcessor(t, torch.ones(4), attn, eos_ids=eos, V=V), "eps has shape (4,) for 3"),
+             (lambda: trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=360.0), "V must be an int"),
+             (lambda: trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=[2, 370], V=V), "must be token ids below V"),
+             (lambda: gen(trb.TRBLogitsProcessor(t.eval(), 0.1, attn.repeat_interleave(2, 0), eos_ids=eos, V=V),
+                          num_beams=2), "beam search reorders them"),
+             (lambda: gen(trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=V), bad_words_ids=[bad]),
+              "arrive masked (-inf)"),
              (lambda: trb.TRBLogitsProcessor(t, -0.1, attn, eos_ids=eos, V=V), "eps must be finite and >= 0"),
              (lambda: trb.TRBLogitsProcessor(t, float("nan"), attn, eos_ids=eos, V=V), "eps must be finite"),
              (lambda: trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=V, temperature=0), "temperature must be"),
@@ -1732,7 +1742,7 @@ def test_lora_checkpoint_loads_in_eval_and_from_pretrained(tiny, tmp_path):
 
 LORA_BAD = [  # (flags, words of the one-line error); every one before a model loads
     (["--lora_r", "-1"], "--lora_r must be >= 0"), (["--lora_r", "4", "--lora_targets", "no_such_proj"],
-                                                    "--lora_targets 'no_such_proj': Target modules"),
+                                                    "--lora_targets: 'no_such_proj' names no module"),
     (["--lora_merge"], "--lora_merge needs --lora_r > 0"), (["--lora_r", "4", "--lora_dropout", "1"], "--lora_dropout"),
     (["--lora_r", "4", "--lora_alpha", "nan"], "--lora_alpha must be >= 0"),
     (["--lora_r", "4", "--fsdp"], "--fsdp with --lora_r is not supported: FSDP2 pays off by sharding"),
@@ -1755,6 +1765,99 @@ def test_lora_resume_switch_and_missing_peft_are_refused(tiny, tmp_path, monkeyp
     orig = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "peft" else orig(n, *a))
     assert "--lora_r needs peft: pip install peft" in cli_error(tiny, tmp_path, "--lora_r", "4", early=True)
+
+MODELS_BAD = {  # name -> (train() keyword arguments from the tiny pair, words of the one-line error)
+    "float max_steps": (lambda t: dict(cfg=dict(max_steps=2.5)), "train(): cfg: max_steps is 2.5, not of type int"),
+    "text batch_size": (lambda t: dict(cfg=dict(batch_size="2")), "batch_size is '2', not of type int"),
+    "bool lora_r": (lambda t: dict(cfg=dict(lora_r=True)), "lora_r is True, not of type int"),
+    "tokenizers that differ": (lambda t: dict(tokenizer=(t["tok"], make_tokenizer(
+        os.path.join(t["root"], "tok-other"), corpus=["zebra quartz " * 3 + str(i) for i in range(50)]))),
+        "incompatible tokenizers: token id"),
+    "bf16 student": (lambda t: dict(student=load(t["student"]).to(torch.bfloat16)), "pass the student in float32"),
+    "student is teacher": (lambda t: dict(teacher="student"), "of its own, not the teacher"),
+    "frozen student": (lambda t: dict(student=load(t["student"]).requires_grad_(False)), "no weight that requires"),
+}
+
+@pytest.mark.parametrize("case", list(MODELS_BAD))
+def test_train_with_models_refuses_bad_input(tiny, tmp_path, case):
+    """train() with models in memory: a mistyped cfg, tokenizers that differ, a bf16 or frozen student, or the
+    teacher passed as the student: one line each."""
+    kw = MODELS_BAD[case][0](tiny)
+    cfg, _ = trb.parse_config(trb.Config, cli_args(tiny, tmp_path / "run", "--max_steps", "1"))
+    cfg = dataclasses.replace(cfg, **kw.pop("cfg", {}))
+    kw = {"student": load(tiny["student"]), "teacher": load(tiny["teacher"]), "tokenizer": tiny["tok"], **kw}
+    if kw["teacher"] == "student": kw["teacher"] = kw["student"]
+    with pytest.raises(trb.UserError) as e:
+        trb.train(cfg, **kw)
+    assert MODELS_BAD[case][1] in str(e.value), str(e.value)
+
+def test_train_with_peft_students_and_lora_checkpoints_that_load(tiny, tmp_path):
+    """A student the user wrapped with PEFT trains its own adapters and resumes exactly; cfg.lora_r on top of it is
+    refused; a LoRA run of a student passed in names the student's directory as its base, so eval.py loads it."""
+    import peft
+    def peft_student():
+        return peft.get_peft_model(load(tiny["student"]), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    cfg = lambda out, n, **k: dataclasses.replace(trb.parse_config(trb.Config, cli_args(  # noqa: E731
+        tiny, tmp_path / out, "--max_steps", str(n), "--lr", "1e-2"))[0], **k)
+    run = lambda c, s: trb.train(c, student=s, teacher=load(tiny["teacher"]), tokenizer=tiny["tok"])  # noqa: E731
+    run(cfg("a", 4), peft_student())
+    run(cfg("b", 2), peft_student())
+    run(cfg("b", 4, resume=True), peft_student())
+    wa, wb = adapters(tmp_path / "a"), adapters(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "a PEFT student passed in resumes exactly"
+    with pytest.raises(trb.UserError, match="is a PEFT model already"):
+        run(cfg("c", 1, lora_r=4), peft_student())
+    run(cfg("d", 1, lora_r=4, student="my-label"), load(tiny["student"]))
+    assert trb._adapter_base(str(tmp_path / "d")) == tiny["student"]
+    assert ev.main(["--model", str(tmp_path / "d"), "--data_file", tiny["data"], "--limit", "2",
+                    "--max_new_tokens", "2"])["n"] == 2
+
+LORA_FLAGS = [  # (flags, words of the one-line error, or "" and the adapted modules)
+    (["--lora_r", "4", "--lora_targets", "q_proj,bogus"], "'bogus' names no module of the student"),
+    (["--lora_alpha", "16"], "--lora_alpha needs --lora_r > 0"), (["--lora_targets", "q_proj"], "needs --lora_r > 0"),
+    (["--lora_r", "4", "--lora_targets", "layers"], "--lora_targets 'layers': Target module ModuleList"),
+]
+
+@pytest.mark.parametrize("flags,words", LORA_FLAGS, ids=[" ".join(f) for f, _ in LORA_FLAGS])
+def test_lora_targets_each_name_and_flags_need_r(tiny, tmp_path, flags, words):
+    """Each --lora_targets name must match a module; the LoRA flags without --lora_r are refused; all early."""
+    assert words in cli_error(tiny, tmp_path, *flags, early=True)
+
+def test_lora_targets_with_spaces_moved_base_and_the_users_files(tiny, tmp_path, capsys):
+    """'q_proj, v_proj' adapts both; the user's README.md survives LoRA saves; adapter files of the user's are not
+    a place for a fresh run; a moved base is named as such, and --resume --student NEW continues the run."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny["student"], base)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    run_cli(tiny, out, "--student", str(base), "--max_steps", "1", "--lora_r", "4", "--lora_targets", "q_proj, v_proj")
+    assert (out / "README.md").read_text() == "my notes", "PEFT's model card replaced the user's README.md"
+    keys = adapters(out)
+    assert any("q_proj" in k for k in keys) and any("v_proj" in k for k in keys), sorted(keys)[:4]
+    moved = tmp_path / "base-moved"
+    os.replace(base, moved)
+    msg = eval_error("--model", str(out), "--data_file", tiny["data"])
+    assert "holds LoRA adapters whose base model" in msg and "is not there (moved?)" in msg, msg
+    capsys.readouterr()
+    trb.main(["--out_dir", str(out), "--resume", "--max_steps", "2", "--student", str(moved)])
+    assert f"--student {base} -> {moved}" in capsys.readouterr().out and trb._adapter_base(str(out)) == str(moved)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    shutil.copy(out / "adapter_config.json", foreign)
+    assert "holds a model that is not a trb.py run" in cli_error(tiny, tmp_path, "--out_dir", str(foreign), early=True)
+
+def test_relative_paths_resume_from_another_directory_and_stale_old_goes(tiny, tmp_path, monkeypatch):
+    """Local paths are kept absolute, so a run started with relative ones resumes from another working directory;
+    a .trb-old older than a complete out_dir is removed."""
+    shutil.copytree(tiny["root"], tmp_path / "models", ignore=shutil.ignore_patterns("*.lock"))
+    monkeypatch.chdir(tmp_path)
+    run_cli(dict(tiny, student="models/student", teacher="models/teacher", data="models/train.jsonl"),
+            tmp_path / "run", "--max_steps", "1", "--lora_r", "4")
+    shutil.copytree(tmp_path / "run", str(tmp_path / "run") + trb.OLD)
+    monkeypatch.chdir("/")
+    trb.main(["--out_dir", str(tmp_path / "run"), "--resume", "--max_steps", "2"])
+    assert metric_steps(tmp_path / "run") == [1, 2] and not os.path.exists(str(tmp_path / "run") + trb.OLD)
 
 # -----------------------------------------------------------------------------
 # eval.py: grading, and the CLI end to end

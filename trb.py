@@ -69,6 +69,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections import namedtuple
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -450,41 +451,37 @@ class TRBLogitsProcessor:
     """
     TRB's behavior policy inside any HF `student.generate(...)` (and so TRL's trainers): a logits processor
     (transformers' protocol, __call__(input_ids, scores) -> scores) that turns the student's scores into log mu of
-    eq. 1-2 at every step. The teacher keeps its own KV cache, prefilled on the first call and fed one token per
-    step after that, under left padding: attention_mask (B, P) is the prompts' and is extended by one column per
-    step, so rows padded with an EOS id work. EOS ids are folded and logits sliced to V as in rollout() (V = None:
-    the teacher's logits, which must then be as many as the student's), and the blend runs in float32, outside
-    autocast. eps: a float or (B,) budgets; eps <= 0 everywhere returns the scores unchanged (divided by
-    `temperature`) and never runs the teacher. temperature tempers both models before the blend, as in rollout().
-    One processor per generate() call: using it again fails with one line. After the call, .betas holds beta* of
-    every step, (B,) each.
+    eq. 1-2 at every step. The teacher (put in eval mode) keeps its own KV cache, prefilled on the first call and
+    fed one token per step after that, under left padding: attention_mask (B, P) is the prompts' and is extended by
+    one column per step, so rows padded with an EOS id work. EOS ids are folded and logits sliced to V as in
+    rollout() (V = None: the teacher's logits, which must then be as many as the student's; the tokenizers are not
+    seen here: check them with shared_vocab), and the blend runs in float32, outside autocast. eps: a float or (B,)
+    budgets; eps <= 0 everywhere gives pi_S itself (sliced, folded, tempered), and the teacher never runs.
+    temperature tempers both models before the blend, as in rollout(). One processor per generate() call: using it
+    again fails with one line. After the call, .betas holds beta* of every step, (B,) each.
 
     Tokens are drawn from mu exactly only with generate(**TRBLogitsProcessor.EXACT, logits_processor=[proc]) and
     no penalty: generate applies its warpers after this processor (temperature, top_k, top_p, min_p, typical_p:
     a model's generation_config may set them, e.g. top_k 50 or 20) and its penalties before it (repetition,
     n-gram), neither of which the processor can see. Masks before it (min_new_tokens, bad_words_ids,
-    suppress_tokens) leave -inf scores, which it refuses. do_sample=False decodes argmax mu.
+    suppress_tokens) leave -inf scores, and beam search reorders rows: both are refused. do_sample=False decodes
+    argmax mu.
     """
     EXACT = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0)
 
     def __init__(self, teacher, eps, attention_mask, *, eos_ids, V=None, temperature=1.0):
-        eps = torch.as_tensor(eps, dtype=torch.float32, device=attention_mask.device)
-        if not bool(((eps >= 0) & eps.isfinite()).all()):
-            raise UserError(f"TRBLogitsProcessor: eps must be finite and >= 0, got {eps.tolist()}")
-        if not MIN_TAU <= temperature < math.inf:
-            raise UserError(f"TRBLogitsProcessor: temperature must be >= {MIN_TAU}, got {temperature} (greedy: "
-                            f"do_sample=False)")
-        n = teacher.get_output_embeddings().weight.shape[0]
-        if V is not None and n < V: raise UserError(f"TRBLogitsProcessor: the teacher has {n} logits, fewer than V={V}")
-        self.teacher, self.eps, self.attn, self.tau = teacher, eps, attention_mask, temperature
-        self.eos_ids, self.V, self.idle = list(eos_ids), V or n, not bool((eps > 0).any())
-        self.cache, self.pos, self.seen, self.betas = None, None, None, []
+        self.eps = processor_args(teacher, eps, attention_mask, eos_ids, V, temperature)  # one line on bad input
+        self.teacher, self.attn, self.tau, self.eos_ids = teacher.eval(), attention_mask, temperature, list(eos_ids)
+        self.V, self.auto_V = V or teacher.get_output_embeddings().weight.shape[0], V is None
+        self.idle = not bool((self.eps > 0).any())
+        self.cache, self.pos, self.prev, self.betas = None, None, None, []
 
     @torch.no_grad()
     def __call__(self, input_ids, scores):
         self._check(input_ids, scores)
-        if self.idle: return scores if self.tau == 1 else scores / self.tau
-        V, first = self.V, self.cache is None
+        V, W = self.V, scores.shape[-1]
+        if self.idle: return F.pad(policy_logits(scores[:, :V], self.eos_ids, self.tau), (0, W - V), value=NEG_INF)
+        first = self.cache is None
         if first: self.cache, self.pos = _new_cache(self.teacher), (self.attn.cumsum(-1) - 1).clamp(min=0)  # (B, P)
         else: self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], 1)  # (B, P+t)
         x = input_ids if first else input_ids[:, -1:]       # the prompts, then the last token
@@ -494,25 +491,30 @@ class TRBLogitsProcessor:
             s, t = (policy_logits(z[:, :V], self.eos_ids, self.tau) for z in (scores, t_logits))  # (B, V) x 2
             logp_mu, beta = trust_region_blend(s, t, self.eps)  # eq. 1-2: (B, V), (B,)
         self.betas.append(beta)
-        return F.pad(logp_mu, (0, scores.shape[-1] - V), value=NEG_INF)  # (B, V') padded logits stay impossible
+        return F.pad(logp_mu, (0, W - V), value=NEG_INF)    # (B, V') padded logits stay impossible
 
     def _check(self, input_ids, scores):
-        """The first call must see the prompts it was built for and unmasked scores; each later one, one token more."""
-        if self.seen is None:
-            if tuple(input_ids.shape) != tuple(self.attn.shape):
-                raise UserError(f"TRBLogitsProcessor: built for prompts {tuple(self.attn.shape)}, called on "
-                                f"{tuple(input_ids.shape)}: build one per generate() call from its attention_mask "
-                                f"(expanded, for num_return_sequences)")
-            if scores.shape[-1] < self.V:
-                raise UserError(f"TRBLogitsProcessor: the student has {scores.shape[-1]} logits and the teacher "
-                                f"{self.V}: pass V, the size of the shared tokenizer vocabulary")
-            if bool(scores[:, :self.V].isneginf().any()):
-                raise UserError("TRBLogitsProcessor: the student's scores arrive masked (-inf), by min_new_tokens, "
-                                "bad_words_ids or suppress_tokens: tokens would not be drawn from mu")
-        elif input_ids.shape[1] != self.seen + 1:
+        """The first call sees the prompts it was built for, each later one the same rows one token longer (no
+        reuse, no beam reordering), and no score arrives masked (-inf). One host sync."""
+        prev, self.prev, P = self.prev, input_ids, self.attn.shape
+        if prev is None and tuple(input_ids.shape) != tuple(P):
+            raise UserError(f"TRBLogitsProcessor: built for prompts {tuple(P)}, called on {tuple(input_ids.shape)}: "
+                            f"build one per generate() call from its attention_mask (expanded like the prompts, "
+                            f"for num_return_sequences)")
+        if prev is not None and input_ids.shape != (prev.shape[0], prev.shape[1] + 1):
             raise UserError("TRBLogitsProcessor: this processor was used by an earlier generate() call; build a new "
                             "one for each call")
-        self.seen = input_ids.shape[1]
+        if scores.shape[-1] < self.V or (self.auto_V and scores.shape[-1] != self.V):
+            raise UserError(f"TRBLogitsProcessor: the student has {scores.shape[-1]} logits, the teacher "
+                            f"{self.teacher.get_output_embeddings().weight.shape[0]} and V is "
+                            f"{'not given' if self.auto_V else self.V}: pass V, the shared tokenizer vocabulary's size")
+        same = (input_ids[:, :-1] == prev).all() if prev is not None else torch.ones((), device=scores.device).bool()
+        same, unmasked = torch.stack([same, ~scores[:, :self.V].isneginf().any()]).tolist()
+        if not same: raise UserError("TRBLogitsProcessor: the rows changed between steps (beam search reorders them): "
+                                     "it samples one sequence per row, with num_beams=1")
+        if not unmasked: raise UserError("TRBLogitsProcessor: the student's scores arrive masked (-inf), by "
+                                         "min_new_tokens, bad_words_ids or suppress_tokens: tokens would not be "
+                                         "drawn from mu")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # loss: the reverse KL, chunked (design choices 7, 8)
@@ -607,7 +609,7 @@ def train(cfg, given=None, *, student=None, teacher=None, tokenizer=None):
     student, teacher, tokenizer: models already in memory, trained in place (cfg.student and cfg.teacher are then
     labels). given: the flags set on the command line (None: the fields that differ from Config's defaults).
     """
-    models = check_start(cfg, student, teacher, tokenizer)
+    cfg, models = check_start(cfg, student, teacher, tokenizer)
     rank, world, device, amp_dtype = init_runtime(cfg)
     lock = R = None
     try:
@@ -874,18 +876,39 @@ def parse_args(argv=None):
                                       "trb.Config")
 
 def check_start(cfg, student, teacher, tokenizer):
-    """The checks before anything runs (on --resume, check_config waits for the checkpoint's config); the models
-    passed to train(), if any, as one namespace."""
+    """The checks before anything runs (on --resume, check_config waits for the checkpoint's config). Returns cfg
+    with its local paths absolute, and the models passed to train(), if any, as one namespace (tokenizer: one for
+    both, or a (student's, teacher's) pair, checked against each other)."""
+    if not isinstance(cfg, Config): raise UserError(f"train(): cfg must be a trb.Config, got {type(cfg).__name__}")
+    check_types(dataclasses.asdict(cfg), "train(): cfg")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume continues the run in out_dir, --overwrite replaces it: pass one of them")
     if not 0 <= cfg.seed < 2**32: raise UserError(f"--seed must be in [0, 2^32), got {cfg.seed}")  # init_runtime's
     if not cfg.resume: check_config(cfg)
-    if student is None and teacher is None and tokenizer is None: return None
+    local = {k: os.path.abspath(v) for k, is_it in (("student", os.path.isdir), ("teacher", os.path.isdir),
+             ("data", os.path.isfile), ("eval_data", os.path.isfile)) if (v := getattr(cfg, k)) and is_it(v)}
+    cfg = dataclasses.replace(cfg, **local)                  # local paths absolute: --resume works from anywhere
+    if student is None and teacher is None and tokenizer is None: return cfg, None
     if student is None or teacher is None or tokenizer is None:
         raise UserError("train(): pass student, teacher and tokenizer together (or none, to load cfg's paths)")
-    if cfg.fsdp or not hasattr(student, "save_pretrained"):
-        raise UserError("train(): a student passed in must be a transformers model (save_pretrained), not sharded")
-    return SimpleNamespace(student=student, teacher=teacher, tok=tokenizer)
+    if cfg.fsdp or not hasattr(student, "save_pretrained") or student is teacher:
+        raise UserError("train(): the student passed in must be a transformers model (save_pretrained) of its own, "
+                        "not the teacher, and --fsdp is for students loaded from a path")
+    if any(p.dtype != torch.float32 for p in student.parameters() if p.requires_grad):
+        raise UserError("train(): pass the student in float32, its master weights (bf16 compute is autocast's)")
+    if hasattr(student, "peft_config") and cfg.lora_r:
+        raise UserError("train(): the student passed in is a PEFT model already: its own adapters train; "
+                        "leave cfg.lora_r at 0")
+    s_tok, t_tok = tokenizer if isinstance(tokenizer, (tuple, list)) else (tokenizer, tokenizer)
+    return cfg, SimpleNamespace(student=student, teacher=teacher, tok=s_tok, t_tok=t_tok)
+
+def check_types(values, where):
+    """Config values of the declared types (an int for a float too): a trb.Config built in code, or a checkpoint's."""
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    for k, v in values.items():
+        t = fields.get(k)
+        if t is not None and not (type(v) is t or (t is float and type(v) is int)):
+            raise UserError(f"{where}: {k} is {v!r}, not of type {t.__name__}")
 
 def check_config(c):
     for name in ("batch_size", "micro_batch_size", "n_samples", "max_new_tokens", "max_steps", "max_prompt_len"):
@@ -923,7 +946,8 @@ def check_config(c):
 def check_lora(c):
     if not 0 <= c.lora_dropout < 1: raise UserError(f"--lora_dropout must be in [0, 1), got {c.lora_dropout}")
     if c.lora_r == 0:
-        if c.lora_merge: raise UserError("--lora_merge needs --lora_r > 0")
+        for k in ("lora_alpha", "lora_dropout", "lora_targets", "lora_merge"):
+            if getattr(c, k) != getattr(Config, k): raise UserError(f"--{k} needs --lora_r > 0")
         return
     if importlib.util.find_spec("peft") is None: raise UserError("--lora_r needs peft: pip install peft")
     if c.lora_alpha == 0: raise UserError("--lora_alpha must be > 0")
@@ -973,7 +997,7 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
         raise UserError("--resume: --fsdp must stay as the run began (its optimizer state is saved differently)")
     if cfg.fsdp and not torch.distributed.is_initialized():
         raise UserError("this run used --fsdp: resume it under torchrun")
-    if models: tok = t_tok = models.tok
+    if models: tok, t_tok = models.tok, models.t_tok
     else: tok, t_tok = (load_tokenizer(p, cfg.trust_remote_code, w) for p, w in (
         (cfg.out_dir if state is not None else cfg.student, "student"), (cfg.teacher, "teacher")))
     V = shared_vocab(tok, t_tok)
@@ -990,6 +1014,7 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     ids = [device.index] if device.index is not None else None
     model = torch.nn.parallel.DistributedDataParallel(student, ids) if world > 1 and not cfg.fsdp else student
     trained = [p for p in student.parameters() if p.requires_grad]  # all of them, or LoRA's adapters
+    if not trained: raise UserError("the student has no weight that requires grad: nothing would train")
     opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                             fused=device.type in ("cpu", "cuda"))  # one kernel for all
     if state is not None: load_trainer_state(student, opt, state, cfg)
@@ -1037,21 +1062,25 @@ def load_pair(cfg, state, models, device, amp_dtype, n):
     return student, teacher
 
 def with_lora(student, cfg, resume_from=None):
-    """The student wrapped by PEFT: fresh LoRA adapters (B = 0: the same function), or the adapters of a checkpoint;
-    only the adapters train."""
+    """
+    The student wrapped by PEFT: fresh LoRA adapters (B = 0: the same function), or the adapters of a checkpoint;
+    only the adapters train. Their config names the base where it is now (a local directory: its absolute path),
+    so that from_pretrained(out_dir) finds it.
+    """
     import peft
-    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
     try:
-        if resume_from is None:
-            m = peft.get_peft_model(student, peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, task_type=
-                                    "CAUSAL_LM", lora_dropout=cfg.lora_dropout, target_modules=targets))
-            base = cfg.student if not os.path.isdir(cfg.student) else os.path.abspath(cfg.student)
-            m.peft_config["default"].base_model_name_or_path = base  # where from_pretrained(out_dir) finds it
-            return m
-        m = peft.PeftModel.from_pretrained(student, resume_from, is_trainable=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # peft calls names transformers has deprecated
+            if resume_from is not None: m = peft.PeftModel.from_pretrained(student, resume_from, is_trainable=True)
+            else: m = peft.get_peft_model(student, peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, task_type=
+                                          "CAUSAL_LM", lora_dropout=cfg.lora_dropout, target_modules=targets))
     except Exception as e:  # NoMatchingPeftModuleError (a ValueError), missing or corrupt adapter files
         what = f"--lora_targets {cfg.lora_targets!r}" if resume_from is None else f"the adapters in {resume_from!r}"
-        raise UserError(f"{what}: {_first_line(e)}") from None
+        raise UserError(f"{what}: {' '.join(str(e).split())[:160]}") from None
+    base = getattr(student, "name_or_path", "") or cfg.student
+    m.peft_config["default"].base_model_name_or_path = os.path.abspath(base) if os.path.isdir(base) else base
+    if resume_from is None: return m
     from safetensors.torch import load_file
     saved, have = load_file(os.path.join(resume_from, "adapter_model.safetensors")), peft.get_peft_model_state_dict(m)
     if saved.keys() != have.keys():
@@ -1060,12 +1089,17 @@ def with_lora(student, cfg, resume_from=None):
     return m
 
 def check_lora_targets(cfg, student):
-    """--lora_targets must name modules of the student: tried on a weightless copy (meta device) before loading."""
+    """--lora_targets must name modules of the student, each of them: tried on a weightless copy (meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     c = student.config if hasattr(student, "config") else AutoConfig.from_pretrained(student, trust_remote_code=
                                                                                      cfg.trust_remote_code)
     with torch.device("meta"):
-        with_lora(AutoModelForCausalLM.from_config(c, trust_remote_code=cfg.trust_remote_code), cfg)
+        m = AutoModelForCausalLM.from_config(c, trust_remote_code=cfg.trust_remote_code)
+        names = [n for n, _ in m.named_modules()]
+        for t in [] if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(","):
+            if not any(n == t.strip() or n.endswith("." + t.strip()) for n in names):
+                raise UserError(f"--lora_targets: {t.strip()!r} names no module of the student")
+        with_lora(m, cfg)
 
 def enable_grad_ckpt(m):
     kw = {"use_reentrant": False}
@@ -1082,14 +1116,15 @@ def resume_config(cfg, given, state):
     here = {"out_dir", "resume", "overwrite", "device", "dtype"}
     old = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
     new = dataclasses.replace(old, **{k: getattr(cfg, k) for k in set(given) | here})
-    if new.student != old.student and not (os.path.isdir(new.student) and os.path.isdir(old.student) and
-                                           os.path.samefile(new.student, old.student)):
+    same = new.student == old.student or (os.path.isdir(new.student) and os.path.isdir(old.student) and
+                                          os.path.samefile(new.student, old.student))
+    if not same and not old.lora_r:  # with LoRA, --student is the base under the adapters: it may have moved
         raise UserError(f"--resume trains the student saved in out_dir (the run began from {old.student!r}); "
                         f"--student cannot change: start a new run in another --out_dir for {new.student!r}")
     for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"):
         if getattr(new, k) != getattr(old, k):
-            raise UserError(f"--resume: --{k} cannot change (the run began with {getattr(old, k)}; --lora_r 0 is full "
-                            f"fine-tuning)")
+            raise UserError(f"--resume: --{k} cannot change (the run began with {getattr(old, k)}" +
+                            ("; 0 is full fine-tuning)" if k == "lora_r" else ")"))
     return new, [f"--{k} {getattr(old, k)} -> {getattr(new, k)}" for k in sorted(given)
                  if k not in here and getattr(old, k) != getattr(new, k)]
 
@@ -1170,6 +1205,10 @@ def load_model(path, dtype, device, trust_remote_code=False, what="model"):
     """from_pretrained, refusing weights that do not match the model (they would be left at random init)."""
     from transformers import AutoModelForCausalLM
     _check_path(path, what)
+    base = _adapter_base(path)
+    if base is not None and not os.path.isdir(base) and (os.path.isabs(base) or base.startswith(".")):
+        raise UserError(f"{what} {path!r} holds LoRA adapters whose base model {base!r} is not there (moved?): "
+                        f"resume with --student NEW_PATH, or edit base_model_name_or_path in its adapter_config.json")
     from transformers.utils import logging
     level = logging.get_verbosity()
     logging.set_verbosity_error()                            # its load report: mismatches are one line of ours
@@ -1188,6 +1227,13 @@ def load_model(path, dtype, device, trust_remote_code=False, what="model"):
         if os.path.isfile(os.path.join(path, "generation_config.json")):  # ... and the run's EOS set, not the base's
             m.generation_config = GenerationConfig.from_pretrained(path)
     return m.to(device)
+
+def _adapter_base(path):
+    """The base model a LoRA checkpoint names (adapter_config.json), or None."""
+    try:
+        with open(os.path.join(path, "adapter_config.json")) as f: return json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 def check_positions(n, cfg, **models):
     """The longest prompt plus --max_new_tokens (n) must fit each model's positions; read from the config alone."""
@@ -1221,10 +1267,38 @@ def shared_vocab(s_tok, t_tok):
             raise UserError(f"incompatible tokenizers: token id {i} is {a!r} for the student but {b!r} for the teacher")
     return V
 
+def processor_args(teacher, eps, attn, eos_ids, V, tau):
+    """TRBLogitsProcessor's inputs, checked: one line each. Returns eps as float32 on the mask's device, () or (B,)."""
+    where = "TRBLogitsProcessor:"
+    if not (torch.is_tensor(attn) and attn.dim() == 2): raise UserError(f"{where} attention_mask is not (B, P)")
+    eps = torch.as_tensor(eps, dtype=torch.float32, device=attn.device)
+    if eps.dim() > 1 or eps.numel() not in (1, attn.shape[0]):
+        raise UserError(f"{where} eps has shape {tuple(eps.shape)} for {attn.shape[0]} rows: a float or one per row "
+                        f"(expanded like the prompts, for num_return_sequences)")
+    if not bool(((eps >= 0) & eps.isfinite()).all()): raise UserError(f"{where} eps must be finite and >= 0, got "
+                                                                      f"{eps.tolist()}")
+    if not (type(tau) in (int, float) and MIN_TAU <= tau < math.inf):
+        raise UserError(f"{where} temperature must be >= {MIN_TAU}, got {tau!r} (greedy: do_sample=False)")
+    n = teacher.get_output_embeddings().weight.shape[0]
+    if V is not None and not (type(V) is int and 0 < V <= n):
+        raise UserError(f"{where} V must be an int in [1, {n}], the teacher's logits, got {V!r}")
+    if not all(type(i) is int and 0 <= i < (V or n) for i in eos_ids):
+        raise UserError(f"{where} eos_ids {list(eos_ids)} must be token ids below V = {V or n}")
+    return eps.reshape(-1) if eps.numel() > 1 else eps.reshape(())
+
 def load_weights(student, cfg):
-    """--resume of a student passed to train(): the checkpoint's weights, loaded into it in place."""
-    ckpt = load_model(cfg.out_dir, torch.float32, "cpu", cfg.trust_remote_code, "checkpoint")
-    missing, unexpected = student.load_state_dict(ckpt.state_dict(), strict=False)
+    """--resume of a student passed to train(): the checkpoint's weights (a PEFT student's: its adapters), loaded
+    into it in place."""
+    if hasattr(student, "peft_config"):
+        import peft
+        from safetensors.torch import load_file
+        path = os.path.join(cfg.out_dir, "adapter_model.safetensors")
+        saved = load_file(path) if os.path.isfile(path) else {}
+        res = peft.set_peft_model_state_dict(student, saved)
+        missing, unexpected = set(peft.get_peft_model_state_dict(student)) - set(saved), res.unexpected_keys
+    else:
+        ckpt = load_model(cfg.out_dir, torch.float32, "cpu", cfg.trust_remote_code, "checkpoint")
+        missing, unexpected = student.load_state_dict(ckpt.state_dict(), strict=False)
     if missing or unexpected:
         raise UserError(f"--resume: the checkpoint in {cfg.out_dir} does not fit the student passed in "
                         f"({len(missing)} missing, {len(unexpected)} unexpected weights)")
@@ -1366,7 +1440,9 @@ def save_checkpoint(out_dir, model, tok, state, state_dict=None, fresh=True, met
     tmp, old = out_dir + TMP, out_dir + OLD
     if fresh: shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    if hasattr(model, "peft_config"): model.generation_config.save_pretrained(tmp)  # PEFT writes adapters only
+    if hasattr(model, "peft_config"):  # PEFT writes the adapters only, and a model card that is not ours to add
+        model.generation_config.save_pretrained(tmp)
+        _remove(os.path.join(tmp, "README.md"))
     tok.save_pretrained(tmp)
     if metrics is not None:
         with open(os.path.join(tmp, "metrics.jsonl"), "w") as f: f.writelines(metrics)
@@ -1451,7 +1527,7 @@ def recover_checkpoint(out_dir):
     exists: that out_dir is newer (its trainer_state.pt may have been deleted on purpose).
     """
     out_dir = os.path.realpath(out_dir)
-    if _complete(out_dir): return
+    if _complete(out_dir): return shutil.rmtree(out_dir + OLD, ignore_errors=True)  # older than out_dir
     for cand in (out_dir + TMP, out_dir + OLD):
         if not _complete(cand) or (cand.endswith(OLD) and os.path.exists(out_dir)): continue
         if os.path.isdir(out_dir):
@@ -1477,11 +1553,7 @@ def load_state(out_dir, mmap=False):
         if k not in state: raise UserError(f"--resume: {path} lacks its {k!r} entry")
         if not isinstance(state[k], t) or isinstance(state[k], bool) or (t is int and state[k] < 0):
             raise UserError(f"--resume: {path}: {k!r} is {str(state[k])[:40]!r}, not a valid {k}")
-    fields = {f.name: f.type for f in dataclasses.fields(Config)}
-    for k, v in state["config"].items():
-        t = fields.get(k)
-        if t is not None and not (type(v) is t or (t is float and type(v) is int)):
-            raise UserError(f"--resume: {path}: config {k!r} is {v!r}, not of type {t.__name__}")
+    check_types(state["config"], f"--resume: {path}: config")
     return state
 
 def load_trainer_state(student, opt, state, cfg):
@@ -1545,7 +1617,7 @@ def claim_out_dir(cfg):
     ckpt, metrics = _complete(d), os.path.isfile(os.path.join(d, "metrics.jsonl"))
     if cfg.resume: return ()
     if not (ckpt or metrics):
-        if os.path.isfile(os.path.join(d, "config.json")):
+        if any(os.path.isfile(os.path.join(d, f)) for f in ("config.json", "adapter_config.json")):
             raise UserError(f"--out_dir {cfg.out_dir!r} holds a model that is not a trb.py run, and saves would "
                             f"overwrite it: choose another directory")
         return ()
