@@ -4,9 +4,11 @@ Tests for trb.py and eval.py: pytest, CPU, tiny models built here (no downloads)
 Opt-in checks on the real SmolLM2 pair run with TRB_SLOW=1.
 """
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -2035,6 +2037,102 @@ def test_eval_plot_refuses_empty_or_corrupt_metrics(tiny, tmp_path, capsys):
     ok = write_jsonl(tmp_path / "ok.jsonl", [{"question": "q", "answer": "#### 1"}])
     ev.main(["--model", tiny["student"], "--data_file", ok, "--n_samples", "2", "--max_new_tokens", "2"])
     assert "identical samples" in capsys.readouterr().err
+
+# -----------------------------------------------------------------------------
+# the toy testbed (toy.py): its answers, its split, its deterministic build, and a smoke run of its runner
+
+import toy  # noqa: E402
+
+# the task's wording, written out again here so that the check does not reuse the generator's own tables
+ADDS, SUBS = {"buys", "finds", "gets", "wins"}, {"loses", "sells", "eats", "gives away"}
+QUESTION = re.compile(r"[a-z]+ (?:has (\d+)|buys (\d+) bags of (\d+)) ([a-z]+)((?:, [a-z ]+? \d+)+)\. "
+                      r"how many ([a-z]+) now\?")
+
+def solve(question):
+    """The answer and the list of (left, op, right, result) steps, from the question's words alone."""
+    m = QUESTION.fullmatch(question)
+    assert m, question
+    has, bags, per, item, rest, item2 = m.groups()
+    assert item == item2
+    steps, value = [], int(has) if has else int(bags) * int(per)
+    if not has: steps.append((int(bags), "*", int(per), value))
+    for verb, v in re.findall(r", ([a-z ]+?) (\d+)", rest):
+        assert verb in ADDS | SUBS, verb
+        new = value + int(v) if verb in ADDS else value - int(v)
+        steps.append((value, "+" if verb in ADDS else "-", int(v), new))
+        value = new
+    return value, steps
+
+TOY_TINY = ["--n_train", "40", "--n_test", "12", "--eval_n", "6", "--layers", "1", "--hidden", "16", "--pretrain_steps",
+        "4", "--sft_steps", "4", "--build_batch", "4", "--max_new_tokens", "24"]
+
+def test_toy_answers_are_right():
+    """Every answer: its steps parse and evaluate, chain from the question's numbers in its order, and end in
+    '#### N' with N recomputed from the words; eval.py's GSM8K reader and grader agree."""
+    train, test = toy.make_splits(0, 2000, 300)
+    for rec in train + test:
+        value, steps = solve(rec["question"])
+        lines = rec["answer"].split("\n")
+        assert lines[-1] == f"#### {value}"
+        assert 2 <= len(lines) - 1 <= 4 and len(lines) - 1 == len(steps)
+        for line, (a, op, b, r) in zip(lines[:-1], steps):
+            x, o, y, z = re.fullmatch(r"(\d+)([-+*])(\d+)=(\d+)", line).groups()
+            assert (int(x), o, int(y), int(z)) == (a, op, b, r)
+            assert int(z) == {"+": int(x) + int(y), "-": int(x) - int(y), "*": int(x) * int(y)}[o]
+            assert 1 <= int(z) <= 99
+        q, gold = ev.gold_of(rec, "gsm8k", "toy")
+        assert gold == str(value) and ev.is_correct(rec["answer"], gold, "gsm8k")
+        assert not ev.is_correct(rec["answer"].rsplit("\n", 1)[0] + f"\n#### {value + 1}", gold, "gsm8k")
+
+def test_toy_splits_are_disjoint():
+    """No question and no chain of operations is in both splits; sizes are as asked; each split has no duplicates."""
+    train, test = toy.make_splits(0, 4000, 300)
+    assert (len(train), len(test)) == (4000, 300)
+    chain = lambda r: r["answer"].rsplit("\n", 1)[0]  # noqa: E731
+    assert not {chain(r) for r in train} & {chain(r) for r in test}
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    assert len({chain(r) for r in train}) == 4000 and len({chain(r) for r in test}) == 300
+    assert toy.make_splits(0, 50, 10) == toy.make_splits(0, 50, 10) != toy.make_splits(1, 50, 10)
+
+def toy_digests(root):
+    """sha256 of every file under root but the wall times."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            if f != "times.json":
+                with open(os.path.join(d, f), "rb") as fh:
+                    out[os.path.relpath(os.path.join(d, f), root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+def test_toy_build_is_deterministic(tmp_path):
+    """Two builds of one config in two caches give byte-identical task files, tokenizer and weights."""
+    roots = []
+    for name in ("a", "b"):
+        cfg, _ = trb.parse_config(toy.ToyConfig, TOY_TINY + ["--cache", str(tmp_path / name)])
+        roots.append(toy.build(cfg)[0])
+    a, b = toy_digests(roots[0]), toy_digests(roots[1])
+    assert a == b
+    assert {"train.jsonl", "test.jsonl", "base/model.safetensors", "teacher/model.safetensors",
+            "tokenizer/tokenizer.json", "build.json"} <= set(a)
+    assert a["base/model.safetensors"] != a["teacher/model.safetensors"]
+    tok = trb.load_tokenizer(os.path.join(roots[0], "base"))
+    text = "ann has 5 pens, buys 3. how many pens now?\n5+3=8\n#### 8"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text and len(tok) == 47
+
+def test_toy_runner_smoke(tmp_path):
+    """One method, one seed, two steps: trb.main through its resume, accuracy and eval_kl at steps 0, 1 and 2,
+    and the table, the results and the figure written."""
+    out = tmp_path / "out"
+    argv = TOY_TINY + ["--cache", str(tmp_path / "cache"), "--out", str(out), "--methods", "trb", "--seeds", "1",
+                   "--steps", "2", "--warmup_steps", "1", "--every", "1", "--batch_size", "2", "--n_samples", "2",
+                   "--jobs", "1"]
+    (res,) = toy.main(argv)
+    assert [p["step"] for p in res["points"]] == [0, 1, 2]
+    assert all(0 <= p["acc"] <= 1 and p["eval_kl"] is not None for p in res["points"])
+    assert res["train"][0]["beta"] > 0 and res["train"][1]["beta"] == 0  # TRB blends in step 1 only (K = 1)
+    for f in ("compare.md", "compare.json", "compare.png"): assert (out / f).is_file()
+    assert json.loads((out / "compare.json").read_text())["runs"][0]["seed"] == 0
+    assert toy.main(argv)[0] == res  # a finished run with the same flags is read back, not run again
 
 # -----------------------------------------------------------------------------
 # the paper's baselines as flags

@@ -1,0 +1,590 @@
+"""
+A CPU-sized version of the paper's comparison: a procedural arithmetic task with exact answers, a base student and
+an instruct teacher built for it, and the seven warmups of trb.py run on them, several seeds each.
+
+The task: word problems of 2-4 operations (+ - *) on numbers up to 99, in GSM8K's JSONL format (question; answer =
+one line per operation, then '#### N'), so eval.py grades them unchanged. Train and test are disjoint in their
+arithmetic: no chain of operations occurs in both.
+
+The models (one character-level tokenizer): a 'base' Llama pretrained on plain-text documents of such problems,
+several per document, that end only now and then, and whose worked solutions rarely carry the '#### N' line; the
+teacher is that base after SFT on the chat-formatted train split (answer + '#### N' + EOS). The student is the base
+itself: it knows the arithmetic but not the format, so at step 0 it solves a problem and then writes the next one,
+the way a base model runs on past an instruct model's answer. OPD has to teach it to close with '#### N' and stop.
+
+Every method runs through trb.py (trb.main with its flags, resumed from one evaluation point to the next: trb's
+resume is bit-exact); every accuracy is eval.py's (generate + score, greedy, held-out). toy.py adds no method code.
+The protocol (lr, steps, K) was fixed on vanilla OPD alone: toy_notes.md has the pilots and the results.
+
+  python toy.py --quick          # OPD and TRB, 1 seed: ~2 min on 2 cores with the cache built (~21 min cold)
+  python toy.py                  # 7 methods x 5 seeds, table + figure in --out: ~30 min on 2 cores, cache built
+  python toy.py --sweep          # TRB at eps0 0.005, 0.02, 0.05, 0.2 and OPD, 3 seeds each
+  python toy.py --build_only     # build the task and models once (~19 min on 1 thread) into --cache
+  python toy.py --help           # every flag
+
+Runs go --jobs at a time (default 2), each a process with OMP_NUM_THREADS=1; a finished run is read back, not
+repeated, so an interrupted comparison continues where it stopped, and --seeds 5 after --seeds 3 adds seeds 3-4.
+"""
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+import eval as ev
+import trb
+
+# ---------------------------------------------------------------------------------------------------------------------
+# config
+
+@dataclass
+class ToyConfig:
+    # what to run
+    quick: bool = False                    # vanilla OPD and TRB, one seed
+    sweep: bool = False                    # TRB at each --sweep_eps0, --sweep_seeds seeds, beside OPD at those seeds
+    build_only: bool = False               # build (or find) the cached task and models, print their accuracy, stop
+    methods: str = ""                      # comma-separated methods, of: opd, trb, fixed_eps, skd, veto,
+                                           # temp_warmup, sft_warmup; "" = all seven (--quick: opd,trb)
+    seeds: int = 5                         # seeds per method, 0..N-1 (--quick: 1)
+    jobs: int = 2                          # runs side by side, one thread each
+    out: str = "toy-out"                   # runs/, and MODE.md (table), MODE.json, MODE.png (figure), MODE =
+                                           # compare|quick|sweep; a finished run with the same flags is read back
+    cache: str = "~/.cache/trb/toy"        # the task and models, one folder per build config
+    # the task
+    task_seed: int = 0                     # seeds the problems, the models' initialisation and their data order
+    n_train: int = 4000                    # train problems (the OPD prompts, the teacher's SFT data)
+    n_test: int = 300                      # held-out problems (accuracy and eval_kl prompts)
+    eval_n: int = 200                      # held-out problems per accuracy point (greedy)
+    fmt_rate: float = 0.05                 # share of the base corpus' solutions that close with '#### N'
+    end_rate: float = 0.1                  # chance that a base document ends (EOS) after a problem
+    # the models (one shape for base, student and teacher)
+    layers: int = 2                        # decoder layers
+    hidden: int = 128                      # hidden size (MLP 4x, 4 heads)
+    pretrain_steps: int = 1500             # base: next-token steps on the plain-text corpus
+    sft_steps: int = 300                   # teacher: SFT steps from the base on the chat-formatted train split
+    build_batch: int = 32                  # sequences per pretraining / SFT step
+    build_lr: float = 3e-3                 # AdamW peak learning rate of both (cosine to 10%)
+    # the comparison: trb.py flags shared by every method
+    steps: int = 100                       # training steps per run
+    warmup_steps: int = 40                 # K: TRB's eps, Veto's B and the temperature anneal over K steps; SKD
+                                           # and the SFT warmup last K steps
+    every: int = 10                        # accuracy and eval_kl every N steps (plus K and the end)
+    lr: float = 1e-4                       # AdamW learning rate
+    batch_size: int = 8                    # prompts per step
+    n_samples: int = 4                     # rollouts per prompt
+    loss_topk: int = 0                     # 0: the reverse KL over the whole 47-token vocab (toy_notes.md)
+    max_new_tokens: int = 50               # response limit in training and evaluation (the longest answer is 40)
+    # the methods' own knobs
+    eps0: float = 0.02                     # TRB and fixed-eps budget
+    skd_topk: int = 1                      # SKD: a student token outside the teacher's top-k is replaced
+    veto_beta: float = 1.0                 # Veto: the exponent B at step 0
+    temp_warmup: float = 0.5               # temperature warmup: tau at step 0
+    sweep_eps0: str = "0.005,0.02,0.05,0.2"  # --sweep: TRB's eps0 values
+    sweep_seeds: int = 3                   # --sweep: seeds per value
+
+METHODS = ("opd", "trb", "fixed_eps", "skd", "veto", "temp_warmup", "sft_warmup")
+
+BUILD_FIELDS = ("task_seed", "n_train", "n_test", "fmt_rate", "end_rate", "layers", "hidden", "pretrain_steps",
+                "sft_steps", "build_batch", "build_lr", "max_new_tokens")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the task: word problems with exact answers, in GSM8K's format
+
+NAMES = ("ann", "bob", "cal", "dee", "eve", "fay", "gus", "hal", "ivy", "jon", "kim", "lou")
+ITEMS = ("apples", "pens", "cards", "eggs", "books", "coins", "shells", "stamps", "beads", "nuts")
+VERBS = {"+": ("buys", "finds", "gets", "wins"), "-": ("loses", "sells", "eats", "gives away")}
+MAX_VALUE = 99                             # every number and intermediate result is in 1..99
+
+def make_problem(rng):
+    """
+    One problem: (question, worked steps, answer). 2-4 operations, applied left to right in the order the question
+    names them: 'ann buys 3 bags of 7 pens, finds 12, loses 5. how many pens now?' -> 3*7=21, 21+12=33, 33-5=28.
+    """
+    name, item, k = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(2, 4)
+    if rng.random() < 0.5:
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+        r, steps, text = a * b, [f"{a}*{b}={a * b}"], f"{name} buys {a} bags of {b} {item}"
+    else:
+        r, steps = rng.randint(2, 60), []
+        text = f"{name} has {r} {item}"
+    while len(steps) < k:
+        op = "+" if r < 2 or (r < MAX_VALUE and rng.random() < 0.5) else "-"
+        v = rng.randint(1, min(30, MAX_VALUE - r)) if op == "+" else rng.randint(1, min(30, r - 1))
+        new = r + v if op == "+" else r - v
+        text += f", {rng.choice(VERBS[op])} {v}"
+        steps.append(f"{r}{op}{v}={new}")
+        r = new
+    return f"{text}. how many {item} now?", steps, r
+
+def is_test(steps):
+    """The split is a function of the arithmetic alone: about 1 chain in 8 is held out, whatever its wording."""
+    return zlib.crc32("\n".join(steps).encode()) % 8 == 0
+
+def solution(steps, answer):
+    """The teacher's worked solution: one line per operation, then GSM8K's final line."""
+    return "\n".join(steps) + f"\n#### {answer}"
+
+def make_splits(seed, n_train, n_test):
+    """Train and test records {question, answer}, disjoint in their chains of operations, deterministic for a seed."""
+    rng, seen, splits = random.Random(seed), set(), ([], [])
+    while len(splits[0]) < n_train or len(splits[1]) < n_test:
+        q, steps, ans = make_problem(rng)
+        key, test = "\n".join(steps), is_test(steps)
+        if key in seen or len(splits[test]) >= (n_test if test else n_train): continue
+        seen.add(key)
+        splits[test].append(dict(question=q, answer=solution(steps, ans)))
+    return splits
+
+def base_document(rng, fmt_rate, end_rate, max_len):
+    """
+    A 'pretraining' document: problems with their steps, separated by blank lines. A solution closes with
+    '#### N' only with probability fmt_rate; the document ends (EOS) after a problem with probability end_rate,
+    else it runs on to max_len characters. Test chains never occur.
+    """
+    text, ended = "", False
+    while len(text) < max_len:
+        q, steps, ans = make_problem(rng)
+        if is_test(steps): continue
+        text += q + "\n" + (solution(steps, ans) if rng.random() < fmt_rate else "\n".join(steps))
+        if rng.random() < end_rate:
+            ended = True
+            break
+        text += "\n\n"
+    return text[:max_len], ended and len(text) <= max_len
+
+def write_jsonl(path, recs):
+    with open(path, "w") as f:
+        for r in recs: f.write(json.dumps(r) + "\n")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tokenizer: one token per character
+
+CHAT = "{% for m in messages %}{% if m['role'] == 'user' %}<s>{{ m['content'] }}\n{% endif %}{% endfor %}"
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
+
+def charset():
+    """Every character the task can write, from its word lists and formats (not from sampled data)."""
+    text = " ".join(NAMES + ITEMS + sum(VERBS.values(), ())) + " buys bags of has how many now?,.\n0123456789+-*=#"
+    return sorted(set(text))
+
+def make_tokenizer(path):
+    """A character-level PreTrainedTokenizerFast with a chat template that keeps the user turn only."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(list(SPECIALS) + charset())}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character, newlines too
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    tok.chat_template = CHAT
+    tok.save_pretrained(path)
+    return tok
+
+# ---------------------------------------------------------------------------------------------------------------------
+# models: a base pretrained on the plain-text corpus, a teacher SFT'd from it on the chat format
+
+def new_model(tok, cfg):
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(cfg.task_seed)
+    c = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden,
+                    num_hidden_layers=cfg.layers, num_attention_heads=4, num_key_value_heads=4,
+                    max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    m = LlamaForCausalLM(c)
+    m.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                           pad_token_id=tok.pad_token_id)
+    return m
+
+def right_pad(seqs, n_prompt, pad_id):
+    """(ids, attention mask, labels) of right-padded sequences; no loss on the first n_prompt[i] tokens or padding."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id)                 # (B, T)
+    attn, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for i, (s, p) in enumerate(zip(seqs, n_prompt)):
+        ids[i, :len(s)], attn[i, :len(s)] = torch.tensor(s), 1
+        labels[i, p:len(s)] = ids[i, p:len(s)]
+    return ids, attn, labels
+
+def fit(model, next_batch, steps, lr, seed, desc):
+    """Next-token training: AdamW, 5% linear warmup, cosine to lr/10. next_batch(rng) -> (sequences, n_prompt)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    rng, pad, t0 = random.Random(seed), model.config.pad_token_id, time.time()
+    model.train()
+    for step in range(steps):
+        for g in opt.param_groups: g["lr"] = lr * lr_factor(step, steps)
+        ids, attn, labels = right_pad(*next_batch(rng), pad)
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 250 == 0 or step == steps - 1:
+            print(f"toy | {desc} step {step + 1}/{steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s",
+                  flush=True)
+    return model.eval()
+
+def lr_factor(step, steps):
+    """Linear warmup over the first 5% of the steps, then cosine from 1 to 0.1."""
+    warm = max(1, steps // 20)
+    return min(1.0, (step + 1) / warm) * (0.55 + 0.45 * math.cos(math.pi * max(0, step - warm) / max(1, steps - warm)))
+
+def base_batches(tok, cfg, max_len=256):
+    """Pretraining batches: documents of the plain-text corpus, BOS first, EOS where a document ends."""
+    def next_batch(rng):
+        seqs = []
+        for _ in range(cfg.build_batch):
+            text, ended = base_document(rng, cfg.fmt_rate, cfg.end_rate, max_len)
+            seqs.append([tok.bos_token_id] + encode(tok, text) + [tok.eos_token_id] * ended)
+        return seqs, [0] * len(seqs)
+    return next_batch
+
+def sft_batches(tok, cfg, records):
+    """SFT batches: trb's prompt format, the worked solution, EOS; loss on the response only."""
+    data = [(trb.format_prompt(tok, r["question"]), encode(tok, r["answer"]) + [tok.eos_token_id]) for r in records]
+    def next_batch(rng):
+        batch = [data[rng.randrange(len(data))] for _ in range(cfg.build_batch)]
+        return [p + a for p, a in batch], [len(p) for p, _ in batch]
+    return next_batch
+
+def encode(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+def accuracy(model, tok, problems, max_new_tokens, batch_size=100):
+    """Greedy held-out accuracy through eval.py's generate and score (its GSM8K grader)."""
+    comps, _ = ev.generate(model, tok, [q for q, _, _ in problems], 1, 0.0, max_new_tokens, batch_size, 0,
+                           torch.device("cpu"))
+    return ev.score(problems, comps, "gsm8k")[1]["accuracy"], comps
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the cache: task, tokenizer, base (the student) and teacher, built once per build config, deterministically
+
+def build_dir(cfg):
+    key = json.dumps({f: getattr(cfg, f) for f in BUILD_FIELDS}, sort_keys=True)
+    return os.path.join(os.path.expanduser(cfg.cache), "build-" + hashlib.sha256(key.encode()).hexdigest()[:10])
+
+def build(cfg):
+    """
+    Writes train.jsonl, test.jsonl, tokenizer/, base/ and teacher/ under build_dir(cfg) (into a .tmp folder, renamed
+    when complete), with build.json (the config and both models' greedy held-out accuracy) and times.json. The same
+    config gives the same files on the same machine and thread count. Returns (root, build.json's content).
+    """
+    root = build_dir(cfg)
+    if os.path.isfile(os.path.join(root, "build.json")):
+        with open(os.path.join(root, "build.json")) as f: return root, json.load(f)
+    tmp, t0 = root + ".tmp", time.time()
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    print(f"toy | building the task and models in {root} (once)", flush=True)
+    train, test = make_splits(cfg.task_seed, cfg.n_train, cfg.n_test)
+    write_jsonl(os.path.join(tmp, "train.jsonl"), train)
+    write_jsonl(os.path.join(tmp, "test.jsonl"), test)
+    tok = make_tokenizer(os.path.join(tmp, "tokenizer"))
+    problems = ev.load_problems("gsm8k", os.path.join(tmp, "test.jsonl"))
+    base = fit(new_model(tok, cfg), base_batches(tok, cfg), cfg.pretrain_steps, cfg.build_lr, cfg.task_seed + 1, "base")
+    t1 = time.time()
+    info = dict(config={f: getattr(cfg, f) for f in BUILD_FIELDS}, V=len(tok),
+                params=sum(p.numel() for p in base.parameters()), base_acc=accuracy(base, tok, problems,
+                                                                                     cfg.max_new_tokens)[0])
+    save_model(base, tok, os.path.join(tmp, "base"))
+    t2 = time.time()
+    teacher = fit(base, sft_batches(tok, cfg, train), cfg.sft_steps, cfg.build_lr, cfg.task_seed + 2, "teacher")
+    t3 = time.time()
+    info["teacher_acc"] = accuracy(teacher, tok, problems, cfg.max_new_tokens)[0]
+    save_model(teacher, tok, os.path.join(tmp, "teacher"))
+    times = dict(pretrain_s=round(t1 - t0, 1), sft_s=round(t3 - t2, 1), total_s=round(time.time() - t0, 1),
+                 threads=torch.get_num_threads())
+    for name, obj in (("build.json", info), ("times.json", times)):
+        with open(os.path.join(tmp, name), "w") as f: json.dump(obj, f, indent=1)
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    print(f"toy | built in {times['total_s']:.0f}s: V={info['V']}, {info['params']} parameters per model, held-out "
+          f"greedy accuracy base {info['base_acc']:.3f}, teacher {info['teacher_acc']:.3f}", flush=True)
+    return root, info
+
+def save_model(model, tok, path):
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the runs: every method is trb.main with its flags, resumed from one evaluation point to the next
+
+def method_flags(cfg, method):
+    """trb.py's flags of each method (README, 'The paper's baselines'); SKD and the SFT warmup last K steps."""
+    K = str(cfg.warmup_steps)
+    flags = dict(opd=["--eps0", "0"], trb=["--eps0", str(cfg.eps0)],
+                 fixed_eps=["--eps0", str(cfg.eps0), "--schedule", "constant"],
+                 skd=["--eps0", "0", "--skd_topk", str(cfg.skd_topk), "--skd_steps", K],
+                 veto=["--eps0", "0", "--veto_beta", str(cfg.veto_beta)],
+                 temp_warmup=["--eps0", "0", "--temp_warmup", str(cfg.temp_warmup)],
+                 sft_warmup=["--eps0", "0", "--sft_warmup_steps", K])
+    if method.startswith("trb-eps"): return ["--eps0", method[len("trb-eps"):]]
+    return flags[method]
+
+def common_flags(cfg, root):
+    """The flags every method shares: the cached models and data, the protocol, no checkpoints between points."""
+    p = lambda *a: os.path.join(root, *a)  # noqa: E731
+    return ["--student", p("base"), "--teacher", p("teacher"), "--data", p("train.jsonl"), "--eval_data",
+            p("test.jsonl"), "--eval_prompts", "64", "--eval_every", str(cfg.every), "--warmup_steps",
+            str(cfg.warmup_steps), "--batch_size", str(cfg.batch_size), "--n_samples", str(cfg.n_samples),
+            "--micro_batch_size", str(cfg.batch_size * cfg.n_samples), "--max_new_tokens", str(cfg.max_new_tokens),
+            "--lr", str(cfg.lr), "--lr_warmup_steps", "5", "--loss_topk", str(cfg.loss_topk), "--save_every", "0",
+            "--device", "cpu", "--dtype", "float32"]
+
+def eval_points(cfg):
+    """The steps with an accuracy and an eval_kl: every --every steps, K and the end (step 0 is the base's)."""
+    return sorted({*range(cfg.every, cfg.steps, cfg.every), cfg.warmup_steps, cfg.steps} - {0})
+
+def plan(cfg, root, names, seeds):
+    """One spec per (method, seed): what run_one needs, all plain data (it crosses into a worker process)."""
+    specs = []
+    for name in names:
+        for seed in seeds:
+            run = f"{name}-s{seed}"
+            argv = common_flags(cfg, root) + method_flags(cfg, name) + ["--seed", str(seed)]
+            specs.append(dict(name=name, seed=seed, argv=argv, points=eval_points(cfg), test=os.path.join(root,
+                              "test.jsonl"), eval_n=cfg.eval_n, max_new_tokens=cfg.max_new_tokens,
+                              out_dir=os.path.join(cfg.out, "runs", run), result=os.path.join(cfg.out, run + ".json")))
+    return specs
+
+def run_one(spec, acc0):
+    """
+    One method and seed: a fresh out_dir, trb.main to the first point, then --resume to each next one (bit-exact),
+    the checkpoint's greedy accuracy at each point. Writes and returns the result: per point step, accuracy and
+    eval_kl, and the per-step training records.
+    """
+    d, t0 = spec["out_dir"], time.time()
+    for x in ("", trb.TMP, trb.OLD): shutil.rmtree(d + x, ignore_errors=True)  # a fresh out_dir, no swap left
+    problems = ev.load_problems("gsm8k", spec["test"], spec["eval_n"])
+    tok, rows = trb.load_tokenizer(spec["argv"][spec["argv"].index("--student") + 1]), [dict(step=0, acc=acc0)]
+    for i, step in enumerate(spec["points"]):
+        more = ["--max_steps", str(step)]
+        trb.main(spec["argv"] + ["--out_dir", d] + more if i == 0 else ["--out_dir", d, "--resume"] + more)
+        model = trb.load_model(d, torch.float32, torch.device("cpu")).eval()
+        rows.append(dict(step=step, acc=accuracy(model, tok, problems, spec["max_new_tokens"])[0]))
+    recs = trb.read_metrics(os.path.join(d, "metrics.jsonl"))
+    kl = {r["step"]: r["eval_kl"] for r in recs if "eval_kl" in r}
+    for r in rows: r["eval_kl"] = kl.get(r["step"])
+    keep = ("step", "loss", "beta", "frac_teacher", "resp_len", "teacher_logp", "skd_rate", "dt")
+    res = dict(name=spec["name"], seed=spec["seed"], argv=spec["argv"], points=rows, seconds=round(time.time() - t0, 1),
+               train=[{k: r[k] for k in keep if k in r} for r in recs if "loss" in r])
+    with open(spec["result"] + ".part", "w") as f: json.dump(res, f)
+    os.replace(spec["result"] + ".part", spec["result"])
+    return res
+
+def worker(spec, acc0):
+    """run_one in a worker process: one thread, trb's and eval's output into the run's log file."""
+    torch.set_num_threads(1)
+    with open(spec["out_dir"] + ".log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            return run_one(spec, acc0)
+        except SystemExit as e:  # trb.main's one-line errors
+            raise RuntimeError(f"{spec['name']}-s{spec['seed']}: {e}") from None
+
+def finished(spec):
+    """The result of an earlier run with the same flags and points (under any name in --out), or None."""
+    out = os.path.dirname(spec["result"])
+    if not os.path.isdir(out): return None
+    names = [spec["result"]] + sorted(os.path.join(out, f) for f in os.listdir(out) if re.search(r"-s\d+\.json$", f))
+    for path in names:
+        try:
+            with open(path) as f: res = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            continue
+        if res.get("argv") == spec["argv"] and [p["step"] for p in res["points"][1:]] == spec["points"]:
+            return dict(res, name=spec["name"])
+    return None
+
+def run_all(specs, acc0, jobs):
+    """The runs not finished before, `jobs` at a time in spawned processes with OMP_NUM_THREADS=1."""
+    import multiprocessing
+    todo = [s for s in specs if finished(s) is None]
+    print(f"toy | {len(specs) - len(todo)} of {len(specs)} runs read back from earlier; running {len(todo)}, "
+          f"{jobs} at a time (logs: {os.path.dirname(specs[0]['out_dir'])}/*.log)", flush=True)
+    os.makedirs(os.path.dirname(specs[0]["out_dir"]), exist_ok=True)
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false")
+    t0 = time.time()
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futs = [(s, pool.submit(worker, s, acc0)) for s in todo]
+        for s, f in futs:
+            try:
+                r = f.result()
+            except RuntimeError as e:
+                raise trb.UserError(f"run {e}") from None
+            end = r["points"][-1]
+            print(f"toy | {s['name']}-s{s['seed']}: accuracy {end['acc']:.3f}, eval_kl {end['eval_kl']:.4f} at step "
+                  f"{end['step']} | {r['seconds']:.0f}s (elapsed {time.time() - t0:.0f}s)", flush=True)
+    return [finished(s) for s in specs]
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the report: a table (mean ± std over seeds at step 0, K and the end; the paired TRB - OPD difference per seed)
+# and a figure (accuracy, eval_kl and rollout length against step: mean and min-max band per method)
+
+def by_method(results):
+    out = {}
+    for r in results: out.setdefault(r["name"], {})[r["seed"]] = r
+    return out
+
+def at(res, step, key):
+    return next(p[key] for p in res["points"] if p["step"] == step)
+
+def mean_std(xs, digits=3):
+    """'mean ± std' (sample std) of xs; '–' if one is missing or never reached (inf)."""
+    if not xs or any(x is None or x == math.inf for x in xs): return "–"
+    m = sum(xs) / len(xs)
+    if len(xs) == 1: return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)):.{digits}f}"
+
+def table(cfg, results, teacher_acc, ref="opd"):
+    """The report in markdown: per method at step 0, K and the end, then each method's paired difference to ref."""
+    K, N, runs = cfg.warmup_steps, cfg.steps, by_method(results)
+    cols = [(f"{k} @{s}", lambda r, s=s, k=k: at(r, s, k)) for k in ("acc", "eval_kl") for s in (0, K, N)]
+    cols.append(("step of acc ≥ 0.9", first_step))
+    lines = [f"Greedy accuracy on {cfg.eval_n} held-out problems (eval.py's grader; the teacher's: {teacher_acc:.3f}) "
+             f"and trb's eval_kl, mean ± std over seeds, at step 0, the end of the warmup (K={K}) and the end ({N}); "
+             f"the first evaluated step (every {cfg.every}) with accuracy ≥ 0.9.", "",
+             "| method | seeds | " + " | ".join(c for c, _ in cols) + " | s/run |", "|---|---:|" + "---:|" * len(cols)
+             + "---:|"]
+    for name, seeds in runs.items():
+        rs = list(seeds.values())
+        cells = [mean_std([f(r) for r in rs], 1 if c.startswith("step") else 3) for c, f in cols]
+        lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + f" | {mean([r['seconds'] for r in rs]):.0f} |")
+    for name in [n for n in runs if n != ref and ref in runs]:
+        seeds = sorted(set(runs[name]) & set(runs[ref]))
+        if seeds: lines += [""] + paired(runs[name], runs[ref], seeds, f"{name} − {ref}", cols[1:3] + cols[4:])
+    return "\n".join(lines) + "\n"
+
+def first_step(res, level=0.9):
+    """The first evaluated step with accuracy >= level (inf if none)."""
+    return next((p["step"] for p in res["points"] if p["acc"] >= level), math.inf)
+
+def paired(a, b, seeds, title, cols):
+    """Markdown lines: a - b per seed for each column (label, value of a result), and their mean ± std."""
+    def diff(s, f):
+        x, y = f(a[s]), f(b[s])
+        return None if x is None or y is None or math.inf in (x, y) else x - y
+    rows = {s: [diff(s, f) for _, f in cols] for s in seeds}
+    fmt = lambda x, c: "–" if x is None else f"{x:+.0f}" if c.startswith("step") else f"{x:+.3f}"  # noqa: E731
+    lines = [f"Paired {title}, per seed (the same prompts in the same order):", "",
+             "| seed | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines += [f"| {s} | " + " | ".join(fmt(x, c) for x, (c, _) in zip(rows[s], cols)) + " |" for s in seeds]
+    return lines + ["| mean ± std | " + " | ".join(mean_std([rows[s][j] for s in seeds], 1 if c.startswith("step")
+                                                            else 3) for j, (c, _) in enumerate(cols)) + " |"]
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+def figure(results, K, path):
+    """Accuracy, eval_kl and training rollout length against step: per method the mean and the min-max band."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the table is the result; the figure is a view of it
+        print("toy | no figure: it needs matplotlib (pip install matplotlib)", flush=True)
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    for c, (name, seeds) in enumerate(by_method(results).items()):
+        rs = list(seeds.values())
+        for ax, key in zip(axes, ("acc", "eval_kl", "len")):
+            cs = [xy for xy in (series(r, key) for r in rs) if None not in xy[1]]
+            if not cs: continue
+            x, ys = cs[0][0], list(zip(*[y for _, y in cs]))
+            ax.plot(x, [mean(v) for v in ys], color=f"C{c}", marker="o" if key != "len" else None, ms=3,
+                    label=f"{name} ({len(rs)} seed{'s' * (len(rs) > 1)})")
+            if len(cs) > 1: ax.fill_between(x, [min(v) for v in ys], [max(v) for v in ys], color=f"C{c}", alpha=0.15)
+    titles = ("greedy held-out accuracy (eval.py)", "held-out reverse KL (trb eval_kl)", "training rollout length")
+    for ax, title in zip(axes, titles):
+        ax.axvline(K, color="gray", lw=0.8, ls="--")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+def series(res, key):
+    """(steps, values) of one run: 'acc' and 'eval_kl' at its evaluation points, 'len' (rollout length) per step."""
+    if key == "len": return [t["step"] for t in res["train"]], [t["resp_len"] for t in res["train"]]
+    return [p["step"] for p in res["points"]], [p[key] for p in res["points"]]
+
+# ---------------------------------------------------------------------------------------------------------------------
+# command line
+
+def check(cfg):
+    for name in ("seeds", "jobs", "n_train", "n_test", "eval_n", "layers", "hidden", "pretrain_steps", "sft_steps",
+                 "build_batch", "steps", "every", "batch_size", "n_samples", "max_new_tokens", "sweep_seeds"):
+        if getattr(cfg, name) < 1: raise trb.UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("fmt_rate", "end_rate"):
+        x = getattr(cfg, name)
+        if not 0 <= x <= 1: raise trb.UserError(f"--{name} must be in [0, 1], got {x}")
+    if cfg.hidden % 4: raise trb.UserError(f"--hidden must be a multiple of the 4 heads, got {cfg.hidden}")
+    if cfg.eval_n > cfg.n_test:
+        raise trb.UserError(f"--eval_n {cfg.eval_n} is more than the {cfg.n_test} test problems")
+    if not 1 <= cfg.warmup_steps <= cfg.steps:
+        raise trb.UserError(f"--warmup_steps must be in [1, --steps {cfg.steps}], got {cfg.warmup_steps}")
+    bad = [m for m in methods_of(cfg) if m not in METHODS]
+    if bad: raise trb.UserError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    sweep_values(cfg)
+
+def methods_of(cfg):
+    if cfg.methods: return [m.strip() for m in cfg.methods.split(",") if m.strip()]
+    return ["opd", "trb"] if cfg.quick else list(METHODS)
+
+def sweep_values(cfg):
+    try:
+        vals = [float(v) for v in cfg.sweep_eps0.split(",") if v.strip()]
+    except ValueError:
+        raise trb.UserError(f"--sweep_eps0 must be comma-separated numbers, got {cfg.sweep_eps0!r}") from None
+    if not vals or not all(0 < v < math.inf for v in vals):
+        raise trb.UserError(f"--sweep_eps0 must list budgets > 0, got {cfg.sweep_eps0!r}")
+    return vals
+
+def main(argv=None):
+    trb.keep_freed_memory()
+    cfg, _ = trb.parse_config(ToyConfig, argv, "The paper's comparison on a procedural arithmetic task with a tiny "
+                                               "base student and instruct teacher, on a CPU")
+    try:
+        check(cfg)
+        t0 = time.time()
+        root, info = build(cfg)
+        print(f"toy | cache {root}: V={info['V']}, {info['params']} parameters per model; held-out greedy accuracy "
+              f"base (the student at step 0) {info['base_acc']:.3f}, teacher {info['teacher_acc']:.3f}", flush=True)
+        if cfg.build_only: return info
+        mode = "sweep" if cfg.sweep else "quick" if cfg.quick else "compare"
+        if cfg.sweep:
+            names = ["opd"] + [f"trb-eps{v:g}" for v in sweep_values(cfg)]
+            seeds = range(cfg.sweep_seeds)
+        else:
+            names, seeds = methods_of(cfg), range(1 if cfg.quick else cfg.seeds)
+        specs = plan(cfg, root, names, seeds)
+        problems = ev.load_problems("gsm8k", os.path.join(root, "test.jsonl"), cfg.eval_n)
+        tok = trb.load_tokenizer(os.path.join(root, "base"))
+        acc0, t_acc = (accuracy(trb.load_model(os.path.join(root, m), torch.float32, torch.device("cpu")), tok,
+                                problems, cfg.max_new_tokens)[0] for m in ("base", "teacher"))
+        results = run_all(specs, acc0, cfg.jobs)  # acc0: every run's step 0 (the base student, greedy)
+        text = table(cfg, results, t_acc)
+        paths = [os.path.join(cfg.out, f"{mode}.{ext}") for ext in ("md", "json", "png")]
+        with open(paths[0], "w") as f: f.write(text)
+        with open(paths[1], "w") as f: json.dump(dict(config=dataclasses.asdict(cfg), build=info, runs=results), f)
+        figure(results, cfg.warmup_steps, paths[2])
+        print(text + f"\ntoy | {' '.join(paths)} | {time.time() - t0:.0f}s in all", flush=True)
+        return results
+    except KeyboardInterrupt:
+        raise SystemExit("toy: interrupted; the runs that finished are read back by the next call") from None
+    except trb.UserError as e:
+        raise SystemExit(f"toy: error: {e}")
+
+if __name__ == "__main__":
+    main()
