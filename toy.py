@@ -553,6 +553,7 @@ def sweep_values(cfg):
 
 def main(argv=None):
     trb.keep_freed_memory()
+    trb.quiet_progress_bars()
     cfg, _ = trb.parse_config(ToyConfig, argv, "The paper's comparison on a procedural arithmetic task with a tiny "
                                                "base student and instruct teacher, on a CPU")
     try:
