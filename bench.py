@@ -530,7 +530,8 @@ def main(argv=None):
         for how in ("full", "lora"):
             row(f"   {how}: params / grads / AdamW (MiB)",
                 " / ".join(f"{lo[how][k] / 2**20:.1f}" for k in ("params", "grads", "optimizer")))
-        row("   run directory, LoRA / full (MiB)", f"{lo['lora']['disk'] / 2**20:.1f} / {lo['full']['disk'] / 2**20:.0f}")
+        disk = lo["lora"]["disk"] / 2**20, lo["full"]["disk"] / 2**20
+        row("   run directory, LoRA / full (MiB)", f"{disk[0]:.1f} / {disk[1]:.0f}")
     if a.no_trl or not paths or not os.path.isfile(GSM8K): return
     N5 = 32  # new tokens per response in R5
     with tempfile.TemporaryDirectory() as tmp:
@@ -663,7 +664,8 @@ def decode_steps(m, ids, steps, V, how, device, warm=3):
     from transformers import StaticCache
     B, ctx = ids.shape
     kw = trb._cache_keyword(type(m))
-    cache = trb._new_cache(m) if how == "dynamic" else StaticCache(config=m.config, max_cache_len=ctx + warm + steps + 1)
+    n = ctx + warm + steps + 1  # the static cache's length
+    cache = trb._new_cache(m) if how == "dynamic" else StaticCache(config=m.config, max_cache_len=n)
     attn = torch.ones_like(ids) if how == "dynamic" else None  # a static cache tracks its own length
     fwd = torch.compile(m, mode="reduce-overhead") if how == "compiled" else m
     pos = torch.arange(ctx, device=device).expand(B, ctx)
@@ -700,7 +702,8 @@ def bench_decode(s, t, V, device, dry_run):
 
 # The SmolLM2 student's response lengths on the first 32 GSM8K test prompts (temperature 1, seed 0, 256 tokens at
 # most: 256 = no EOS), scaled by 4 to the paper's 1024.
-LENGTHS_256 = [256, 13, 101, 20, 256, 256, 8, 256, 256, 34, 5, 256, 152, 84, 148, 256, 13, 256, 61, 8, 243, 256, 256, 84, 1, 11, 62, 256, 256, 3, 32, 26]
+LENGTHS_256 = [256, 13, 101, 20, 256, 256, 8, 256, 256, 34, 5, 256, 152, 84, 148, 256,
+               13, 256, 61, 8, 243, 256, 256, 84, 1, 11, 62, 256, 256, 3, 32, 26]
 
 class ForcedLength(torch.nn.Module):
     """
