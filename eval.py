@@ -172,10 +172,10 @@ def score(problems, completions, task):
     se = math.sqrt(sum((a - mean) ** 2 for a in acc) / (n - 1) / n) if n > 1 else 0.0
     summary = dict(task=task, n=n, accuracy=mean, stderr=se)
     if task != "gsm8k":
-        for key, field in (("by_subject", ("subject", "type")), ("by_level", ("level",))):
+        for key, names in (("by_subject", ("subject", "type")), ("by_level", ("level",))):
             groups = {}
             for (_, _, rec), a in zip(problems, acc):
-                k = next((str(rec[f]) for f in field if f in rec), None)
+                k = next((str(rec[f]) for f in names if f in rec), None)
                 if k is not None: groups.setdefault(k, []).append(a)
             if groups: summary[key] = {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items())}
     return verdicts, summary

@@ -1505,7 +1505,6 @@ def test_resume_accepts_the_same_student_by_another_path_and_symlinks_stay_links
 def test_eval_hints_at_an_interrupted_save_and_writes_out_after_the_summary(tiny, tmp_path, monkeypatch, capsys):
     """eval.py --model on a run whose save was killed names the checkpoint waiting in .trb-tmp; a failing --out
     write comes after the printed summary, as one line."""
-    import errno
     out = run_cli(tiny, tmp_path / "run", "--max_steps", "1")
     os.replace(out, str(out) + trb.TMP)
     msg = eval_error("--model", str(out), "--data_file", tiny["data"])
@@ -2141,6 +2140,59 @@ def test_toy_runner_smoke(tmp_path):
     for f in ("compare.md", "compare.json", "compare.png"): assert (out / f).is_file()
     assert json.loads((out / "compare.json").read_text())["runs"][0]["seed"] == 0
     assert toy.main(argv)[0] == res  # a finished run with the same flags is read back, not run again
+    (out / "junk-s0.json").write_text("[]")                  # files that are not results are passed over
+    (out / "trb-s0.json.bak-s1.json").write_bytes(b"\xff\x00")
+    assert toy.main(argv)[0] == res
+    (again,) = toy.main(argv + ["--eval_n", "5"])            # other accuracy problems: run again, not read back
+    assert again["eval_n"] == 5, "a run scored on other problems was read back"
+
+TOY_BAD = [  # (flags, words of the one line); each refused before anything is built or run
+    (["--methods", ","], "--methods must name each method once"),
+    (["--methods", "opd,opd"], "--methods must name each method once"),
+    (["--sweep", "--sweep_eps0", "0.02,0.020"], "--sweep_eps0 must name each budget once"),
+    (["--sweep", "--quick"], "drop --quick"), (["--sweep", "--seeds", "2"], "drop --seeds"),
+    (["--methods", "veto", "--veto_beta", "-1"], "--veto_beta must be > 0 for veto"),
+    (["--methods", "skd", "--skd_topk", "0"], "--skd_topk must be > 0 for skd"),
+    (["--methods", "temp_warmup", "--temp_warmup", "0"], "--temp_warmup must be > 0 for temp_warmup"),
+    (["--eps0", "nan"], "--eps0 must be > 0 for trb"), (["--lr", "-1"], "--lr must be >= 0"),
+    (["--loss_topk", "-1"], "--loss_topk must be >= 0"), (["--build_lr", "nan"], "--build_lr must be > 0"),
+    (["--out", ""], "--out must not be empty"), (["--out", "{file}"], "is a file"),
+    (["--cache", "{file}"], "is a file"),
+]
+
+@pytest.mark.parametrize("flags,words", TOY_BAD, ids=[" ".join(f) for f, _ in TOY_BAD])
+def test_toy_bad_flags_are_one_line_before_any_build(tmp_path, monkeypatch, flags, words):
+    """toy.py's flags and every run's trb.py flags are checked first: one line, nothing built, nothing run."""
+    (tmp_path / "f").write_text("x")
+    monkeypatch.setattr(toy, "build", lambda cfg: pytest.fail("built before the bad flag was refused"))
+    argv = ["--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")] + [f.replace("{file}", str(tmp_path / "f"))
+                                                                              for f in flags]
+    with pytest.raises(SystemExit) as e:
+        toy.main(argv)
+    msg = str(e.value)
+    assert msg.startswith("toy: error:") and words in msg and "\n" not in msg, msg
+
+def test_toy_damaged_cache_and_a_second_call_on_one_out(tmp_path):
+    """A cache with a broken build.json or a missing model says so in one line; a second toy.py on the same --out
+    stops at once, and the first one's files stay."""
+    argv = TOY_TINY + ["--cache", str(tmp_path / "c"), "--build_only"]
+    toy.main(argv)
+    root = toy.build_dir(trb.parse_config(toy.ToyConfig, argv)[0])
+    for damage in (lambda: open(os.path.join(root, "build.json"), "w").write('{"V": 47'),
+                   lambda: os.remove(os.path.join(root, "teacher", "model.safetensors"))):
+        damage()
+        with pytest.raises(SystemExit) as e:
+            toy.main(argv)
+        assert "is damaged" in str(e.value) and "remove it" in str(e.value), e.value
+    lock = trb.lock_out_dir(str(tmp_path / "o"))
+    try:
+        (tmp_path / "o" / "mine.txt").write_text("kept")
+        with pytest.raises(SystemExit) as e:
+            toy.main(TOY_TINY + ["--cache", str(tmp_path / "c2"), "--out", str(tmp_path / "o")])
+        assert "in use by another toy.py run" in str(e.value), e.value
+        assert (tmp_path / "o" / "mine.txt").read_text() == "kept"
+    finally:
+        trb.unlock(lock)
 
 # -----------------------------------------------------------------------------
 # the paper's baselines as flags

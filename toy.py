@@ -22,8 +22,9 @@ The protocol (lr, steps, K) was fixed on vanilla OPD alone: docs/toy.md has the 
   python toy.py --build_only     # build the task and models once (~9 min on 2 cores) into --cache
   python toy.py --help           # every flag
 
-Runs go --jobs at a time (default 2), each a process with OMP_NUM_THREADS=1; a finished run is read back, not
-repeated, so an interrupted comparison continues where it stopped, and --seeds 5 after --seeds 3 adds seeds 3-4.
+Runs go --jobs at a time (default 2), each a process with OMP_NUM_THREADS=1; a finished run (same flags, same
+--eval_n) is read back, not repeated, so an interrupted comparison continues from its finished runs (a run cut off
+starts again), and --seeds 5 after --seeds 3 adds seeds 3-4. One toy.py at a time per --out.
 """
 import contextlib
 import dataclasses
@@ -34,9 +35,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -95,7 +96,8 @@ class ToyConfig:
 METHODS = ("opd", "trb", "fixed_eps", "skd", "veto", "temp_warmup", "sft_warmup")
 
 BUILD_FIELDS = ("task_seed", "n_train", "n_test", "fmt_rate", "end_rate", "layers", "hidden", "pretrain_steps",
-                "sft_steps", "build_batch", "build_lr", "max_new_tokens")
+                "sft_steps", "build_batch", "build_lr")
+BUILD_MAX_NEW = 50                         # the build's own accuracies: responses of at most 50 characters
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the task: word problems with exact answers, in GSM8K's format
@@ -281,7 +283,17 @@ def build(cfg):
     """
     root = build_dir(cfg)
     if os.path.isfile(os.path.join(root, "build.json")):
-        with open(os.path.join(root, "build.json")) as f: return root, json.load(f)
+        need = ("build.json", "train.jsonl", "test.jsonl", "base/model.safetensors", "base/tokenizer.json",
+                "teacher/model.safetensors", "teacher/tokenizer.json")
+        try:
+            missing = [f for f in need if not os.path.isfile(os.path.join(root, f))]
+            with open(os.path.join(root, "build.json")) as f: info = json.load(f)
+            if missing or not isinstance(info, dict) or {"V", "params", "base_acc", "teacher_acc"} - set(info):
+                raise ValueError
+            return root, info
+        except (OSError, ValueError):
+            raise trb.UserError(f"the cache {root} is damaged{' (no ' + ', '.join(missing) + ')' if missing else ''}: "
+                                f"remove it, and the next call builds it again") from None
     tmp, t0 = root + ".tmp", time.time()
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -295,12 +307,12 @@ def build(cfg):
     t1 = time.time()
     info = dict(config={f: getattr(cfg, f) for f in BUILD_FIELDS}, V=len(tok),
                 params=sum(p.numel() for p in base.parameters()), base_acc=accuracy(base, tok, problems,
-                                                                                     cfg.max_new_tokens)[0])
+                                                                                     BUILD_MAX_NEW)[0])
     save_model(base, tok, os.path.join(tmp, "base"))
     t2 = time.time()
     teacher = fit(base, sft_batches(tok, cfg, train), cfg.sft_steps, cfg.build_lr, cfg.task_seed + 2, "teacher")
     t3 = time.time()
-    info["teacher_acc"] = accuracy(teacher, tok, problems, cfg.max_new_tokens)[0]
+    info["teacher_acc"] = accuracy(teacher, tok, problems, BUILD_MAX_NEW)[0]
     save_model(teacher, tok, os.path.join(tmp, "teacher"))
     times = dict(pretrain_s=round(t1 - t0, 1), sft_s=round(t3 - t2, 1), total_s=round(time.time() - t0, 1),
                  threads=torch.get_num_threads())
@@ -376,8 +388,9 @@ def run_one(spec, acc0):
     kl = {r["step"]: r["eval_kl"] for r in recs if "eval_kl" in r}
     for r in rows: r["eval_kl"] = kl.get(r["step"])
     keep = ("step", "loss", "beta", "frac_teacher", "resp_len", "teacher_logp", "skd_rate", "dt")
-    res = dict(name=spec["name"], seed=spec["seed"], argv=spec["argv"], points=rows, seconds=round(time.time() - t0, 1),
-               train=[{k: r[k] for k in keep if k in r} for r in recs if "loss" in r])
+    train = [{k: r[k] for k in keep if k in r} for r in recs if "loss" in r]
+    res = dict(name=spec["name"], seed=spec["seed"], argv=spec["argv"], eval_n=spec["eval_n"], points=rows,
+               seconds=round(time.time() - t0, 1), train=train)
     with open(spec["result"] + ".part", "w") as f: json.dump(res, f)
     os.replace(spec["result"] + ".part", spec["result"])
     return res
@@ -391,39 +404,47 @@ def worker(spec, acc0):
         except SystemExit as e:  # trb.main's one-line errors
             raise RuntimeError(f"{spec['name']}-s{spec['seed']}: {e}") from None
 
+def quiet_worker():
+    """A worker leaves Ctrl-C to the main process (and to trb.main, which stops a run with one line in its log)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
 def finished(spec):
-    """The result of an earlier run with the same flags and points (under any name in --out), or None."""
+    """The result of an earlier run with the same flags, points and accuracy problems (under any name in --out), or
+    None. A file that is not such a result is passed over."""
     out = os.path.dirname(spec["result"])
     if not os.path.isdir(out): return None
     names = [spec["result"]] + sorted(os.path.join(out, f) for f in os.listdir(out) if re.search(r"-s\d+\.json$", f))
     for path in names:
         try:
             with open(path) as f: res = json.load(f)
-        except (OSError, json.JSONDecodeError):
+            same = (res["argv"], res["eval_n"], [p["step"] for p in res["points"][1:]]) == (
+                spec["argv"], spec["eval_n"], spec["points"])
+        except (OSError, ValueError, LookupError, TypeError):  # unreadable, not JSON, not a result
             continue
-        if res.get("argv") == spec["argv"] and [p["step"] for p in res["points"][1:]] == spec["points"]:
-            return dict(res, name=spec["name"])
+        if same: return dict(res, name=spec["name"])
     return None
 
 def run_all(specs, acc0, jobs):
-    """The runs not finished before, `jobs` at a time in spawned processes with OMP_NUM_THREADS=1."""
+    """The runs not finished before, `jobs` at a time in spawned processes with OMP_NUM_THREADS=1. On an error or a
+    signal the workers are stopped at once (a run cut off starts again at the next call)."""
     import multiprocessing
     todo = [s for s in specs if finished(s) is None]
     print(f"toy | {len(specs) - len(todo)} of {len(specs)} runs read back from earlier; running {len(todo)}, "
           f"{jobs} at a time (logs: {os.path.dirname(specs[0]['out_dir'])}/*.log)", flush=True)
     os.makedirs(os.path.dirname(specs[0]["out_dir"]), exist_ok=True)
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false")
-    t0 = time.time()
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futs = [(s, pool.submit(worker, s, acc0)) for s in todo]
-        for s, f in futs:
+    t0, pool = time.time(), multiprocessing.get_context("spawn").Pool(jobs, quiet_worker, maxtasksperchild=1)
+    try:
+        for s, f in [(s, pool.apply_async(worker, (s, acc0))) for s in todo]:
             try:
-                r = f.result()
+                r = f.get()
             except RuntimeError as e:
                 raise trb.UserError(f"run {e}") from None
             end = r["points"][-1]
             print(f"toy | {s['name']}-s{s['seed']}: accuracy {end['acc']:.3f}, eval_kl {end['eval_kl']:.4f} at step "
                   f"{end['step']} | {r['seconds']:.0f}s (elapsed {time.time() - t0:.0f}s)", flush=True)
+    finally:
+        pool.terminate()                                     # no worker outlives this call
     return [finished(s) for s in specs]
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -522,7 +543,8 @@ def series(res, key):
 # ---------------------------------------------------------------------------------------------------------------------
 # command line
 
-def check(cfg):
+def check(cfg, given):
+    """Every flag, before anything is built or run: toy's own, and each run's trb.py flags through trb's checks."""
     for name in ("seeds", "jobs", "n_train", "n_test", "eval_n", "layers", "hidden", "pretrain_steps", "sft_steps",
                  "build_batch", "steps", "every", "batch_size", "n_samples", "max_new_tokens", "sweep_seeds"):
         if getattr(cfg, name) < 1: raise trb.UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
@@ -534,13 +556,29 @@ def check(cfg):
         raise trb.UserError(f"--eval_n {cfg.eval_n} is more than the {cfg.n_test} test problems")
     if not 1 <= cfg.warmup_steps <= cfg.steps:
         raise trb.UserError(f"--warmup_steps must be in [1, --steps {cfg.steps}], got {cfg.warmup_steps}")
-    bad = [m for m in methods_of(cfg) if m not in METHODS]
+    if not 0 < cfg.build_lr < math.inf: raise trb.UserError(f"--build_lr must be > 0, got {cfg.build_lr}")
+    if cfg.sweep and given & {"quick", "methods", "seeds"}:
+        raise trb.UserError(f"--sweep runs OPD and TRB at each --sweep_eps0 over --sweep_seeds seeds: drop "
+                            f"--{', --'.join(sorted(given & {'quick', 'methods', 'seeds'}))}")
+    names, _ = runs_of(cfg)
+    bad = [m for m in names if m not in METHODS and not m.startswith("trb-eps")]
     if bad: raise trb.UserError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
-    sweep_values(cfg)
+    if not names or len(set(names)) < len(names):
+        raise trb.UserError(f"--sweep_eps0 must name each budget once, got {cfg.sweep_eps0!r}" if cfg.sweep else
+                            f"--methods must name each method once, got {cfg.methods!r}")
+    off = dict(trb="eps0", fixed_eps="eps0", skd="skd_topk", veto="veto_beta", temp_warmup="temp_warmup")
+    for m in names:
+        if m in off and not getattr(cfg, off[m]) > 0:  # at 0 the method would be plain OPD under its name
+            raise trb.UserError(f"--{off[m]} must be > 0 for {m}, got {getattr(cfg, off[m])}")
+        argv = common_flags(cfg, "") + method_flags(cfg, m) + ["--seed", "0", "--max_steps", str(cfg.steps)]
+        trb.check_config(trb.parse_args(argv)[0])            # trb.py's own checks of each run's flags
 
-def methods_of(cfg):
-    if cfg.methods: return [m.strip() for m in cfg.methods.split(",") if m.strip()]
-    return ["opd", "trb"] if cfg.quick else list(METHODS)
+def runs_of(cfg):
+    """The methods and seeds a call runs: --sweep's, --quick's, or --methods x --seeds."""
+    if cfg.sweep: return ["opd"] + [f"trb-eps{v:g}" for v in sweep_values(cfg)], range(cfg.sweep_seeds)
+    names = [m.strip() for m in cfg.methods.split(",") if m.strip()] if cfg.methods else \
+        ["opd", "trb"] if cfg.quick else list(METHODS)
+    return names, range(1 if cfg.quick else cfg.seeds)
 
 def sweep_values(cfg):
     try:
@@ -554,22 +592,24 @@ def sweep_values(cfg):
 def main(argv=None):
     trb.keep_freed_memory()
     trb.quiet_progress_bars()
-    cfg, _ = trb.parse_config(ToyConfig, argv, "The paper's comparison on a procedural arithmetic task with a tiny "
-                                               "base student and instruct teacher, on a CPU")
+    cfg, given = trb.parse_config(ToyConfig, argv, "The paper's comparison on a procedural arithmetic task with a "
+                                                   "tiny base student and instruct teacher, on a CPU")
+    old, lock = signal.signal(signal.SIGTERM, interrupt), None  # a SIGTERM stops the workers too, like Ctrl-C
     try:
-        check(cfg)
-        t0 = time.time()
-        root, info = build(cfg)
+        check(cfg, given)
+        t0, cache = time.time(), folder(cfg.cache, "--cache", make=True)
+        if not cfg.build_only:
+            cfg = dataclasses.replace(cfg, out=folder(cfg.out, "--out"))
+            try:
+                lock = trb.lock_out_dir(cfg.out)             # one toy.py per --out
+            except trb.UserError as e:
+                raise trb.UserError(str(e).replace("--out_dir", "--out").replace("trb.py", "toy.py")) from None
+        root, info = build(dataclasses.replace(cfg, cache=cache))
         print(f"toy | cache {root}: V={info['V']}, {info['params']} parameters per model; held-out greedy accuracy "
               f"base (the student at step 0) {info['base_acc']:.3f}, teacher {info['teacher_acc']:.3f}", flush=True)
         if cfg.build_only: return info
         mode = "sweep" if cfg.sweep else "quick" if cfg.quick else "compare"
-        if cfg.sweep:
-            names = ["opd"] + [f"trb-eps{v:g}" for v in sweep_values(cfg)]
-            seeds = range(cfg.sweep_seeds)
-        else:
-            names, seeds = methods_of(cfg), range(1 if cfg.quick else cfg.seeds)
-        specs = plan(cfg, root, names, seeds)
+        specs = plan(cfg, root, *runs_of(cfg))
         problems = ev.load_problems("gsm8k", os.path.join(root, "test.jsonl"), cfg.eval_n)
         tok = trb.load_tokenizer(os.path.join(root, "base"))
         acc0, t_acc = (accuracy(trb.load_model(os.path.join(root, m), torch.float32, torch.device("cpu")), tok,
@@ -579,13 +619,31 @@ def main(argv=None):
         paths = [os.path.join(cfg.out, f"{mode}.{ext}") for ext in ("md", "json", "png")]
         with open(paths[0], "w") as f: f.write(text)
         with open(paths[1], "w") as f: json.dump(dict(config=dataclasses.asdict(cfg), build=info, runs=results), f)
-        figure(results, cfg.warmup_steps, paths[2])
-        print(text + f"\ntoy | {' '.join(paths)} | {time.time() - t0:.0f}s in all", flush=True)
+        paths[2] = figure(results, cfg.warmup_steps, paths[2])
+        print(text + f"\ntoy | {' '.join(p for p in paths if p)} | {time.time() - t0:.0f}s in all", flush=True)
         return results
     except KeyboardInterrupt:
-        raise SystemExit("toy: interrupted; the runs that finished are read back by the next call") from None
+        raise SystemExit("toy: interrupted; the runs that finished are read back by the next call, a run that was "
+                         "cut off starts again") from None
     except trb.UserError as e:
         raise SystemExit(f"toy: error: {e}")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if lock is not None: trb.unlock(lock)
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+def folder(path, flag, make=False):
+    """path with ~ expanded and made absolute, not a file (made if missing and make), or one line."""
+    if not path: raise trb.UserError(f"{flag} must not be empty")
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path): raise trb.UserError(f"{flag} {path!r} is a file")
+    try:
+        if make: os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise trb.UserError(f"{flag} {path!r}: cannot create it ({e.strerror})") from None
+    return path
 
 if __name__ == "__main__":
     main()
