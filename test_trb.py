@@ -2145,12 +2145,30 @@ def test_toy_runner_smoke(tmp_path):
     assert toy.main(argv)[0] == res
     (again,) = toy.main(argv + ["--eval_n", "5"])            # other accuracy problems: run again, not read back
     assert again["eval_n"] == 5, "a run scored on other problems was read back"
+    (out / "trb-s0.json").write_text(json.dumps({k: v for k, v in res.items() if k != "seconds"}))
+    assert "seconds" in toy.main(argv)[0], "a result without its wall time was read back"
+
+def test_toy_a_failing_run_is_one_line_and_leaves_no_worker(tmp_path):
+    """A run whose worker fails stops the call with one line naming the run, the reason and its log."""
+    import multiprocessing
+    test = write_jsonl(tmp_path / "test.jsonl", [{"question": "1+1?", "answer": "#### 2"}])
+    spec = dict(name="opd", seed=0, argv=["--student", str(tmp_path / "gone"), "--teacher", str(tmp_path / "gone")],
+                points=[1], test=test, eval_n=1, max_new_tokens=8, out_dir=str(tmp_path / "o" / "runs" / "opd-s0"),
+                result=str(tmp_path / "o" / "opd-s0.json"))
+    with pytest.raises(trb.UserError) as e:
+        toy.run_all([spec], 0.0, 1)
+    msg = str(e.value)
+    assert msg.startswith("run opd-s0: ") and "gone" in msg and "opd-s0.log" in msg and "\n" not in msg, msg
+    assert not multiprocessing.active_children()
 
 TOY_BAD = [  # (flags, words of the one line); each refused before anything is built or run
     (["--methods", ","], "--methods must name each method once"),
     (["--methods", "opd,opd"], "--methods must name each method once"),
     (["--sweep", "--sweep_eps0", "0.02,0.020"], "--sweep_eps0 must name each budget once"),
     (["--sweep", "--quick"], "drop --quick"), (["--sweep", "--seeds", "2"], "drop --seeds"),
+    (["--quick", "--seeds", "3"], "--quick runs one seed"),
+    (["--methods", "skd", "--skd_topk", "100"], "--skd_topk 100 is larger than the 47-token vocab"),
+    (["--max_new_tokens", "100000"], "--max_new_tokens must be <= 384"),
     (["--methods", "veto", "--veto_beta", "-1"], "--veto_beta must be > 0 for veto"),
     (["--methods", "skd", "--skd_topk", "0"], "--skd_topk must be > 0 for skd"),
     (["--methods", "temp_warmup", "--temp_warmup", "0"], "--temp_warmup must be > 0 for temp_warmup"),

@@ -28,6 +28,7 @@ starts again), and --seeds 5 after --seeds 3 adds seeds 3-4. One toy.py at a tim
 """
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -36,7 +37,9 @@ import random
 import re
 import shutil
 import signal
+import sys
 import time
+import traceback
 import zlib
 from dataclasses import dataclass
 
@@ -98,6 +101,7 @@ METHODS = ("opd", "trb", "fixed_eps", "skd", "veto", "temp_warmup", "sft_warmup"
 BUILD_FIELDS = ("task_seed", "n_train", "n_test", "fmt_rate", "end_rate", "layers", "hidden", "pretrain_steps",
                 "sft_steps", "build_batch", "build_lr")
 BUILD_MAX_NEW = 50                         # the build's own accuracies: responses of at most 50 characters
+POSITIONS, MAX_PROMPT = 512, 128           # the models' positions; a chat-formatted question is under 128 tokens
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the task: word problems with exact answers, in GSM8K's format
@@ -201,7 +205,7 @@ def new_model(tok, cfg):
     torch.manual_seed(cfg.task_seed)
     c = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden,
                     num_hidden_layers=cfg.layers, num_attention_heads=4, num_key_value_heads=4,
-                    max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                    max_position_embeddings=POSITIONS, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                     pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     m = LlamaForCausalLM(c)
     m.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -277,23 +281,40 @@ def build_dir(cfg):
 
 def build(cfg):
     """
-    Writes train.jsonl, test.jsonl, tokenizer/, base/ and teacher/ under build_dir(cfg) (into a .tmp folder, renamed
-    when complete), with build.json (the config and both models' greedy held-out accuracy) and times.json. The same
-    config gives the same files on the same machine and thread count. Returns (root, build.json's content).
+    The cached build of cfg, made if missing: (root, build.json's content). One process builds a folder at a time;
+    another one waits for it (a lock file beside it), then reads the build.
     """
     root = build_dir(cfg)
-    if os.path.isfile(os.path.join(root, "build.json")):
-        need = ("build.json", "train.jsonl", "test.jsonl", "base/model.safetensors", "base/tokenizer.json",
-                "teacher/model.safetensors", "teacher/tokenizer.json")
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    with open(root + ".lock", "a") as lock:
         try:
-            missing = [f for f in need if not os.path.isfile(os.path.join(root, f))]
-            with open(os.path.join(root, "build.json")) as f: info = json.load(f)
-            if missing or not isinstance(info, dict) or {"V", "params", "base_acc", "teacher_acc"} - set(info):
-                raise ValueError
-            return root, info
-        except (OSError, ValueError):
-            raise trb.UserError(f"the cache {root} is damaged{' (no ' + ', '.join(missing) + ')' if missing else ''}: "
-                                f"remove it, and the next call builds it again") from None
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"toy | waiting for another toy.py that builds {root}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(root, "build.json")): build_files(cfg, root)
+        return root, read_build(root)
+
+def read_build(root):
+    """build.json of a complete build, or one line."""
+    need = ("build.json", "train.jsonl", "test.jsonl", "base/model.safetensors", "base/tokenizer.json",
+            "teacher/model.safetensors", "teacher/tokenizer.json")
+    missing = [f for f in need if not os.path.isfile(os.path.join(root, f))]
+    try:
+        with open(os.path.join(root, "build.json")) as f: info = json.load(f)
+        if missing or not all(type(info[k]) in (int, float) for k in ("V", "params", "base_acc", "teacher_acc")):
+            raise ValueError
+        return info
+    except (OSError, ValueError, LookupError, TypeError):
+        raise trb.UserError(f"the cache {root} is damaged{' (no ' + ', '.join(missing) + ')' if missing else ''}: "
+                            f"remove it, and the next call builds it again") from None
+
+def build_files(cfg, root):
+    """
+    Writes train.jsonl, test.jsonl, tokenizer/, base/ and teacher/ into root (a .tmp folder first, renamed when
+    complete), with build.json (the config and both models' greedy held-out accuracy) and times.json. The same
+    config gives the same files on the same machine and thread count.
+    """
     tmp, t0 = root + ".tmp", time.time()
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -322,7 +343,6 @@ def build(cfg):
     os.replace(tmp, root)
     print(f"toy | built in {times['total_s']:.0f}s: V={info['V']}, {info['params']} parameters per model, held-out "
           f"greedy accuracy base {info['base_acc']:.3f}, teacher {info['teacher_acc']:.3f}", flush=True)
-    return root, info
 
 def save_model(model, tok, path):
     model.save_pretrained(path)
@@ -377,6 +397,7 @@ def run_one(spec, acc0):
     """
     d, t0 = spec["out_dir"], time.time()
     for x in ("", trb.TMP, trb.OLD): shutil.rmtree(d + x, ignore_errors=True)  # a fresh out_dir, no swap left
+    if os.path.exists(d + ".lock"): os.remove(d + ".lock")
     problems = ev.load_problems("gsm8k", spec["test"], spec["eval_n"])
     tok, rows = trb.load_tokenizer(spec["argv"][spec["argv"].index("--student") + 1]), [dict(step=0, acc=acc0)]
     for i, step in enumerate(spec["points"]):
@@ -396,17 +417,19 @@ def run_one(spec, acc0):
     return res
 
 def worker(spec, acc0):
-    """run_one in a worker process: one thread, trb's and eval's output into the run's log file."""
+    """run_one in a worker process: one thread, trb's and eval's output into the run's log file, which ends with
+    the error, if any (exit status 1). Ctrl-C is the main process's to handle; its SIGTERM ends the run cleanly."""
+    signal.signal(signal.SIGTERM, stop)                      # SIGINT is ignored from the start: see run_all
     torch.set_num_threads(1)
     with open(spec["out_dir"] + ".log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
-            return run_one(spec, acc0)
-        except SystemExit as e:  # trb.main's one-line errors
-            raise RuntimeError(f"{spec['name']}-s{spec['seed']}: {e}") from None
-
-def quiet_worker():
-    """A worker leaves Ctrl-C to the main process (and to trb.main, which stops a run with one line in its log)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+            run_one(spec, acc0)
+            return
+        except (SystemExit, trb.UserError) as e:  # trb.main's and eval's one-line errors
+            print(e, flush=True)
+        except Exception:
+            traceback.print_exc()
+    sys.exit(1)
 
 def finished(spec):
     """The result of an earlier run with the same flags, points and accuracy problems (under any name in --out), or
@@ -419,33 +442,66 @@ def finished(spec):
             with open(path) as f: res = json.load(f)
             same = (res["argv"], res["eval_n"], [p["step"] for p in res["points"][1:]]) == (
                 spec["argv"], spec["eval_n"], spec["points"])
+            num = (int, float)
+            ok = type(res["seconds"]) in num and type(res["seed"]) is int and all(type(t["resp_len"]) in num for t in
+                                                                                  res["train"])
+            ok = ok and all(type(p["acc"]) in num and type(p["eval_kl"]) in (*num, type(None)) for p in res["points"])
         except (OSError, ValueError, LookupError, TypeError):  # unreadable, not JSON, not a result
             continue
-        if same: return dict(res, name=spec["name"])
+        if same and ok: return dict(res, name=spec["name"])
     return None
 
 def run_all(specs, acc0, jobs):
-    """The runs not finished before, `jobs` at a time in spawned processes with OMP_NUM_THREADS=1. On an error or a
-    signal the workers are stopped at once (a run cut off starts again at the next call)."""
+    """The runs not finished before, `jobs` at a time, each in a spawned process with OMP_NUM_THREADS=1. A run that
+    fails or dies stops the call with one line; on that or a signal the other workers are stopped at once (a run
+    cut off starts again at the next call)."""
     import multiprocessing
-    todo = [s for s in specs if finished(s) is None]
+    from multiprocessing.connection import wait
+    todo, live, t0 = [s for s in specs if finished(s) is None], {}, time.time()
     print(f"toy | {len(specs) - len(todo)} of {len(specs)} runs read back from earlier; running {len(todo)}, "
           f"{jobs} at a time (logs: {os.path.dirname(specs[0]['out_dir'])}/*.log)", flush=True)
     os.makedirs(os.path.dirname(specs[0]["out_dir"]), exist_ok=True)
-    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false")
-    t0, pool = time.time(), multiprocessing.get_context("spawn").Pool(jobs, quiet_worker, maxtasksperchild=1)
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false",
+                      PYTHONWARNINGS="ignore:resource_tracker:UserWarning")  # it frees what a stopped worker held
     try:
-        for s, f in [(s, pool.apply_async(worker, (s, acc0))) for s in todo]:
-            try:
-                r = f.get()
-            except RuntimeError as e:
-                raise trb.UserError(f"run {e}") from None
-            end = r["points"][-1]
-            print(f"toy | {s['name']}-s{s['seed']}: accuracy {end['acc']:.3f}, eval_kl {end['eval_kl']:.4f} at step "
-                  f"{end['step']} | {r['seconds']:.0f}s (elapsed {time.time() - t0:.0f}s)", flush=True)
+        while todo or live:
+            while todo and len(live) < jobs:
+                s = todo.pop(0)
+                p = multiprocessing.get_context("spawn").Process(target=worker, args=(s, acc0))
+                signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # a signal now waits until p is in `live`
+                old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker starts with Ctrl-C ignored: it is
+                try:                                                # the main process's to handle
+                    p.start()
+                    live[p.sentinel] = (p, s)
+                finally:
+                    signal.signal(signal.SIGINT, old)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+            for key in wait(list(live)):
+                p, s = live.pop(key)
+                p.join()
+                r, name = finished(s), f"{s['name']}-s{s['seed']}"
+                if p.exitcode or r is None:
+                    why = f"its worker was killed (signal {-p.exitcode})" if p.exitcode < 0 else \
+                        last_line(s["out_dir"] + ".log") or f"exit {p.exitcode}"
+                    raise trb.UserError(f"run {name}: {why} (its log: {s['out_dir']}.log)")
+                end = r["points"][-1]
+                print(f"toy | {name}: accuracy {end['acc']:.3f}, eval_kl {end['eval_kl']:.4f} at step {end['step']} | "
+                      f"{r['seconds']:.0f}s (elapsed {time.time() - t0:.0f}s)", flush=True)
     finally:
-        pool.terminate()                                     # no worker outlives this call
+        for p, _ in live.values(): p.terminate()             # no worker outlives this call
+        for p, _ in live.values():
+            p.join(10)
+            if p.exitcode is None: p.kill()
     return [finished(s) for s in specs]
+
+SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+def last_line(path):
+    try:
+        with open(path, errors="replace") as f: lines = [x.strip() for x in f if x.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the report: a table (mean ± std over seeds at step 0, K and the end; the paired TRB - OPD difference per seed)
@@ -560,6 +616,14 @@ def check(cfg, given):
     if cfg.sweep and given & {"quick", "methods", "seeds"}:
         raise trb.UserError(f"--sweep runs OPD and TRB at each --sweep_eps0 over --sweep_seeds seeds: drop "
                             f"--{', --'.join(sorted(given & {'quick', 'methods', 'seeds'}))}")
+    if cfg.quick and "seeds" in given: raise trb.UserError("--quick runs one seed: drop --seeds (or --quick)")
+    V = len(SPECIALS) + len(charset())
+    for name in ("loss_topk", "skd_topk"):
+        if getattr(cfg, name) > V: raise trb.UserError(f"--{name} {getattr(cfg, name)} is larger than the {V}-token "
+                                                       f"vocab")
+    if MAX_PROMPT + cfg.max_new_tokens > POSITIONS:
+        raise trb.UserError(f"--max_new_tokens must be <= {POSITIONS - MAX_PROMPT}: prompts of up to {MAX_PROMPT} "
+                            f"tokens and their responses fit the models' {POSITIONS} positions")
     names, _ = runs_of(cfg)
     bad = [m for m in names if m not in METHODS and not m.startswith("trb-eps")]
     if bad: raise trb.UserError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
@@ -633,6 +697,9 @@ def main(argv=None):
 
 def interrupt(signum, frame):
     raise KeyboardInterrupt
+
+def stop(signum, frame):
+    raise SystemExit("toy: stopped by the main process")
 
 def folder(path, flag, make=False):
     """path with ~ expanded and made absolute, not a file (made if missing and make), or one line."""
