@@ -22,6 +22,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+if __name__ == "__main__":  # Ctrl-C while torch imports: one line, not a traceback
+    sys.excepthook = lambda t, e, tb: (print("eval: interrupted", file=sys.stderr) if t is KeyboardInterrupt else
+                                       sys.__excepthook__(t, e, tb))
+
 import torch
 
 import trb

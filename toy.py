@@ -38,10 +38,15 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 import zlib
 from dataclasses import dataclass
+
+if __name__ == "__main__":  # Ctrl-C while torch imports: one line, not a traceback
+    sys.excepthook = lambda t, e, tb: (print("toy: interrupted", file=sys.stderr) if t is KeyboardInterrupt else
+                                       sys.__excepthook__(t, e, tb))
 
 import torch
 
@@ -285,8 +290,12 @@ def build(cfg):
     another one waits for it (a lock file beside it), then reads the build.
     """
     root = build_dir(cfg)
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    with open(root + ".lock", "a") as lock:
+    try:
+        os.makedirs(os.path.dirname(root), exist_ok=True)
+        lock = open(root + ".lock", "a")
+    except OSError as e:
+        raise trb.UserError(f"--cache {os.path.dirname(root)!r}: cannot write there ({e.strerror})") from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -397,7 +406,6 @@ def run_one(spec, acc0):
     """
     d, t0 = spec["out_dir"], time.time()
     for x in ("", trb.TMP, trb.OLD): shutil.rmtree(d + x, ignore_errors=True)  # a fresh out_dir, no swap left
-    if os.path.exists(d + ".lock"): os.remove(d + ".lock")
     problems = ev.load_problems("gsm8k", spec["test"], spec["eval_n"])
     tok, rows = trb.load_tokenizer(spec["argv"][spec["argv"].index("--student") + 1]), [dict(step=0, acc=acc0)]
     for i, step in enumerate(spec["points"]):
@@ -419,14 +427,20 @@ def run_one(spec, acc0):
 def worker(spec, acc0):
     """run_one in a worker process: one thread, trb's and eval's output into the run's log file, which ends with
     the error, if any (exit status 1). Ctrl-C is the main process's to handle; its SIGTERM ends the run cleanly."""
-    signal.signal(signal.SIGTERM, stop)                      # SIGINT is ignored from the start: see run_all
+    import multiprocessing
+    from multiprocessing.connection import wait
+    signal.signal(signal.SIGINT, signal.SIG_IGN)             # Ctrl-C is the main process's (a pending one goes)
+    signal.signal(signal.SIGTERM, stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)      # blocked since it started: see run_all
+    parent = multiprocessing.parent_process().sentinel      # a main process that is killed takes its workers along
+    threading.Thread(target=lambda: (wait([parent]), os._exit(1)), daemon=True).start()
     torch.set_num_threads(1)
     with open(spec["out_dir"] + ".log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
             run_one(spec, acc0)
             return
-        except (SystemExit, trb.UserError) as e:  # trb.main's and eval's one-line errors
-            print(e, flush=True)
+        except (SystemExit, trb.UserError) as e:  # trb.main's and eval's one-line errors; 1: stopped (SIGTERM)
+            if not isinstance(getattr(e, "code", None), int): print(e, flush=True)
         except Exception:
             traceback.print_exc()
     sys.exit(1)
@@ -456,6 +470,7 @@ def run_all(specs, acc0, jobs):
     fails or dies stops the call with one line; on that or a signal the other workers are stopped at once (a run
     cut off starts again at the next call)."""
     import multiprocessing
+    from multiprocessing import resource_tracker
     from multiprocessing.connection import wait
     todo, live, t0 = [s for s in specs if finished(s) is None], {}, time.time()
     print(f"toy | {len(specs) - len(todo)} of {len(specs)} runs read back from earlier; running {len(todo)}, "
@@ -463,18 +478,17 @@ def run_all(specs, acc0, jobs):
     os.makedirs(os.path.dirname(specs[0]["out_dir"]), exist_ok=True)
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false",
                       PYTHONWARNINGS="ignore:resource_tracker:UserWarning")  # it frees what a stopped worker held
+    resource_tracker.ensure_running()                        # now: starting it later would unblock the signals
     try:
         while todo or live:
             while todo and len(live) < jobs:
                 s = todo.pop(0)
                 p = multiprocessing.get_context("spawn").Process(target=worker, args=(s, acc0))
-                signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # a signal now waits until p is in `live`
-                old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker starts with Ctrl-C ignored: it is
-                try:                                                # the main process's to handle
+                signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # until p is in `live`; p starts with them
+                try:                                                # blocked (no traceback while it imports)
                     p.start()
                     live[p.sentinel] = (p, s)
                 finally:
-                    signal.signal(signal.SIGINT, old)
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             for key in wait(list(live)):
                 p, s = live.pop(key)
@@ -488,9 +502,9 @@ def run_all(specs, acc0, jobs):
                 print(f"toy | {name}: accuracy {end['acc']:.3f}, eval_kl {end['eval_kl']:.4f} at step {end['step']} | "
                       f"{r['seconds']:.0f}s (elapsed {time.time() - t0:.0f}s)", flush=True)
     finally:
-        for p, _ in live.values(): p.terminate()             # no worker outlives this call
-        for p, _ in live.values():
-            p.join(10)
+        for p, _ in live.values(): p.terminate()             # no worker outlives this call: trb stops cleanly,
+        for p, _ in live.values():                           # or it is killed (its checkpoints are atomic)
+            p.join(5)
             if p.exitcode is None: p.kill()
     return [finished(s) for s in specs]
 
@@ -699,7 +713,7 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 def stop(signum, frame):
-    raise SystemExit("toy: stopped by the main process")
+    raise SystemExit(1)
 
 def folder(path, flag, make=False):
     """path with ~ expanded and made absolute, not a file (made if missing and make), or one line."""

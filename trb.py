@@ -75,6 +75,10 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+if __name__ == "__main__":  # Ctrl-C while torch imports: one line, not a traceback
+    sys.excepthook = lambda t, e, tb: (print("trb: interrupted", file=sys.stderr) if t is KeyboardInterrupt else
+                                       sys.__excepthook__(t, e, tb))
+
 import torch
 import torch.nn.functional as F
 
