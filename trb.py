@@ -1072,7 +1072,7 @@ def with_lora(student, cfg, resume_from=None):
     so that from_pretrained(out_dir) finds it.
     """
     import peft
-    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+    targets = lora_targets(cfg)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # peft calls names transformers has deprecated
@@ -1100,10 +1100,14 @@ def check_lora_targets(cfg, student):
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(c, trust_remote_code=cfg.trust_remote_code)
         names = [n for n, _ in m.named_modules()]
-        for t in [] if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(","):
-            if not any(n == t.strip() or n.endswith("." + t.strip()) for n in names):
-                raise UserError(f"--lora_targets: {t.strip()!r} names no module of the student")
+        for t in [] if cfg.lora_targets == "all-linear" else lora_targets(cfg):
+            if not any(n == t or n.endswith("." + t) for n in names):
+                raise UserError(f"--lora_targets: {t!r} names no module of the student")
         with_lora(m, cfg)
+
+def lora_targets(cfg):
+    """PEFT's target_modules: "all-linear", or the comma-separated names."""
+    return cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
 
 def enable_grad_ckpt(m):
     kw = {"use_reentrant": False}
