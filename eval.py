@@ -217,11 +217,12 @@ def plot_runs(run_dirs, out_png):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
     except ImportError:
         raise trb.UserError("--plot needs matplotlib (pip install matplotlib)") from None
     out_png = out_png if os.path.splitext(out_png)[1] else out_png + ".png"
     ext, folder = os.path.splitext(out_png)[1][1:].lower(), os.path.dirname(os.path.abspath(out_png))
-    if ext not in plt.figure().canvas.get_supported_filetypes():
+    if ext not in FigureCanvasAgg.get_supported_filetypes():  # no figure made for the question
         raise trb.UserError(f"--plot_out {out_png!r}: matplotlib cannot write .{ext} files")
     if not os.path.isdir(folder): raise trb.UserError(f"--plot_out {out_png!r}: no folder {folder}")
     K = warmup_end(runs)
@@ -258,6 +259,8 @@ def plot_runs(run_dirs, out_png):
         fig.savefig(out_png, dpi=120)
     except OSError as e:
         raise trb.UserError(f"--plot_out {out_png!r}: writing it failed ({e.strerror})") from None
+    finally:
+        plt.close(fig)
     return out_png
 
 # -----------------------------------------------------------------------------
