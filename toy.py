@@ -472,7 +472,8 @@ def run_all(specs, acc0, jobs):
     import multiprocessing
     from multiprocessing import resource_tracker
     from multiprocessing.connection import wait
-    todo, live, t0 = [s for s in specs if finished(s) is None], {}, time.time()
+    res = [finished(s) for s in specs]                       # each result read once, here or when its run ends
+    todo, live, t0 = [i for i, r in enumerate(res) if r is None], {}, time.time()
     print(f"toy | {len(specs) - len(todo)} of {len(specs)} runs read back from earlier; running {len(todo)}, "
           f"{jobs} at a time (logs: {os.path.dirname(specs[0]['out_dir'])}/*.log)", flush=True)
     os.makedirs(os.path.dirname(specs[0]["out_dir"]), exist_ok=True)
@@ -482,18 +483,19 @@ def run_all(specs, acc0, jobs):
     try:
         while todo or live:
             while todo and len(live) < jobs:
-                s = todo.pop(0)
-                p = multiprocessing.get_context("spawn").Process(target=worker, args=(s, acc0))
+                i = todo.pop(0)
+                p = multiprocessing.get_context("spawn").Process(target=worker, args=(specs[i], acc0))
                 signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # until p is in `live`; p starts with them
                 try:                                                # blocked (no traceback while it imports)
                     p.start()
-                    live[p.sentinel] = (p, s)
+                    live[p.sentinel] = (p, i)
                 finally:
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             for key in wait(list(live)):
-                p, s = live.pop(key)
+                p, i = live.pop(key)
                 p.join()
-                r, name = finished(s), f"{s['name']}-s{s['seed']}"
+                s, r = specs[i], finished(specs[i])
+                res[i], name = r, f"{s['name']}-s{s['seed']}"
                 if p.exitcode or r is None:
                     why = f"its worker was killed (signal {-p.exitcode})" if p.exitcode < 0 else \
                         last_line(s["out_dir"] + ".log") or f"exit {p.exitcode}"
@@ -506,7 +508,7 @@ def run_all(specs, acc0, jobs):
         for p, _ in live.values():                           # or it is killed (its checkpoints are atomic)
             p.join(5)
             if p.exitcode is None: p.kill()
-    return [finished(s) for s in specs]
+    return res
 
 SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
