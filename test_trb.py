@@ -2169,6 +2169,8 @@ TOY_BAD = [  # (flags, words of the one line); each refused before anything is b
     (["--quick", "--seeds", "3"], "--quick runs one seed"),
     (["--methods", "skd", "--skd_topk", "100"], "--skd_topk 100 is larger than the 47-token vocab"),
     (["--max_new_tokens", "100000"], "--max_new_tokens must be <= 384"),
+    (["--seeds", "10000000000"], "--seeds must be <= 1000"), (["--jobs", "100000"], "--jobs must be <= 64"),
+    (["--hidden", "1000000"], "--hidden must be <= 4096"),
     (["--methods", "veto", "--veto_beta", "-1"], "--veto_beta must be > 0 for veto"),
     (["--methods", "skd", "--skd_topk", "0"], "--skd_topk must be > 0 for skd"),
     (["--methods", "temp_warmup", "--temp_warmup", "0"], "--temp_warmup must be > 0 for temp_warmup"),

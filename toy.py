@@ -107,6 +107,8 @@ BUILD_FIELDS = ("task_seed", "n_train", "n_test", "fmt_rate", "end_rate", "layer
                 "sft_steps", "build_batch", "build_lr")
 BUILD_MAX_NEW = 50                         # the build's own accuracies: responses of at most 50 characters
 POSITIONS, MAX_PROMPT = 512, 128           # the models' positions; a chat-formatted question is under 128 tokens
+MOST = dict(seeds=1000, sweep_seeds=1000, jobs=64, steps=10**5, n_train=10**5, n_test=10**4, layers=64, hidden=4096,
+            build_batch=4096)                      # upper bounds of the flags: see check()
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the task: word problems with exact answers, in GSM8K's format
@@ -620,6 +622,8 @@ def check(cfg, given):
     for name in ("seeds", "jobs", "n_train", "n_test", "eval_n", "layers", "hidden", "pretrain_steps", "sft_steps",
                  "build_batch", "steps", "every", "batch_size", "n_samples", "max_new_tokens", "sweep_seeds"):
         if getattr(cfg, name) < 1: raise trb.UserError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name, most in MOST.items():  # beyond these a call would exhaust memory or processes before it said so
+        if getattr(cfg, name) > most: raise trb.UserError(f"--{name} must be <= {most}, got {getattr(cfg, name)}")
     for name in ("fmt_rate", "end_rate"):
         x = getattr(cfg, name)
         if not 0 <= x <= 1: raise trb.UserError(f"--{name} must be in [0, 1], got {x}")
