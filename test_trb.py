@@ -540,6 +540,8 @@ COMPACT = {  # scenario -> rollout keywords; rows end at very different lengths 
     "TRB, per-row eps, some 0": dict(eps=torch.tensor([0.0, 0.05, 0.0, 0.5, 0.01, 0.0, 2.0, 0.0, 0.1]),
                                      temperature=1.0),
     "SKD": dict(eps=0.0, temperature=1.0, skd_topk=3),
+    "speculative, per-row eps": dict(eps=torch.tensor([0.0, 0.05, 0.3, 0.5, 0.01, 0.0, 2.0, 0.0, 0.1]),
+                                     temperature=1.0, spec_tokens=3),
 }
 
 @pytest.mark.parametrize("case", list(COMPACT))
@@ -562,7 +564,7 @@ def test_compaction_gives_identical_rollouts(tiny, case, monkeypatch):
     assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["mask"], b["mask"]), f"{case}: tokens differ"
     for k in ("beta", "kl", "t_logp"):
         if a[k] is not None: assert torch.allclose(a[k], b[k], atol=1e-5), f"{case}: {k} differs"
-    assert torch.equal(a["replaced"], b["replaced"])
+    assert all(torch.equal(a[k], b[k]) for k in ("replaced", "accepted", "t_fwd")), f"{case}: flags differ"
 
 def test_rollout_batch_size_is_one_decoding_batch_per_slice(tiny, tmp_path, monkeypatch):
     """--rollout_batch_size sets the rows decoded together (0: all the step's rows), apart from --micro_batch_size."""
@@ -578,6 +580,128 @@ def test_rollout_batch_size_is_one_decoding_batch_per_slice(tiny, tmp_path, monk
     assert calls == [4, 2], calls
     wa, wb = weights(a), weights(b)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa), "how rows are batched for decoding changes nothing"
+
+# -----------------------------------------------------------------------------
+# speculative sampling from mu (--spec_tokens): exact in distribution, greedy parity, one teacher forward a block
+
+def spec_pair(seed=0):
+    """A tiny random pair with V = 10 shared tokens (logits padded to 12 and 13), peaked so that pi_S and pi_T differ."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    out = []
+    for i, v in enumerate((12, 13)):
+        torch.manual_seed(seed + i)
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=v, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
+        with torch.no_grad(): m.lm_head.weight.mul_(25)
+        out.append(m.eval())
+    return out
+
+def enumerate_mu(s, t, prompt, eps, tau, N, V=10, eos=(2, 7)):
+    """P(sequence) under token-by-token sampling from mu (trb's own policy_logits and trust_region_blend), for every
+    response of at most N tokens that stops at the folded EOS: {tuple of tokens: probability}, in float64."""
+    probs, frontier = {}, {(): 1.0}
+    for _ in range(N):
+        pre = list(frontier)
+        ids = torch.tensor([prompt + list(p) for p in pre])
+        with torch.no_grad():
+            ls, lt = (trb.policy_logits(m(input_ids=ids).logits[:, -1, :V], list(eos), tau) for m in (s, t))
+        lmu = trb.trust_region_blend(ls, lt, eps)[0].double().exp()  # (n, V)
+        lmu = lmu / lmu.sum(-1, keepdim=True)
+        nxt = {}
+        for p, row in zip(pre, lmu.tolist()):
+            for x, q in enumerate(row):
+                if q == 0: continue
+                (probs if x == eos[0] else nxt)[p + (x,)] = frontier[p] * q
+        frontier = nxt
+    probs.update(frontier)
+    return probs
+
+def chi2_z(counts, probs, n):
+    """Pearson's chi^2 of counts against n * probs, bins under 5 expected pooled; z = (chi2 - df) / sqrt(2 df)."""
+    obs, exp, po, pe = [], [], 0, 0.0
+    for k, p in probs.items():
+        if n * p >= 5: obs.append(counts.get(k, 0)), exp.append(n * p)
+        else: po, pe = po + counts.get(k, 0), pe + n * p
+    obs.append(po + sum(c for k, c in counts.items() if k not in probs)), exp.append(max(pe, 1e-12))
+    chi2 = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    df = len(obs) - 1
+    return (chi2 - df) / math.sqrt(2 * df)
+
+SPEC = {  # scenario -> (eps of the two row groups, temperature, g)
+    "eps 0.05, g 2": ((0.05, 0.05), 1.0, 2),
+    "mu = pi_T (eps huge), g 3": ((1e9, 1e9), 1.0, 3),
+    "eps 0.2, tau 0.7, g 1": ((0.2, 0.2), 0.7, 1),
+    "per-row eps 0.02 / 0.5, tau 1.3, g 4": ((0.02, 0.5), 1.3, 4),
+    "per-row eps 0 / 0.1, g 3": ((0.0, 0.1), 1.0, 3),
+}
+PROMPTS = ([5, 3, 9, 4], [8])  # left-padded to different lengths
+
+def spec_draws(s, t, eps2, tau, g, n=5_000, N=3):
+    """n speculative rollouts per (prompt, eps) group: {group: {sequence: count}}, and the acceptance per group."""
+    groups = [(p, e) for p in range(2) for e in range(2)]
+    ids, attn = trb.left_pad([PROMPTS[p] for p, _ in groups for _ in range(n)], 0, "cpu")
+    eps = torch.tensor([eps2[e] for _, e in groups]).repeat_interleave(n)
+    r = trb.rollout(s, t, ids, attn, eps, V=10, eos_ids=[2, 7], pad_id=0, max_new_tokens=N, temperature=tau,
+                    gen=torch.Generator().manual_seed(1), spec_tokens=g)
+    seqs = r["tokens"].masked_fill(~r["mask"], -1).tolist()
+    counts, acc = {}, {}
+    for j, key in enumerate(groups):
+        for x in seqs[j * n:(j + 1) * n]:
+            seq = tuple(v for v in x if v >= 0)
+            counts.setdefault(key, {})[seq] = counts.setdefault(key, {}).get(seq, 0) + 1
+        m = r["mask"][j * n:(j + 1) * n]
+        acc[key] = r["accepted"][j * n:(j + 1) * n][m].float().mean().item()
+    return counts, acc
+
+@pytest.mark.parametrize("case", list(SPEC))
+def test_speculative_sampling_is_exact(case, monkeypatch):
+    """20,000 speculative draws (4 groups: 2 prompts x 2 eps) fit token-by-token mu (chi^2); the residual bug fails."""
+    s, t = spec_pair()
+    eps2, tau, g = SPEC[case]
+    probs = {(p, e): enumerate_mu(s, t, PROMPTS[p], eps2[e], tau, 3) for p in range(2) for e in range(2)}
+    counts, acc = spec_draws(s, t, eps2, tau, g)
+    z = max(chi2_z(counts[k], probs[k], 5_000) for k in probs)
+    print(f"{case}: chi2 z = {z:.2f}; acceptance {acc}")
+    assert z < 4, f"{case}: speculative draws do not fit mu (z = {z:.1f})"
+    for (p, e), a in acc.items():
+        assert a >= 1 - math.sqrt(eps2[e] / 2) - 0.01, f"acceptance {a:.3f} below 1 - sqrt(eps/2) at eps {eps2[e]}"
+    if max(eps2) == 0: return
+    monkeypatch.setattr(trb, "_residual", lambda lm, ls: lm.exp())  # the bug: redraw from mu, not max(0, mu - pi_S)
+    bad = max(chi2_z(c, probs[k], 5_000) for k, c in spec_draws(s, t, eps2, tau, g)[0].items())
+    print(f"{case}: with the residual bug, z = {bad:.1f}")
+    assert bad > 8, f"{case}: the chi^2 test does not see the residual bug (z = {bad:.1f})"
+
+@pytest.mark.parametrize("g", [1, 2, 5])
+def test_speculative_greedy_equals_lock_step(tiny, g):
+    """At temperature 0, speculation gives lock-step's greedy mu tokens: left padding, a second EOS, per-row eps."""
+    s, t, tok = load(tiny["student"]), load(tiny["teacher"]), tiny["tok"]
+    ids, attn = prompt_batch(tok, QS * 2)
+    kw = dict(V=len(tok), eos_ids=[tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")],
+              pad_id=tok.pad_token_id, max_new_tokens=30, temperature=0, eps=torch.tensor([0, 0.01, 0.1, 0.5, 2, 1e9]))
+    a, b = trb.rollout(s, t, ids, attn, **kw), trb.rollout(s, t, ids, attn, spec_tokens=g, **kw)
+    assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["mask"], b["mask"]), f"g={g}: greedy tokens differ"
+    for k in ("beta", "kl", "t_logp"):
+        assert torch.allclose(a[k], b[k], atol=1e-5), f"g={g}: {k} differs from lock-step's"
+    assert (b["accepted"][0][b["mask"][0]]).all(), "eps = 0: every draft is kept"
+
+def test_speculation_runs_the_teacher_once_per_block_and_g_leaves_tokens_alone(tiny, monkeypatch):
+    """One teacher forward of g tokens per block (counted); sampled tokens are the same for every g and compaction."""
+    s, t, tok = load(tiny["student"]), load(tiny["teacher"]), tiny["tok"]
+    ids, attn = prompt_batch(tok, QS * 3)
+    calls, fwd = [], t.forward
+    monkeypatch.setattr(t, "forward", lambda *a, **k: (calls.append(k["input_ids"].shape[1]), fwd(*a, **k))[1])
+    kw = dict(V=len(tok), eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, max_new_tokens=24, eps=0.05)
+    rolls = {}
+    for g in (1, 4):
+        calls.clear()
+        rolls[g] = r = trb.rollout(s, t, ids, attn, gen=torch.Generator().manual_seed(0), spec_tokens=g, compact=0, **kw)
+        blocks = int(r["t_fwd"].sum(1).max())
+        assert calls == [ids.shape[1] - 1] + [g] * blocks, f"g={g}: teacher inputs {calls}, {blocks} blocks"
+        assert r["t_fwd"].sum() < r["mask"].sum() or g == 1, "fewer teacher forwards than tokens"
+    c = trb.rollout(s, t, ids, attn, gen=torch.Generator().manual_seed(0), spec_tokens=4, compact=0.25, **kw)
+    for x in (rolls[4], c):
+        assert torch.equal(rolls[1]["tokens"], x["tokens"]), "tokens are a function of (row, position) and prefix"
+    assert (rolls[1]["accepted"] == rolls[4]["accepted"]).all(), "the same drafts are kept"
 
 # -----------------------------------------------------------------------------
 # training: the CLI end to end, exact resume, micro-batching and DDP invariance
@@ -624,10 +748,11 @@ def test_train_cli_end_to_end(tiny, tmp_path):
     assert any(not torch.equal(v, before[k]) for k, v in m.state_dict().items()), "training changed the student"
     assert not any(k.startswith("_orig_mod") or k.startswith("module.") for k in weights(out)), "clean checkpoint keys"
 
-def test_resume_is_exact(tiny, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--spec_tokens", "3")], ids=["lock-step", "speculative"])
+def test_resume_is_exact(tiny, tmp_path, extra):
     """4 steps equal 2 steps + --resume + 2 steps, bit for bit, also from a moved checkpoint."""
-    a = run_cli(tiny, tmp_path / "a", "--max_steps", "4")
-    b = run_cli(tiny, tmp_path / "b0", "--max_steps", "2")
+    a = run_cli(tiny, tmp_path / "a", "--max_steps", "4", *extra)
+    b = run_cli(tiny, tmp_path / "b0", "--max_steps", "2", *extra)
     b = tmp_path / "b"
     os.replace(tmp_path / "b0", b)  # a moved checkpoint resumes where it now is
     trb.main(["--out_dir", str(b), "--resume", "--max_steps", "4"])
@@ -637,6 +762,9 @@ def test_resume_is_exact(tiny, tmp_path):
     ra, rb = [json.loads(l) for l in open(a / "metrics.jsonl")], [json.loads(l) for l in open(b / "metrics.jsonl")]
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
     assert [(r["eps"], r["loss"]) for r in ra] == [(r["eps"], r["loss"]) for r in rb], "same batches, same eps schedule"
+    if extra:  # speculation while eps > 0 (steps 1-3): fewer teacher forwards than tokens; none after
+        assert all(0 < r["accept"] <= 1 and 0 < r["t_fwd"] < 1 for r in ra[:3]), ra
+        assert "accept" not in ra[3] and ra[3]["t_fwd"] == 0, ra[3]
 
 def test_micro_batching_does_not_change_the_update(tiny, tmp_path):
     """Micro-batch size 1 gives the update of micro-batch size 4."""
@@ -668,12 +796,13 @@ def multi_gpu_flags(tiny):
             "--n_samples", "2", "--micro_batch_size", "2", "--max_new_tokens", "10", "--eps0", "0.1",
             "--warmup_steps", "3", "--lr", "1e-3", "--lr_warmup_steps", "0", "--temperature", "0", "--loss_topk", "4"]
 
-@pytest.mark.parametrize("shard", ["ddp", "fsdp", "ddp-lora"])
+@pytest.mark.parametrize("shard", ["ddp", "fsdp", "ddp-lora", "ddp-speculative"])
 def test_two_processes_equal_one(tiny, tmp_path, shard):
     """A 2-rank update (DDP, FSDP2 with --fsdp, or DDP of LoRA adapters) equals the 1-process update of the same
     global batch."""
     common = multi_gpu_flags(tiny) + ["--max_steps", "1", "--eval_data", tiny["data"], "--eval_prompts", "4"]
     if shard == "ddp-lora": common += ["--lora_r", "4", "--lr", "1e-2"]
+    if shard == "ddp-speculative": common += ["--spec_tokens", "3"]  # greedy, as the ranks sample apart
     trb.main(common + ["--out_dir", str(tmp_path / "one")])
     torchrun(2, *common, "--out_dir", tmp_path / "two", *(["--fsdp"] if shard == "fsdp" else []))
     w = weights if shard != "ddp-lora" else adapters
@@ -784,6 +913,8 @@ BAD_FLAGS = [  # (flags, words of the one-line error); every one refused before 
     (["--eps0", "0", "--temp_warmup", "1e-9"], "--temp_warmup must be 0 or >= 0.001"),
     (["--n_samples", str(10**12)], "rows a step; at most 2^20"), (["--batch_size", str(10**12)], "at most 2^20"),
     (["--save_every", str(10**400), "--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--spec_tokens", "-1"], "--spec_tokens must be >= 0"),
+    (["--eps0", "0", "--skd_topk", "5", "--skd_steps", "2", "--spec_tokens", "4"], "SKD keeps the lock-step"),
 ]
 
 @pytest.mark.parametrize("flags,words", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])

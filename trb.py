@@ -122,6 +122,8 @@ class Config:
     temperature: float = 1.0               # sampling temperature; 0 = greedy
     max_new_tokens: int = 1024             # response length limit
     rollout_batch_size: int = 0            # rows decoded together; 0 = all of this rank's rows of the step
+    spec_tokens: int = 0                   # while the teacher blends: the student drafts this many tokens and the
+                                           # teacher checks them in one forward, exact in distribution (0 = off)
     # optimisation
     max_steps: int = 200                   # training steps (on --resume, where the run ends)
     batch_size: int = 8                    # prompts per step, across all ranks
@@ -353,7 +355,7 @@ def sample(logits, gen=None, u=None):
 
 @torch.inference_mode()
 def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tokens, temperature=1.0, gen=None,
-            skd_topk=0, compact=0.25, bar=None):
+            skd_topk=0, compact=0.25, bar=None, spec_tokens=0):
     """
     Samples B responses token by token from mu (eq. 1-2), decoding with both models' KV caches in one batch.
     ids, attn: (B, P) left-padded prompts. eps: float or (B,) per-row budgets; where every row has eps <= 0 the
@@ -361,18 +363,21 @@ def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tok
     Finished rows leave the batch: once a fraction `compact` of it has emitted EOS (0 = never), both caches and the
     per-row state keep only the live rows, so the work follows the sum of the lengths, not B * the longest. Each
     step draws one uniform per original row, so the tokens are the same with and without compaction.
-    Returns tokens, mask (response incl. EOS), beta, kl (realised KL(mu||pi_S)), replaced (SKD) and t_logp
-    (teacher log-prob of each token, None when the teacher did not run), all (B, T).
+    spec_tokens=g > 0: the same distribution by speculative sampling while the teacher blends (spec_rollout).
+    Returns tokens, mask (response incl. EOS), beta, kl (realised KL(mu||pi_S)), replaced (SKD), t_logp
+    (teacher log-prob of each token, None when the teacher did not run), accepted (a kept draft) and t_fwd (a
+    teacher forward began at this token), all (B, T).
     Host syncs: one per decoding step (the done count and the NaN flags, read together), one per solver iteration
     of the blend, a nonzero() at each compaction, and one per rollout (whether any row has eps > 0).
     """
     B, N, dev = ids.shape[0], max_new_tokens, ids.device
     eps = torch.as_tensor(eps, dtype=torch.float32, device=dev).expand(B)  # (B,)
     use_t = teacher is not None and (skd_topk > 0 or bool((eps > 0).any()))
+    if use_t and spec_tokens and not skd_topk:
+        return spec_rollout(student, teacher, ids, attn, eps, V=V, eos_ids=eos_ids, pad_id=pad_id, gen=gen,
+                            max_new_tokens=N, temperature=temperature, compact=compact, g=min(spec_tokens, N))
     tau = temperature if temperature > 0 else 1.0
-    z = lambda dtype=torch.float32: torch.zeros(B, N, dtype=dtype, device=dev)  # noqa: E731  (B, N) outputs
-    out = dict(tokens=z(torch.long).fill_(pad_id), mask=z(torch.bool), beta=z(), kl=z(), replaced=z(torch.bool),
-               t_logp=z())
+    out = _outputs(B, N, pad_id, dev)
     rows = torch.arange(B, device=dev)                       # (b,) original row of each row of the decoding batch
     pos = (attn.cumsum(-1) - 1).clamp(min=0)                 # (B, P) position ids under left padding
     s_cache, t_cache = _new_cache(student), _new_cache(teacher) if use_t else None
@@ -392,6 +397,7 @@ def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tok
         out["beta"][rows, t], out["kl"][rows, t] = torch.where(live, beta, 0.0), torch.where(live, kl, 0.0)
         out["replaced"][rows, t] = rep & live
         if use_t: out["t_logp"][rows, t] = torch.where(live, token_logp(tl, tok), 0.0)  # pad may be a folded EOS
+        out["t_fwd"][rows, t] = live & use_t
         done = done | (tok == eos_ids[0])
         nan = [x.isnan().any() for x in (s_logits, t_logits) if x is not None]
         n_done, *nan = torch.stack([done.sum(), *nan]).tolist()  # the step's one host sync
@@ -411,6 +417,86 @@ def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tok
     out = {k: v[:, :t + 1] for k, v in out.items()}
     if not use_t: out["t_logp"] = None
     return out
+
+def _outputs(B, N, pad_id, dev):
+    """A rollout's per-token outputs, (B, N) each, as finished rows leave them."""
+    z = lambda dtype=torch.float32: torch.zeros(B, N, dtype=dtype, device=dev)  # noqa: E731
+    return dict(tokens=z(torch.long).fill_(pad_id), mask=z(torch.bool), beta=z(), kl=z(), replaced=z(torch.bool),
+                t_logp=z(), accepted=z(torch.bool), t_fwd=z(torch.bool))
+
+@torch.inference_mode()
+def spec_rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tokens, g, temperature=1.0,
+                 gen=None, compact=0.25):
+    """
+    rollout()'s distribution, by speculative sampling with pi_S as the draft and mu as the target (design choice
+    13). Per block, the student drafts g tokens x_j ~ pi_S; the teacher scores the g positions in one forward;
+    x_j is kept with probability min(1, mu(x_j)/pi_S(x_j)); at the first rejection a token is drawn from the
+    residual norm(max(0, mu - pi_S)) and the block ends: each token is then exactly distributed as mu. A draft is
+    kept with probability 1 - TV(mu, pi_S) >= 1 - sqrt(eps/2) (Pinsker). Greedy: a draft is kept iff it is mu's
+    argmax, else mu's argmax is emitted. Rejected drafts stay in both caches as masked columns; each row's
+    positions continue from its own length. Uniforms (draft, keep, residual) are drawn once, (B, N + g, 3): the
+    token at position n is a function of its prefix and u[row, n], so compaction and g leave the tokens alone.
+    """
+    B, N, dev = ids.shape[0], max_new_tokens, ids.device
+    tau, greedy, jj = temperature if temperature > 0 else 1.0, temperature <= 0, torch.arange(g, device=dev)
+    U = 1 - torch.rand(N + g, B, 3, dtype=torch.float64, device=dev, generator=gen).transpose(0, 1)  # (B, N+g, 3)
+    out = _outputs(B, N + g, pad_id, dev)
+    rows, n = torch.arange(B, device=dev), torch.zeros(B, dtype=torch.long, device=dev)  # (b,) row, its length
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)                 # (B, P)
+    s_cache, t_cache = _new_cache(student), _new_cache(teacher)
+    for m, c in ((student, s_cache), (teacher, t_cache)):    # the prompts but their last token, which starts a block
+        if ids.shape[1] > 1: _decode(m, ids[:, :-1], attn[:, :-1], pos[:, :-1], c, V)
+    y, attn, next_pos, done = ids[:, -1], attn[:, :-1], pos[:, -1:], torch.zeros(B, dtype=torch.bool, device=dev)
+    while True:
+        b, u = len(rows), U[rows[:, None], n[:, None] + jj]  # (b, g, 3) the uniforms of the block's positions
+        attn = torch.cat([attn, attn.new_ones(b, g)], 1)     # (b, L) columns of y, x_1 .. x_{g-1}
+        x, s, L = [y], [], attn.shape[1]
+        for j in range(g):                                   # the student drafts x_1 .. x_g from pi_S
+            s.append(policy_logits(_decode(student, x[-1][:, None], attn[:, :L - g + j + 1], next_pos + j, s_cache,
+                                           V), eos_ids, tau))  # (b, V)
+            x.append(s[-1].argmax(-1) if greedy else sample(s[-1], u=u[:, j, :1]))
+        x, s = torch.stack(x[1:], 1), torch.stack(s, 1)      # (b, g), (b, g, V)
+        tl = _decode(teacher, torch.cat([y[:, None], x[:, :-1]], 1), attn, next_pos + jj, t_cache, V, k=g)
+        with torch.autocast(dev.type, enabled=False):
+            tl = policy_logits(tl.reshape(b, g, -1), eos_ids, tau)  # (b, g, V) the teacher, one forward a block
+            logp_mu, beta, kl, _ = _blend(s, tl, eps[:, None].expand(-1, g))  # eq. 1-2 at the g positions
+            ls = s.log_softmax(-1)                           # (b, g, V) log pi_S
+            lx = lambda t: t.gather(-1, x[..., None]).squeeze(-1)  # noqa: E731  (b, g) at the drafts
+            kept = (x == logp_mu.argmax(-1)) if greedy else (u[..., 1].log() + lx(ls) <= lx(logp_mu))  # u <= mu/pi_S
+            a = kept.cumprod(1).sum(1)                       # (b,) drafts kept before the first rejection
+            i, r = a.clamp(max=g - 1), torch.arange(b, device=dev)  # (b,) where the residual draws
+            lm, res = logp_mu[r, i], _residual(logp_mu[r, i], ls[r, i])  # (b, V), (b, V)
+            z = lm.argmax(-1) if greedy else sample(res.log(), u=u[r, i, 2:])  # (b,)
+        emit = torch.where(jj < a[:, None], x, z[:, None])   # (b, g) the kept drafts, then the residual's token
+        ok = (jj <= a[:, None]) & (n[:, None] + jj < N) & ~done[:, None]  # (b, g) emitted by this block
+        eos = (emit == eos_ids[0]) & ok
+        ok &= eos.cumsum(1) - eos.long() == 0                # nothing after a row's EOS
+        e = ok.sum(1)                                        # (b,) tokens emitted
+        at = rows[:, None], n[:, None] + jj
+        for k, v, d in (("tokens", emit, pad_id), ("mask", ok, False), ("beta", beta, 0.0), ("kl", kl, 0.0),
+                        ("t_logp", token_logp(tl, emit), 0.0), ("accepted", jj < a[:, None], False),
+                        ("t_fwd", jj == 0, False)):
+            out[k][at] = torch.where(ok, v, d)
+        attn[:, -g:] = jj <= a[:, None]                      # rejected drafts: masked columns in both caches
+        y, n, next_pos = emit[r, (e - 1).clamp(min=0)], n + e, next_pos + e[:, None]
+        done = done | eos.any(1) | (n >= N)
+        n_done, *nan = torch.stack([done.sum(), s.isnan().any(), tl.isnan().any()]).tolist()  # one host sync
+        for who, bad in zip(("student", "teacher"), nan):
+            if bad: raise UserError(f"NaN in the {who} logits at decode position {int(n.max())}")
+        if n_done == b: break
+        if compact and n_done >= compact * b:
+            keep = (~done).nonzero().squeeze(1)              # (b',)
+            for c in (s_cache, t_cache): c.batch_select_indices(keep)
+            rows, attn, next_pos, eps, done, y, n = (t[keep] for t in (rows, attn, next_pos, eps, done, y, n))
+    T = int(out["mask"].sum(1).max())
+    return {k: v[:, :T] for k, v in out.items()}
+
+def _residual(logp_mu, logp_s):
+    """A rejected draft's replacement is drawn from norm(max(0, mu - pi_S)); mu where rounding left it no mass.
+    (b, V) log-probabilities -> unnormalised probabilities."""
+    mu = logp_mu.exp()
+    r = (mu - logp_s.exp()).clamp(min=0)
+    return torch.where(r.sum(-1, keepdim=True) > 0, r, mu)
 
 def _next_token(s, tl, eps, u, skd_topk=0):
     """
@@ -436,16 +522,16 @@ def _new_cache(model):
     except TypeError:  # older transformers 5.x
         return DynamicCache()
 
-def _decode(model, x, attn, pos, cache, V):
+def _decode(model, x, attn, pos, cache, V, k=1):
     """
-    One KV-cached forward; logits of the last position (b, V). The cache object is ours and is updated in place,
-    passed under the keyword this transformers reads ('cache' in 5.24, 'past_key_values' before), so the loop runs
-    on both; the parity tests fail if it were ignored. A PEFT model passes it on to its base model.
+    One KV-cached forward; logits of the last position (b, V), or of the last k (b, k, V). The cache object is ours
+    and is updated in place, passed under the keyword this transformers reads ('cache' in 5.24, 'past_key_values'
+    before), so the loop runs on both; the parity tests fail if it were ignored. A PEFT model passes it on.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    out = model(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+    out = model(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=k,
                 **{_cache_keyword(type(base)): cache})
-    return out.logits[:, -1, :V]                             # (b, V)
+    return out.logits[:, -k:, :V].squeeze(1)                 # (b, V) or (b, k, V)
 
 @functools.lru_cache(maxsize=None)
 def _cache_keyword(cls):
@@ -666,7 +752,8 @@ def train(cfg, given=None, *, student=None, teacher=None, tokenizer=None):
             if world > 1: torch.distributed.destroy_process_group()
     return R.student
 
-STATS = ("loss", "beta", "kl_mu_s", "teacher_logp", "frac_teacher", "tokens", "skd_replaced")  # a step's sums
+STATS = ("loss", "beta", "kl_mu_s", "teacher_logp", "frac_teacher", "tokens", "skd_replaced", "accepted",
+         "t_fwd")  # a step's sums
 
 def batch_indices(step, n, cfg, rank, world):
     """Prompt indices of this rank at `step`: a fresh seeded permutation per epoch, a function of step alone."""
@@ -688,7 +775,7 @@ def rollout_rows(R, rows, eps, k, gen, bar=None):
             with R.amp:
                 parts.append(rollout(policy, teacher, ids, attn, eps, V=R.V, eos_ids=R.eos_ids, pad_id=R.pad_id,
                                      max_new_tokens=R.cfg.max_new_tokens, temperature=k.tau, gen=gen,
-                                     skd_topk=k.skd_topk, bar=bar))
+                                     skd_topk=k.skd_topk, bar=bar, spec_tokens=R.cfg.spec_tokens))
     return cat_rows(parts, R.pad_id)
 
 def cat_rows(parts, pad_id):
@@ -741,7 +828,8 @@ def loss_step(R, rows, roll, k, n_tok):
             (loss * R.world / n_tok).backward()
         for name, x in (("loss", loss.detach()), ("beta", r["beta"].sum()), ("kl_mu_s", r["kl"].sum()),
                         ("teacher_logp", t_lp.sum()), ("frac_teacher", ((r["beta"] == 1) & m).sum()),
-                        ("tokens", m.sum()), ("skd_replaced", r["replaced"].sum())):
+                        ("tokens", m.sum()), ("skd_replaced", r["replaced"].sum()), ("accepted", r["accepted"].sum()),
+                        ("t_fwd", r["t_fwd"].sum())):
             sums[name] += x.float()
     return sums
 
@@ -776,12 +864,13 @@ def record(R, step, eps, k, S, n_rows, t_roll, dt):
                kl_mu_s=S["kl_mu_s"] / n, teacher_logp=S["teacher_logp"] / n, resp_len=S["tokens"] / (n_rows * R.world),
                tok_per_s=S["tokens"] / t_roll, dt=dt, lr=lr_at(step - 1, cfg), temperature=k.tau)
     if cfg.skd_topk: rec["skd_rate"] = S["skd_replaced"] / n
+    if cfg.spec_tokens: rec.update(t_fwd=S["t_fwd"] / n, **dict(accept=S["accepted"] / n) if eps > 0 else {})
     if cfg.veto_beta: rec["veto_b"] = k.veto
     if cfg.sft_warmup_steps: rec["sft"] = k.sft
     return rec
 
 LOG_FMT = dict(loss=".4f", eps=".4g", beta=".3f", frac_teacher=".3f", kl_mu_s=".4g", teacher_logp=".3f",
-               resp_len=".1f", tok_per_s=".1f", dt=".2f", eval_kl=".4f", skd_rate=".4f")
+               resp_len=".1f", tok_per_s=".1f", dt=".2f", eval_kl=".4f", skd_rate=".4f", accept=".3f", t_fwd=".3f")
 
 def log_line(rec):
     return f"step {rec['step']:5d} | " + " | ".join(f"{k} {rec[k]:{f}}" for k, f in LOG_FMT.items() if k in rec)
@@ -919,7 +1008,8 @@ def check_config(c):
         if getattr(c, name) < 1: raise UserError(f"--{name} must be >= 1, got {getattr(c, name)}")
     for name in ("eps0", "warmup_steps", "temperature", "lr", "lr_warmup_steps", "loss_topk", "eval_every",
                  "save_every", "eval_prompts", "skd_topk", "skd_steps", "veto_beta", "temp_warmup", "sft_warmup_steps",
-                 "loss_chunk", "weight_decay", "grad_clip", "rollout_batch_size", "lora_r", "lora_alpha"):
+                 "loss_chunk", "weight_decay", "grad_clip", "rollout_batch_size", "lora_r", "lora_alpha",
+                 "spec_tokens"):
         x = getattr(c, name)
         if not x >= 0: raise UserError(f"--{name} must be >= 0, got {x}")  # `not >=` also catches NaN
         if isinstance(x, float) and not math.isfinite(x): raise UserError(f"--{name} must be finite, got {x}")
@@ -939,6 +1029,7 @@ def check_config(c):
     if (c.skd_topk > 0) != (c.skd_steps > 0): raise UserError("--skd_topk and --skd_steps go together")
     on = [n for n in ("skd_topk", "veto_beta", "temp_warmup", "sft_warmup_steps") if getattr(c, n) > 0]
     if len(on) > 1: raise UserError(f"--{on[0]} and --{on[1]} are different warmups: use one at a time")
+    if c.spec_tokens and c.skd_topk: raise UserError("--spec_tokens speeds up TRB's blend; SKD keeps the lock-step")
     if on and c.eps0 > 0: raise UserError(f"--{on[0]} is a warmup of its own, not a TRB option: use it with --eps0 0")
     if c.schedule == "constant" and c.eps0 == 0: raise UserError("--schedule constant needs --eps0 > 0")
     if not c.out_dir: raise UserError("--out_dir must not be empty")
