@@ -1343,6 +1343,14 @@ def test_largest_seed_works_and_wandb_is_checked_early(tiny, tmp_path, monkeypat
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else orig(n, *a))
     assert "--wandb_project needs wandb" in cli_error(tiny, tmp_path, "--wandb_project", "p", early=True)
 
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_a_cuda_device_that_is_not_there(tiny, tmp_path, monkeypatch, gpus):
+    """--device cuda:1 where there is no GPU, or only cuda:0: one line before any model loads, not a CUDA error."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    msg = cli_error(tiny, tmp_path, "--device", "cuda:1", early=True)
+    assert f"--device cuda:1: no such CUDA device here ({gpus} found)" in msg, msg
+
 def test_skipped_held_out_prompts_are_counted(tiny, tmp_path, capsys):
     """Held-out prompts over --max_prompt_len are counted on the trb | line, not dropped silently."""
     ev_data = write_jsonl(tmp_path / "ev.jsonl", [{"question": "How many?"}] * 2 + [{"question": "apples " * 400}])

@@ -985,7 +985,8 @@ def init_runtime(cfg):
     if cfg.fsdp and not ddp:
         raise UserError("--fsdp runs under torchrun: torchrun --nproc_per_node N trb.py --fsdp ... (N = 1 works)")
     dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.startswith("cuda") and not torch.cuda.is_available(): raise UserError(f"--device {dev}: no CUDA device here")
+    if dev.startswith("cuda") and int(dev[5:] or 0) >= torch.cuda.device_count():  # none, or not that one
+        raise UserError(f"--device {dev}: no such CUDA device here ({torch.cuda.device_count()} found)")
     rank, world = 0, 1
     if ddp:
         torch.distributed.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
