@@ -896,6 +896,31 @@ def test_eos_beyond_the_shared_vocab_is_dropped_and_said(tiny, tmp_path, capsys)
     assert f"EOS id {V} (<|end|>) is beyond the shared {V}-token vocabulary: dropped" in said, said
     assert GenerationConfig.from_pretrained(str(out)).eos_token_id == [tiny["tok"].eos_token_id], "only ids below V"
 
+@pytest.mark.parametrize("what", ["an added pad", "a chat token"])
+def test_student_tokens_the_teacher_lacks(tiny, tmp_path, what):
+    """A student tokenizer with a token beyond the shared V: an added pad (past the teacher's embedding rows) is
+    replaced by the EOS where the teacher reads it, and the run trains; a chat token in the prompts, which the teacher
+    cannot read, is one line before any model loads."""
+    from transformers import AutoTokenizer
+    st = tmp_path / "student"
+    shutil.copytree(tiny["student"], st)
+    tok = AutoTokenizer.from_pretrained(st)
+    V = len(tok)
+    if what == "a chat token":
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+        tok.chat_template = CHAT.replace("<s>", "<|im_start|>")
+        tok.save_pretrained(st)
+        msg = cli_error(tiny, tmp_path, "--student", str(st), early=True)
+        assert f"token id {V} (<|im_start|>), beyond the shared {V}-token vocabulary" in msg, msg
+        return
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+    tok.save_pretrained(st)
+    make_model(str(tmp_path / "teacher"), tiny["tok"], seed=3, layers=1)  # exactly V embedding rows
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "apples " * (i + 1)} for i in range(4)])  # padded
+    out = run_cli(tiny, tmp_path / "run", "--student", str(st), "--teacher", str(tmp_path / "teacher"), "--data",
+                  data, "--batch_size", "4", "--n_samples", "1", "--max_steps", "1")
+    assert tok.pad_token_id == V and trb.read_metrics(str(out / "metrics.jsonl"))[0]["step"] == 1
+
 def test_hub_names_fail_fast_offline(tmp_path):
     """With the hub out of reach, the default run stops at once with one line naming the ways out."""
     env = {k: v for k, v in os.environ.items() if "PROXY" not in k.upper() and k != "HF_HUB_OFFLINE"}
@@ -1762,7 +1787,7 @@ def test_processor_bad_input_is_one_line(tiny):
              (lambda: trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=V, temperature=0), "temperature must be"),
              (lambda: gen(trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=V), min_new_tokens=2), "masked (-inf)"),
              (lambda: gen(trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=V), num_beams=2),
-              "or num_beams (beam search is not supported: num_beams=1)"),
+              "num_return_sequences (repeat_interleave); num_beams > 1 is not supported"),
              (lambda: trb.TRBLogitsProcessor(torch.nn.Linear(2, 2), 0.1, attn, eos_ids=eos), "must be a causal LM"),
              (lambda: trb.TRBLogitsProcessor(t, "0.1", attn, eos_ids=eos, V=V), "eps must be a float or a tensor"),
              (lambda: trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=None, V=V), "must be token ids below V = 360"),

@@ -508,12 +508,9 @@ class TRBLogitsProcessor:
         reuse, no beam reordering), and no score arrives masked (-inf). One host sync."""
         prev, self.prev, P = self.prev, input_ids, self.attn.shape
         if prev is None and tuple(input_ids.shape) != tuple(P):
-            k = input_ids.shape[0] // P[0] if input_ids.shape[0] % P[0] == 0 else 0  # generate() repeated the rows
             raise UserError(f"TRBLogitsProcessor: built for prompts {tuple(P)}, called on {tuple(input_ids.shape)}: "
-                            + (f"generate() repeats each row {k} times for num_return_sequences (build the processor "
-                               f"from attention_mask.repeat_interleave({k}, 0)) or num_beams (beam search is not "
-                               f"supported: num_beams=1)" if k > 1 and input_ids.shape[1] == P[1] else
-                               "build one per generate() call from its attention_mask"))
+                            f"build one per generate() call from its attention_mask, repeated as generate() repeats "
+                            f"the rows for num_return_sequences (repeat_interleave); num_beams > 1 is not supported")
         if prev is not None and input_ids.shape != (prev.shape[0], prev.shape[1] + 1):
             raise UserError("TRBLogitsProcessor: this processor was used by an earlier generate() call; build a new "
                             "one for each call")
@@ -1034,6 +1031,9 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     evals, e_skipped = encode_prompts(tok, load_prompts(cfg.eval_data, cfg.prompt_field, "--eval_data"), cfg,
                                       "--eval_data") if cfg.eval_data else ([], 0)
     n = max(map(len, prompts + evals)) + cfg.max_new_tokens  # positions the longest rollout needs
+    if (top := max(map(max, prompts + evals))) >= V:         # the teacher reads the same ids
+        raise UserError(f"the prompts hold token id {top} ({tok.convert_ids_to_tokens(top)}), beyond the shared "
+                        f"{V}-token vocabulary: the teacher's tokenizer lacks it (a chat token of the student's alone?)")
     student, teacher = load_pair(cfg, state, models, device, amp_dtype, n)
     if done: raise Done(done, student)
     check_logits(V, student=student, teacher=teacher)
@@ -1051,11 +1051,12 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     step = state["step"] if state is not None else 0
     run = state.get("run") if state is not None else os.urandom(6).hex()  # tells this run's checkpoints apart
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()  # CPU too
+    pad = tok.pad_token_id if tok.pad_token_id is not None and tok.pad_token_id < V else eos_ids[0]  # teacher's too
     R = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=master, device=device, amp=amp, tok=tok, V=V,
-                        eos_ids=eos_ids, pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0],
-                        prompts=prompts, eval_prompts=evals[:cfg.eval_prompts], student=student, teacher=teacher,
-                        model=model, opt=opt, step=step, saved=state["step"] if state is not None else None, bar=None,
-                        wandb=None, replaces=replaces, pending=[] if replaces else None, run=run)
+                        eos_ids=eos_ids, pad_id=pad, prompts=prompts, eval_prompts=evals[:cfg.eval_prompts],
+                        student=student, teacher=teacher, model=model, opt=opt, step=step, bar=None, wandb=None,
+                        saved=state["step"] if state is not None else None, replaces=replaces,
+                        pending=[] if replaces else None, run=run)
     if master:
         ev = f" eval_prompts={len(R.eval_prompts)} eval_skipped_long={e_skipped}" if cfg.eval_data else ""
         print(f"trb | V={V} eos={eos_ids} prompts={len(prompts)} skipped_long={skipped}{ev} world={world} "
@@ -1170,12 +1171,10 @@ def keep_freed_memory():
     made a CPU TRB step up to 1.5x slower depending on the allocation pattern (bench.py): keep them in the heap
     (mallopt: M_MMAP_THRESHOLD 64 MiB, M_TRIM_THRESHOLD 256 MiB). A no-op where libc is not glibc.
     """
-    try:
+    with suppress(OSError, AttributeError):                  # no glibc
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 64 << 20)                           # M_MMAP_THRESHOLD
         libc.mallopt(-1, 256 << 20)                          # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 def all_reduce(x, world):
     if world > 1: torch.distributed.all_reduce(x)
