@@ -797,6 +797,7 @@ BAD_FLAGS = [  # (flags, words of the one-line error); every one refused before 
     (["--n_samples", str(10**12)], "rows a step; at most 2^20"), (["--batch_size", str(10**12)], "at most 2^20"),
     (["--save_every", str(10**400), "--batch_size", "0"], "--batch_size must be >= 1"),
     (["--system_prompt", "a\udcffb"], "--system_prompt is not valid Unicode"),  # argv's undecodable bytes
+    (["--out_dir", "out-\udcff"], "--out_dir is not valid Unicode"),
 ]
 
 @pytest.mark.parametrize("flags,words", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])

@@ -897,6 +897,7 @@ def check_start(cfg, student, teacher, tokenizer):
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume continues the run in out_dir, --overwrite replaces it: pass one of them")
     if not 0 <= cfg.seed < 2**32: raise UserError(f"--seed must be in [0, 2^32), got {cfg.seed}")  # init_runtime's
+    check_text(cfg.out_dir, "--out_dir")                     # a path of bytes that are not UTF-8: safetensors fails
     if not cfg.resume: check_config(cfg)
     local = {k: os.path.abspath(v) for k, is_it in (("student", os.path.isdir), ("teacher", os.path.isdir),
              ("data", os.path.isfile), ("eval_data", os.path.isfile)) if (v := getattr(cfg, k)) and is_it(v)}
