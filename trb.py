@@ -1266,10 +1266,8 @@ def load_model(path, dtype, device, trust_remote_code=False, what="model"):
 
 def _adapter_base(path):
     """The base model a LoRA checkpoint names (adapter_config.json), or None."""
-    try:
-        with open(os.path.join(path, "adapter_config.json")) as f: return json.load(f).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None
+    with suppress(OSError, ValueError, AttributeError), open(os.path.join(path, "adapter_config.json")) as f:
+        return json.load(f).get("base_model_name_or_path")  # else None: no file, or not a JSON object
 
 def check_positions(n, cfg, **models):
     """The longest prompt plus --max_new_tokens (n) must fit each model's positions; read from the config alone."""
