@@ -783,6 +783,18 @@ def test_gradient_checkpointing_gives_the_same_update(tiny, tmp_path):
     assert json.loads(open(b / "metrics.jsonl").read())["resp_len"] > 1, \
         "decoding still ran (with the KV cache, in eval mode)"
 
+def test_dtype_bfloat16_applies_on_a_cpu(tiny, tmp_path, monkeypatch):
+    """--dtype bfloat16 on a CPU is autocast for the student too, as on CUDA, not the teacher's dtype alone."""
+    seen, orig = [], trb.response_logits
+    def spy(model, *a):
+        out = orig(model, *a)
+        seen.append((model.dtype, out.dtype))
+        return out
+    monkeypatch.setattr(trb, "response_logits", spy)
+    out = run_cli(tiny, tmp_path / "run", "--max_steps", "1", "--dtype", "bfloat16", "--device", "cpu")
+    assert (torch.float32, torch.bfloat16) in seen, f"the float32 student ran without bf16 autocast: {seen}"
+    assert all(d == torch.bfloat16 for _, d in seen) and weights(out)["lm_head.weight"].dtype == torch.float32, seen
+
 def torchrun(n, *args):
     """trb.py under torchrun with n CPU processes (gloo)."""
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
@@ -915,6 +927,8 @@ BAD_FLAGS = [  # (flags, words of the one-line error); every one refused before 
     (["--save_every", str(10**400), "--batch_size", "0"], "--batch_size must be >= 1"),
     (["--spec_tokens", "-1"], "--spec_tokens must be >= 0"),
     (["--eps0", "0", "--skd_topk", "5", "--skd_steps", "2", "--spec_tokens", "4"], "SKD keeps the lock-step"),
+    (["--system_prompt", "a\udcffb"], "--system_prompt is not valid Unicode"),  # argv's undecodable bytes
+    (["--out_dir", "out-\udcff"], "--out_dir is not valid Unicode"),
 ]
 
 @pytest.mark.parametrize("flags,words", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
@@ -957,6 +971,87 @@ def test_prompt_field_and_length_refusals(tiny, tmp_path):
     assert "has no prompt field body" in cli_error(tiny, tmp_path, "--data", tiny["data"], "--prompt_field", "body",
                                                    early=True)
     assert "--data: all 12 prompts are longer" in cli_error(tiny, tmp_path, "--max_prompt_len", "5", early=True)
+
+DATA_PATHS = {  # name -> (the --data path made in a directory d, words of the one-line error)
+    "a directory": (lambda d: str(d), "not a file: expected a .jsonl, .json or .parquet file"),
+    "a device": (lambda d: os.devnull, "not a file: expected"),
+    "a corrupt parquet": (lambda d: write_bytes(d / "bad.parquet", b"PAR1 not a parquet PAR1"), "cannot read"),
+}
+
+def write_bytes(path, b):
+    path.write_bytes(b)
+    return str(path)
+
+@pytest.mark.parametrize("case", list(DATA_PATHS))
+def test_data_paths_that_are_not_files_and_corrupt_parquet(tiny, tmp_path, capfd, case):
+    """--data that is a directory or a device is called what it is, not 'no such file'; a corrupt parquet is our one
+    line alone, with no log line of datasets before it; all before any model loads."""
+    make, words = DATA_PATHS[case]
+    capfd.readouterr()
+    msg = cli_error(tiny, tmp_path, "--data", make(tmp_path), early=True)
+    err = capfd.readouterr().err
+    assert words in msg and "no such file" not in msg, msg
+    assert "Failed to read" not in err and err.strip() == "", f"more than trb's line on stderr: {err!r}"
+
+def test_a_chat_template_without_a_system_role(tiny, tmp_path):
+    """A chat template that refuses the system role: one line, before any model loads, naming --system_prompt '',
+    which leaves the system message out."""
+    from transformers import AutoTokenizer
+    st = tmp_path / "student"
+    shutil.copytree(tiny["student"], st)
+    tok = AutoTokenizer.from_pretrained(st)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                         "supported') }}{% endif %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}")
+    tok.save_pretrained(st)
+    msg = cli_error(tiny, tmp_path, "--student", str(st), early=True)
+    assert "chat template fails: System role not supported; --system_prompt '' leaves" in msg, msg
+    text = tok.decode(trb.format_prompt(tok, "How many?", ""))
+    assert text == "<s>user\nHow many?</s>\n", f"--system_prompt '': no system message, got {text!r}"
+
+def test_eos_beyond_the_shared_vocab_is_dropped_and_said(tiny, tmp_path, capsys):
+    """A teacher whose tokenizer adds its own EOS token beyond the shared V (a chat token the student lacks): it can
+    never be sampled, so it leaves the EOS set with one line saying so, and the run trains and saves the rest."""
+    from transformers import AutoTokenizer, GenerationConfig
+    te = tmp_path / "teacher"
+    shutil.copytree(tiny["teacher"], te)
+    tok = AutoTokenizer.from_pretrained(te)
+    tok.add_special_tokens({"additional_special_tokens": ["<|end|>"]})
+    tok.eos_token = "<|end|>"
+    tok.save_pretrained(te)
+    gc = GenerationConfig.from_pretrained(te)
+    gc.eos_token_id = [tiny["tok"].eos_token_id, tok.eos_token_id]
+    gc.save_pretrained(te)
+    V = len(tiny["tok"])
+    assert tok.eos_token_id == V, "the teacher's EOS must lie beyond the shared vocabulary for this test"
+    out = run_cli(tiny, tmp_path / "run", "--teacher", str(te), "--max_steps", "1")
+    said = capsys.readouterr().out
+    assert f"EOS id {V} (<|end|>) is beyond the shared {V}-token vocabulary: dropped" in said, said
+    assert GenerationConfig.from_pretrained(str(out)).eos_token_id == [tiny["tok"].eos_token_id], "only ids below V"
+
+@pytest.mark.parametrize("what", ["an added pad", "a chat token"])
+def test_student_tokens_the_teacher_lacks(tiny, tmp_path, what):
+    """A student tokenizer with a token beyond the shared V: an added pad (past the teacher's embedding rows) is
+    replaced by the EOS where the teacher reads it, and the run trains; a chat token in the prompts, which the teacher
+    cannot read, is one line before any model loads."""
+    from transformers import AutoTokenizer
+    st = tmp_path / "student"
+    shutil.copytree(tiny["student"], st)
+    tok = AutoTokenizer.from_pretrained(st)
+    V = len(tok)
+    if what == "a chat token":
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+        tok.chat_template = CHAT.replace("<s>", "<|im_start|>")
+        tok.save_pretrained(st)
+        msg = cli_error(tiny, tmp_path, "--student", str(st), early=True)
+        assert f"token id {V} (<|im_start|>), beyond the shared {V}-token vocabulary" in msg, msg
+        return
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+    tok.save_pretrained(st)
+    make_model(str(tmp_path / "teacher"), tiny["tok"], seed=3, layers=1)  # exactly V embedding rows
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "apples " * (i + 1)} for i in range(4)])  # padded
+    out = run_cli(tiny, tmp_path / "run", "--student", str(st), "--teacher", str(tmp_path / "teacher"), "--data",
+                  data, "--batch_size", "4", "--n_samples", "1", "--max_steps", "1")
+    assert tok.pad_token_id == V and trb.read_metrics(str(out / "metrics.jsonl"))[0]["step"] == 1
 
 def test_hub_names_fail_fast_offline(tmp_path):
     """With the hub out of reach, the default run stops at once with one line naming the ways out."""
@@ -1405,6 +1500,14 @@ def test_largest_seed_works_and_wandb_is_checked_early(tiny, tmp_path, monkeypat
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else orig(n, *a))
     assert "--wandb_project needs wandb" in cli_error(tiny, tmp_path, "--wandb_project", "p", early=True)
 
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_a_cuda_device_that_is_not_there(tiny, tmp_path, monkeypatch, gpus):
+    """--device cuda:1 where there is no GPU, or only cuda:0: one line before any model loads, not a CUDA error."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    msg = cli_error(tiny, tmp_path, "--device", "cuda:1", early=True)
+    assert f"--device cuda:1: no such CUDA device here ({gpus} found)" in msg, msg
+
 def test_skipped_held_out_prompts_are_counted(tiny, tmp_path, capsys):
     """Held-out prompts over --max_prompt_len are counted on the trb | line, not dropped silently."""
     ev_data = write_jsonl(tmp_path / "ev.jsonl", [{"question": "How many?"}] * 2 + [{"question": "apples " * 400}])
@@ -1608,6 +1711,49 @@ def test_a_lock_that_cannot_be_written_leaves_no_out_dir(tiny, tmp_path, monkeyp
                                                          early=True)
     assert not (tmp_path / "new-out").exists()
 
+class _FullDisk(__import__("io").FileIO):
+    """A file on a full disk: every write fails with ENOSPC (what a buffered flush then meets, at close too)."""
+    def write(self, b):
+        import errno
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+@pytest.mark.parametrize("how", ["the lock's pid line on a full disk", "a bad --data"])
+def test_a_failed_start_removes_the_directories_it_made(tiny, tmp_path, monkeypatch, how):
+    """A run that fails before writing anything, into new/sub/out: one line, and new/ (every directory it made) goes
+    again; the lock's pid line failing its flush on a full disk (at write and again at close) is one line too."""
+    import builtins
+    import io
+    def lock_on_full_disk(path, mode="r", *a, **k):
+        if str(path).endswith(".lock"): return io.TextIOWrapper(io.BufferedRandom(_FullDisk(path, "a+")))
+        return builtins.open(path, mode, *a, **k)
+    flags = ["--data", str(tmp_path)] if how == "a bad --data" else []
+    if how != "a bad --data": monkeypatch.setattr(trb, "open", lock_on_full_disk, raising=False)
+    msg = cli_error(tiny, tmp_path, "--out_dir", str(tmp_path / "new" / "sub" / "out"), *flags, early=True)
+    assert ("cannot write its lock file (No space left" if not flags else "not a file") in msg, msg
+    assert sorted(os.listdir(tmp_path)) == [], f"left behind: {os.listdir(tmp_path)}"
+
+@pytest.mark.parametrize("how", ["finished", "max_steps below", "models passed in"])
+def test_resume_with_nothing_to_do_says_so(tiny, finished_run, tmp_path, monkeypatch, capsys, how):
+    """--resume of a finished run, or with --max_steps below its step: one line saying there is nothing to do, exit 0,
+    no model loaded and nothing changed; train() with models passed in returns the student with the checkpoint's
+    weights."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = files_of(out)
+    capsys.readouterr()
+    if how == "models passed in":
+        cfg = dataclasses.replace(trb.Config(**trb.load_state(str(out))["config"]), resume=True, out_dir=str(out))
+        s = trb.train(cfg, student=load(tiny["student"]), teacher=load(tiny["teacher"]), tokenizer=tiny["tok"])
+        w = weights(out)
+        assert all(torch.equal(p, w[k]) for k, p in s.state_dict().items() if k in w), "not the checkpoint's weights"
+    else:
+        monkeypatch.setattr(trb, "load_model", lambda *a, **k: pytest.fail("a model loaded for nothing"))
+        trb.main(["--out_dir", str(out), "--resume", *(["--max_steps", "1"] if how == "max_steps below" else [])])
+    said = capsys.readouterr().out.strip().splitlines()
+    want = f"trb: nothing to do: the run in {out} is at step 2 and --max_steps is "
+    assert len(said) == 1 and said[0].startswith(want) and "above 2" in said[0], said
+    assert files_of(out) == before, "a run with nothing to do changed the out_dir"
+
 def test_a_second_signal_while_stopping_keeps_exit_status_1(tiny, tmp_path):
     """The same signal again while the process prints its stop line and tears down: exit status 1, not the
     signal's."""
@@ -1745,8 +1891,9 @@ def test_processor_sampling_draws_from_mu(tiny):
     assert p["top-50"][0] < 1e-6, f"the test cannot see the top-50 truncation: p = {p['top-50']}"
 
 def test_processor_bad_input_is_one_line(tiny):
-    """A teacher with fewer logits than V, vocabularies that differ without V, eps < 0 or NaN, masked scores, and a
-    processor used for a second generate(): one line each."""
+    """A teacher with fewer logits than V or not a model, vocabularies that differ without V, eps < 0, NaN or text,
+    EOS ids that are none, masked scores, beam search, and a processor used for a second generate(): one line
+    each."""
     from transformers import LlamaConfig, LlamaForCausalLM
     s, t, tok = load(tiny["student"]), load(tiny["teacher"]), tiny["tok"]
     V, eos = len(tok), trb.eos_ids_of((tok, s), (tok, t))
@@ -1770,7 +1917,13 @@ def test_processor_bad_input_is_one_line(tiny):
              (lambda: trb.TRBLogitsProcessor(t, -0.1, attn, eos_ids=eos, V=V), "eps must be finite and >= 0"),
              (lambda: trb.TRBLogitsProcessor(t, float("nan"), attn, eos_ids=eos, V=V), "eps must be finite"),
              (lambda: trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=V, temperature=0), "temperature must be"),
-             (lambda: gen(trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=V), min_new_tokens=2), "masked (-inf)")]
+             (lambda: gen(trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=V), min_new_tokens=2), "masked (-inf)"),
+             (lambda: gen(trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=V), num_beams=2),
+              "num_return_sequences (repeat_interleave); num_beams > 1 is not supported"),
+             (lambda: trb.TRBLogitsProcessor(torch.nn.Linear(2, 2), 0.1, attn, eos_ids=eos), "must be a causal LM"),
+             (lambda: trb.TRBLogitsProcessor(t, "0.1", attn, eos_ids=eos, V=V), "eps must be a float or a tensor"),
+             (lambda: trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=None, V=V), "must be token ids below V = 360"),
+             (lambda: trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=V, temperature="1"), "a float >= 0.001")]
     proc = trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=V)
     gen(proc)
     cases.append((lambda: gen(proc), "used by an earlier generate() call"))
@@ -1778,6 +1931,47 @@ def test_processor_bad_input_is_one_line(tiny):
         with pytest.raises(trb.UserError) as e:
             make()
         assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+EOS_AND_TAU = {  # name -> (eos_ids, temperature), given as generate() takes them; the reference is ([2, 3], 1.5)
+    "eos an int": (lambda e: e[0], 1.5),
+    "eos a tensor": (lambda e: torch.tensor(e), 1.5),
+    "eos repeated": (lambda e: [e[0], *e], 1.5),
+    "temperature a tensor": (lambda e: e, torch.tensor(1.5)),
+}
+
+@pytest.mark.parametrize("case", list(EOS_AND_TAU))
+def test_processor_takes_eos_and_temperature_as_generate_does(tiny, case):
+    """eos_ids as an int, a tensor or with a repeat, and a one-element tensor temperature, give what the list and
+    the float give (a repeated EOS is folded once: its mass is not counted twice)."""
+    s, t, tok = load(tiny["student"]), load(tiny["teacher"]), tiny["tok"]
+    V, eos = len(tok), trb.eos_ids_of((tok, s), (tok, t))
+    ids, attn = prompt_batch(tok, QS)
+    with torch.no_grad():
+        scores = s(input_ids=ids, attention_mask=attn).logits[:, -1]
+    make_eos, tau = EOS_AND_TAU[case]
+    e = eos[:1] if case == "eos an int" else eos
+    want = trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=e, V=V, temperature=1.5)(ids, scores.clone())
+    got = trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=make_eos(e), V=V, temperature=tau)(ids, scores.clone())
+    assert torch.equal(got, want), f"{case}: log mu differs from the one of eos_ids={e}, temperature=1.5"
+
+def test_processor_refuses_to_run_the_teacher_past_its_positions(tiny):
+    """generate() past the teacher's max_position_embeddings (512): one line at the first step that would read past
+    it, after every step that fits; a processor whose teacher is idle (eps = 0) never runs it, and goes on."""
+    s, t, tok = load(tiny["student"]), load(tiny["teacher"]), tiny["tok"]
+    V, eos = len(tok), trb.eos_ids_of((tok, s), (tok, t))
+    ids, attn = prompt_batch(tok, ["apples " * 380, "How many?"])
+    P = int(attn.sum(-1).max())
+    assert P + 60 > 512 > P, f"the longest prompt ({P} tokens) plus 60 must pass the teacher's 512 positions"
+    def run(proc):
+        return s.generate(input_ids=ids, attention_mask=attn, max_new_tokens=60, logits_processor=[proc],
+                          pad_token_id=tok.pad_token_id, eos_token_id=[], do_sample=False)
+    idle = trb.TRBLogitsProcessor(t, 0.0, attn, eos_ids=eos, V=V)
+    assert run(idle).shape[1] == ids.shape[1] + 60, "the idle teacher never runs: nothing to refuse"
+    proc = trb.TRBLogitsProcessor(t, 0.1, attn, eos_ids=eos, V=V)
+    with pytest.raises(trb.UserError) as e:
+        run(proc)
+    assert f"plus {513 - P} new tokens go past the teacher's 512 positions" in str(e.value), str(e.value)
+    assert len(proc.betas) == 512 - P + 1, f"the steps that fit ran: {len(proc.betas)} of {512 - P + 1}"
 
 def test_trl_gkd_example_runs_one_step(tiny, tmp_path):
     """examples/trl_gkd_trb.py: one GKDTrainer step whose samples come from mu (beta > 0), with a finite loss."""
@@ -1908,12 +2102,17 @@ MODELS_BAD = {  # name -> (train() keyword arguments from the tiny pair, words o
     "bf16 student": (lambda t: dict(student=load(t["student"]).to(torch.bfloat16)), "pass the student in float32"),
     "student is teacher": (lambda t: dict(teacher="student"), "of its own, not the teacher"),
     "frozen student": (lambda t: dict(student=load(t["student"]).requires_grad_(False)), "no weight that requires"),
+    "teacher a path": (lambda t: dict(teacher=t["teacher"]), "teacher must be a loaded causal LM, not a str"),
+    "teacher not an LM": (lambda t: dict(teacher=torch.nn.Linear(2, 2)), "causal LM, not a Linear"),
+    "tokenizer a path": (lambda t: dict(tokenizer=t["student"]), "tokenizer must be a loaded tokenizer or a"),
+    "three tokenizers": (lambda t: dict(tokenizer=(t["tok"],) * 3), "(student's, teacher's) pair, not a tuple of 3"),
 }
 
 @pytest.mark.parametrize("case", list(MODELS_BAD))
 def test_train_with_models_refuses_bad_input(tiny, tmp_path, case):
-    """train() with models in memory: a mistyped cfg, tokenizers that differ, a bf16 or frozen student, or the
-    teacher passed as the student: one line each."""
+    """train() with models in memory: a mistyped cfg, tokenizers that differ, a bf16 or frozen student, the teacher
+    passed as the student, a path or a module that is not an LM as the teacher, a path or three tokenizers: one line
+    each."""
     kw = MODELS_BAD[case][0](tiny)
     cfg, _ = trb.parse_config(trb.Config, cli_args(tiny, tmp_path / "run", "--max_steps", "1"))
     cfg = dataclasses.replace(cfg, **kw.pop("cfg", {}))

@@ -77,7 +77,7 @@ import threading
 import time
 import warnings
 from collections import namedtuple
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -105,7 +105,7 @@ class Config:
     # data
     data: str = "gsm8k"                    # gsm8k | math (hub names) | a local .jsonl, .json or .parquet of prompts
     prompt_field: str = ""                 # the prompt's field; "" = the first of question, problem, prompt
-    system_prompt: str = SYSTEM_PROMPT     # the paper's system prompt
+    system_prompt: str = SYSTEM_PROMPT     # the paper's system prompt; "" = no system message
     max_prompt_len: int = 512              # longer prompts (in tokens) are skipped and counted
     eval_data: str = ""                    # held-out prompts (same formats) for eval_kl; "" = no eval
     eval_prompts: int = 64                 # how many held-out prompts
@@ -157,7 +157,7 @@ class Config:
     out_dir: str = "out-trb"               # checkpoint and metrics.jsonl; locked while a run uses it
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     dtype: str = "auto"                    # autocast and teacher dtype: auto (bf16 on CUDA, fp32 on CPU) |
-                                           # bfloat16 | float32
+                                           # bfloat16 (on a CPU too) | float32
     seed: int = 1337                       # seeds the data order and every step's sampling; 0 <= seed < 2^32
     resume: bool = False                   # continue the run in out_dir; flags given again override its own
     overwrite: bool = False                # start over in an out_dir that holds a run: its checkpoint and
@@ -566,10 +566,12 @@ class TRBLogitsProcessor:
     EXACT = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0)
 
     def __init__(self, teacher, eps, attention_mask, *, eos_ids, V=None, temperature=1.0):
-        self.eps = processor_args(teacher, eps, attention_mask, eos_ids, V, temperature)  # one line on bad input
-        self.teacher, self.attn, self.tau, self.eos_ids = teacher.eval(), attention_mask, temperature, list(eos_ids)
+        self.eps, self.eos_ids, self.tau = processor_args(teacher, eps, attention_mask, eos_ids, V, temperature)
+        self.teacher, self.attn = teacher.eval(), attention_mask
         self.V, self.auto_V = V or teacher.get_output_embeddings().weight.shape[0], V is None
         self.idle = not bool((self.eps > 0).any())
+        n = getattr(teacher.config, "max_position_embeddings", None) if hasattr(teacher, "config") else None
+        self.room = n - int(attention_mask.sum(-1).max()) if type(n) is int else math.inf  # new tokens that fit it
         self.cache, self.pos, self.prev, self.betas = None, None, None, []
 
     @torch.no_grad()
@@ -578,6 +580,10 @@ class TRBLogitsProcessor:
         V, W = self.V, scores.shape[-1]
         if self.idle: return F.pad(policy_logits(scores[:, :V], self.eos_ids, self.tau), (0, W - V), value=NEG_INF)
         first = self.cache is None
+        if len(self.betas) > self.room:                      # the teacher would read past its last position
+            raise UserError(f"TRBLogitsProcessor: the longest prompt plus {len(self.betas)} new tokens go past the "
+                            f"teacher's {self.teacher.config.max_position_embeddings} positions "
+                            f"(max_position_embeddings): lower max_new_tokens")
         if first: self.cache, self.pos = _new_cache(self.teacher), (self.attn.cumsum(-1) - 1).clamp(min=0)  # (B, P)
         else: self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], 1)  # (B, P+t)
         x = input_ids if first else input_ids[:, -1:]       # the prompts, then the last token
@@ -595,8 +601,8 @@ class TRBLogitsProcessor:
         prev, self.prev, P = self.prev, input_ids, self.attn.shape
         if prev is None and tuple(input_ids.shape) != tuple(P):
             raise UserError(f"TRBLogitsProcessor: built for prompts {tuple(P)}, called on {tuple(input_ids.shape)}: "
-                            f"build one per generate() call from its attention_mask (expanded like the prompts, "
-                            f"for num_return_sequences)")
+                            f"build one per generate() call from its attention_mask, repeated as generate() repeats "
+                            f"the rows for num_return_sequences (repeat_interleave); num_beams > 1 is not supported")
         if prev is not None and input_ids.shape != (prev.shape[0], prev.shape[1] + 1):
             raise UserError("TRBLogitsProcessor: this processor was used by an earlier generate() call; build a new "
                             "one for each call")
@@ -742,6 +748,9 @@ def train(cfg, given=None, *, student=None, teacher=None, tokenizer=None):
             log(R, rec)
             if R.step == cfg.max_steps or (cfg.save_every and R.step % cfg.save_every == 0): save(R)
         if cfg.lora_merge and R.master: save_merged(R)      # plain weights beside the adapters, for servers
+    except Done as e:
+        if rank == 0: print(f"trb: {e.args[0]}", flush=True)
+        return e.args[1]
     except KeyboardInterrupt:
         if R is None: raise Stopped("interrupted before training started") from None
         if R.saved != cfg.max_steps: raise Stopped(f"interrupted after step {R.step}; {on_disk(R)}") from None
@@ -983,6 +992,7 @@ def check_start(cfg, student, teacher, tokenizer):
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume continues the run in out_dir, --overwrite replaces it: pass one of them")
     if not 0 <= cfg.seed < 2**32: raise UserError(f"--seed must be in [0, 2^32), got {cfg.seed}")  # init_runtime's
+    check_text(cfg.out_dir, "--out_dir")                     # a path of bytes that are not UTF-8: safetensors fails
     if not cfg.resume: check_config(cfg)
     local = {k: os.path.abspath(v) for k, is_it in (("student", os.path.isdir), ("teacher", os.path.isdir),
              ("data", os.path.isfile), ("eval_data", os.path.isfile)) if (v := getattr(cfg, k)) and is_it(v)}
@@ -990,16 +1000,21 @@ def check_start(cfg, student, teacher, tokenizer):
     if student is None and teacher is None and tokenizer is None: return cfg, None
     if student is None or teacher is None or tokenizer is None:
         raise UserError("train(): pass student, teacher and tokenizer together (or none, to load cfg's paths)")
-    if cfg.fsdp or not hasattr(student, "save_pretrained") or student is teacher:
-        raise UserError("train(): the student passed in must be a transformers model (save_pretrained) of its own, "
-                        "not the teacher, and --fsdp is for students loaded from a path")
+    if cfg.fsdp or not (hasattr(student, "save_pretrained") and is_lm(student)) or student is teacher:
+        raise UserError("train(): the student passed in must be a transformers causal LM (save_pretrained) of its "
+                        "own, not the teacher, and --fsdp is for students loaded from a path")
+    if not is_lm(teacher):
+        raise UserError(f"train(): teacher must be a loaded causal LM, not a {type(teacher).__name__}")
+    toks = tuple(tokenizer) if isinstance(tokenizer, (tuple, list)) else (tokenizer, tokenizer)
+    if len(toks) != 2 or not all(callable(getattr(t, "convert_ids_to_tokens", None)) for t in toks):
+        raise UserError(f"train(): tokenizer must be a loaded tokenizer or a (student's, teacher's) pair, not a "
+                        f"{type(tokenizer).__name__}" + (f" of {len(toks)}" if len(toks) != 2 else ""))
     if any(p.dtype != torch.float32 for p in student.parameters() if p.requires_grad):
         raise UserError("train(): pass the student in float32, its master weights (bf16 compute is autocast's)")
     if hasattr(student, "peft_config") and cfg.lora_r:
         raise UserError("train(): the student passed in is a PEFT model already: its own adapters train; "
                         "leave cfg.lora_r at 0")
-    s_tok, t_tok = tokenizer if isinstance(tokenizer, (tuple, list)) else (tokenizer, tokenizer)
-    return cfg, SimpleNamespace(student=student, teacher=teacher, tok=s_tok, t_tok=t_tok)
+    return cfg, SimpleNamespace(student=student, teacher=teacher, tok=toks[0], t_tok=toks[1])
 
 def check_types(values, where):
     """Config values of the declared types (an int for a float too): a trb.Config built in code, or a checkpoint's."""
@@ -1039,6 +1054,7 @@ def check_config(c):
     if on and c.eps0 > 0: raise UserError(f"--{on[0]} is a warmup of its own, not a TRB option: use it with --eps0 0")
     if c.schedule == "constant" and c.eps0 == 0: raise UserError("--schedule constant needs --eps0 > 0")
     if not c.out_dir: raise UserError("--out_dir must not be empty")
+    check_text(c.system_prompt, "--system_prompt")
     if not 0 <= c.seed < 2**32: raise UserError(f"--seed must be in [0, 2^32), got {c.seed}")
     if c.wandb_project and importlib.util.find_spec("wandb") is None:
         raise UserError("--wandb_project needs wandb: pip install wandb")
@@ -1064,7 +1080,8 @@ def init_runtime(cfg):
     if cfg.fsdp and not ddp:
         raise UserError("--fsdp runs under torchrun: torchrun --nproc_per_node N trb.py --fsdp ... (N = 1 works)")
     dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.startswith("cuda") and not torch.cuda.is_available(): raise UserError(f"--device {dev}: no CUDA device here")
+    if dev.startswith("cuda") and int(dev[5:] or 0) >= torch.cuda.device_count():  # none, or not that one
+        raise UserError(f"--device {dev}: no such CUDA device here ({torch.cuda.device_count()} found)")
     rank, world = 0, 1
     if ddp:
         torch.distributed.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
@@ -1083,7 +1100,7 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     Checkpoint, tokenizers, data, models and optimizer, the cheap checks first: no model loads before the flags,
     out_dir and data are known to be good. models: the student, teacher and tokenizer passed to train().
     """
-    master, state, changed = rank == 0, None, []
+    master, state, changed, done = rank == 0, None, [], False
     replaces = claim_out_dir(cfg) if master else ()         # recovers a killed save; refuses a run in the way
     barrier(world)
     if cfg.resume:
@@ -1092,6 +1109,10 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
                                                  if getattr(cfg, f.name) != getattr(Config(), f.name)}
         cfg, changed = resume_config(cfg, given, state)
         check_config(cfg)
+        done = state["step"] >= cfg.max_steps and (  # a finished run: one line, exit 0
+            f"nothing to do: the run in {cfg.out_dir} is at step {state['step']} and --max_steps is "
+            f"{cfg.max_steps}; pass --max_steps above {state['step']} to continue it")
+        if done and not models: raise Done(done, None)       # no model to load (a student passed in gets its weights)
         if master: keep_metrics(cfg.out_dir, state["step"])  # before the models load: a failing write is quick
     if cfg.batch_size % world: raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks")
     if state is not None and bool(state["config"].get("fsdp")) != cfg.fsdp:
@@ -1108,9 +1129,15 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     evals, e_skipped = encode_prompts(tok, load_prompts(cfg.eval_data, cfg.prompt_field, "--eval_data"), cfg,
                                       "--eval_data") if cfg.eval_data else ([], 0)
     n = max(map(len, prompts + evals)) + cfg.max_new_tokens  # positions the longest rollout needs
+    if (top := max(map(max, prompts + evals))) >= V:         # the teacher reads the same ids
+        raise UserError(f"the prompts hold token id {top} ({tok.convert_ids_to_tokens(top)}), beyond the shared "
+                        f"{V}-token vocabulary: the teacher's tokenizer lacks it (a chat token of the student's alone?)")
     student, teacher = load_pair(cfg, state, models, device, amp_dtype, n)
+    if done: raise Done(done, student)
     check_logits(V, student=student, teacher=teacher)
-    eos_ids = eos_ids_of((tok, student), (t_tok, teacher))
+    eos_all = eos_ids_of((tok, student), (t_tok, teacher))
+    eos_ids = [i for i in eos_all if i < V]                  # one beyond V (a chat token of one tokenizer): dropped
+    if not eos_ids: raise UserError(f"no EOS id of the models is in the shared {V}-token vocabulary: {eos_all}")
     if cfg.fsdp: shard(student, device, amp_dtype)           # FSDP2: the student is sharded in place
     ids = [device.index] if device.index is not None else None
     model = torch.nn.parallel.DistributedDataParallel(student, ids) if world > 1 and not cfg.fsdp else student
@@ -1121,17 +1148,20 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     if state is not None: load_trainer_state(student, opt, state, cfg)
     step = state["step"] if state is not None else 0
     run = state.get("run") if state is not None else os.urandom(6).hex()  # tells this run's checkpoints apart
-    cuda_amp = device.type == "cuda" and amp_dtype != torch.float32
-    amp = torch.autocast(device.type, dtype=amp_dtype) if cuda_amp else nullcontext()
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()  # CPU too
+    pad = tok.pad_token_id if tok.pad_token_id is not None and tok.pad_token_id < V else eos_ids[0]  # teacher's too
     R = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=master, device=device, amp=amp, tok=tok, V=V,
-                        eos_ids=eos_ids, pad_id=tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0],
-                        prompts=prompts, eval_prompts=evals[:cfg.eval_prompts], student=student, teacher=teacher,
-                        model=model, opt=opt, step=step, saved=state["step"] if state is not None else None, bar=None,
-                        wandb=None, replaces=replaces, pending=[] if replaces else None, run=run)
+                        eos_ids=eos_ids, pad_id=pad, prompts=prompts, eval_prompts=evals[:cfg.eval_prompts],
+                        student=student, teacher=teacher, model=model, opt=opt, step=step, bar=None, wandb=None,
+                        saved=state["step"] if state is not None else None, replaces=replaces,
+                        pending=[] if replaces else None, run=run)
     if master:
         ev = f" eval_prompts={len(R.eval_prompts)} eval_skipped_long={e_skipped}" if cfg.eval_data else ""
         print(f"trb | V={V} eos={eos_ids} prompts={len(prompts)} skipped_long={skipped}{ev} world={world} "
               f"device={device} dtype={amp_dtype}".replace("torch.", ""), flush=True)
+        for i in [i for i in eos_all if i >= V]:             # a stop id the models cannot emit: said, not silent
+            print(f"trb | EOS id {i} ({max(tok, t_tok, key=len).convert_ids_to_tokens(i)}) is beyond the shared "
+                  f"{V}-token vocabulary: dropped from the EOS set, never sampled")
         if replaces: print(f"trb | --overwrite: the run in {cfg.out_dir} is replaced at this run's first save")
         if changed: print(f"trb | resume from step {step}: " + ", ".join(changed), flush=True)
         if cfg.wandb_project:
@@ -1239,12 +1269,10 @@ def keep_freed_memory():
     made a CPU TRB step up to 1.5x slower depending on the allocation pattern (bench.py): keep them in the heap
     (mallopt: M_MMAP_THRESHOLD 64 MiB, M_TRIM_THRESHOLD 256 MiB). A no-op where libc is not glibc.
     """
-    try:
+    with suppress(OSError, AttributeError):                  # no glibc
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 64 << 20)                           # M_MMAP_THRESHOLD
         libc.mallopt(-1, 256 << 20)                          # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 def all_reduce(x, world):
     if world > 1: torch.distributed.all_reduce(x)
@@ -1335,10 +1363,8 @@ def load_model(path, dtype, device, trust_remote_code=False, what="model"):
 
 def _adapter_base(path):
     """The base model a LoRA checkpoint names (adapter_config.json), or None."""
-    try:
-        with open(os.path.join(path, "adapter_config.json")) as f: return json.load(f).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None
+    with suppress(OSError, ValueError, AttributeError), open(os.path.join(path, "adapter_config.json")) as f:
+        return json.load(f).get("base_model_name_or_path")  # else None: no file, or not a JSON object
 
 def check_positions(n, cfg, **models):
     """The longest prompt plus --max_new_tokens (n) must fit each model's positions; read from the config alone."""
@@ -1373,23 +1399,32 @@ def shared_vocab(s_tok, t_tok):
     return V
 
 def processor_args(teacher, eps, attn, eos_ids, V, tau):
-    """TRBLogitsProcessor's inputs, checked: one line each. Returns eps as float32 on the mask's device, () or (B,)."""
+    """TRBLogitsProcessor's inputs, checked: one line each. Returns eps (float32 on the mask's device, () or (B,)), the
+    EOS ids as a list (given as generate() takes them: int, list or tensor) and the temperature as a number."""
     where = "TRBLogitsProcessor:"
+    if not is_lm(teacher): raise UserError(f"{where} the teacher must be a causal LM, got {type(teacher).__name__}")
     if not (torch.is_tensor(attn) and attn.dim() == 2): raise UserError(f"{where} attention_mask is not (B, P)")
-    eps = torch.as_tensor(eps, dtype=torch.float32, device=attn.device)
+    try:
+        eps = torch.as_tensor(eps, dtype=torch.float32, device=attn.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"{where} eps must be a float or a tensor, got {eps!r:.40}") from None
     if eps.dim() > 1 or eps.numel() not in (1, attn.shape[0]):
         raise UserError(f"{where} eps has shape {tuple(eps.shape)} for {attn.shape[0]} rows: a float or one per row "
                         f"(expanded like the prompts, for num_return_sequences)")
     if not bool(((eps >= 0) & eps.isfinite()).all()): raise UserError(f"{where} eps must be finite and >= 0, got "
                                                                       f"{eps.tolist()}")
-    if not (type(tau) in (int, float) and MIN_TAU <= tau < math.inf):
-        raise UserError(f"{where} temperature must be >= {MIN_TAU}, got {tau!r} (greedy: do_sample=False)")
+    tau = tau.item() if torch.is_tensor(tau) and tau.numel() == 1 else tau
+    if not (isinstance(tau, (int, float)) and MIN_TAU <= tau < math.inf):
+        raise UserError(f"{where} temperature must be a float >= {MIN_TAU}, got {tau!r} (greedy: do_sample=False)")
     n = teacher.get_output_embeddings().weight.shape[0]
     if V is not None and not (type(V) is int and 0 < V <= n):
         raise UserError(f"{where} V must be an int in [1, {n}], the teacher's logits, got {V!r}")
-    if not all(type(i) is int and 0 <= i < (V or n) for i in eos_ids):
-        raise UserError(f"{where} eos_ids {list(eos_ids)} must be token ids below V = {V or n}")
-    return eps.reshape(-1) if eps.numel() > 1 else eps.reshape(())
+    eos = eos_ids.reshape(-1).tolist() if torch.is_tensor(eos_ids) else [eos_ids] if type(eos_ids) is int else eos_ids
+    if not (isinstance(eos, (list, tuple)) and all(type(i) is int and 0 <= i < (V or n) for i in eos)):
+        raise UserError(f"{where} eos_ids {eos_ids!r:.60} must be token ids below V = {V or n}: an int, a list or "
+                        f"a tensor")
+    eos = list(dict.fromkeys(eos))                           # once each: a repeat would fold its mass in twice
+    return eps.reshape(-1) if eps.numel() > 1 else eps.reshape(()), eos, tau
 
 def load_weights(student, cfg):
     """--resume of a student passed to train(): the checkpoint's weights (a PEFT student's: its adapters), loaded
@@ -1408,6 +1443,11 @@ def load_weights(student, cfg):
         raise UserError(f"--resume: the checkpoint in {cfg.out_dir} does not fit the student passed in "
                         f"({len(missing)} missing, {len(unexpected)} unexpected weights)")
 
+def is_lm(m):
+    """A torch model with an output layer (a causal LM): what the rollout, the loss and the processor take logits of."""
+    out = m.get_output_embeddings() if isinstance(m, torch.nn.Module) and hasattr(m, "get_output_embeddings") else None
+    return getattr(out, "weight", None) is not None
+
 def check_logits(V, **models):
     for name, m in models.items():
         n = m.get_output_embeddings().weight.shape[0]
@@ -1425,10 +1465,15 @@ def eos_ids_of(*pairs):
     return ids
 
 def format_prompt(tok, question, system=SYSTEM_PROMPT):
-    """Token ids of one prompt: the chat template if the tokenizer has one, else plain text."""
+    """Token ids of one prompt: the chat template if the tokenizer has one (system "": no system message), else
+    plain text."""
     if getattr(tok, "chat_template", None):
-        msgs = [{"role": "system", "content": system}, {"role": "user", "content": question}]
-        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        msgs = [{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": question}]
+        try:
+            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # the template's own refusal (e.g. no system role), or a broken template
+            raise UserError(f"the student's chat template fails: {_first_line(e)}" + (
+                "; --system_prompt '' leaves the system message out" if system else "")) from None
         return tok(text, add_special_tokens=False)["input_ids"]
     return tok(f"{system}\n\n{question}\n")["input_ids"]
 
@@ -1490,7 +1535,8 @@ def load_records(data, split="train", what="--data"):
         args, field, kw = (*HUB_DATA[data], dict(split=split))
     else:
         if not os.path.isfile(data):
-            raise UserError(f"{what} {data!r}: no such file, and not one of {sorted(HUB_DATA)}")
+            raise UserError(f"{what} {data!r}: " + ("not a file: expected a .jsonl, .json or .parquet file" if
+                            os.path.exists(data) else f"no such file, and not one of {sorted(HUB_DATA)}"))
         ext = data.rsplit(".", 1)[-1].lower()
         if ext not in ("jsonl", "json", "parquet"):
             raise UserError(f"{what} {data!r}: expected .jsonl, .json or .parquet")
@@ -1498,7 +1544,7 @@ def load_records(data, split="train", what="--data"):
         args, field, kw = ("parquet",), None, dict(data_files=data, split="train")
     import datasets
     if not sys.stderr.isatty(): datasets.disable_progress_bars()  # no bars, no info lines in a log file
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error lines too: a failure is our one line
     try:
         return list(datasets.load_dataset(*args, **kw)), field
     except Exception as e:  # no network, parse errors: datasets raises many types
@@ -1592,10 +1638,7 @@ def settle(out_dir):
     """After a failed save: recover what the swap left (recover_checkpoint), then drop the failed .trb-tmp unless
     it is the only complete checkpoint left."""
     d = os.path.realpath(out_dir)
-    try:
-        recover_checkpoint(d)
-    except OSError:  # the same failure again: the complete checkpoint stays where it is
-        pass
+    with suppress(OSError): recover_checkpoint(d)           # the same failure again: the checkpoint stays where it is
     if _complete(d) or not _complete(d + TMP): shutil.rmtree(d + TMP, ignore_errors=True)
 
 def save_merged(R):
@@ -1702,10 +1745,7 @@ def keep_metrics(out_dir, step):
         raise UserError(f"--resume: cannot rewrite {path} ({e.strerror})") from None
 
 def _remove(path):
-    try:
-        os.remove(path)
-    except OSError:
-        pass
+    with suppress(OSError): os.remove(path)
 
 def claim_out_dir(cfg):
     """
@@ -1751,7 +1791,8 @@ def lock_out_dir(out_dir):
     import socket
     real = os.path.realpath(out_dir)
     if os.path.exists(real) and not os.path.isdir(real): raise UserError(f"--out_dir {out_dir!r} is a file")
-    created = not os.path.exists(real)
+    made, d = [], real                                       # the directories this run makes, innermost first
+    while not os.path.exists(d): made, d = made + [d], os.path.dirname(d)
     try:
         os.makedirs(real, exist_ok=True)
         probe = os.path.join(real, f".write-test-{os.getpid()}")
@@ -1759,7 +1800,7 @@ def lock_out_dir(out_dir):
         os.remove(probe)
         f = open(real + ".lock", "a+")
     except OSError as e:
-        if created: shutil.rmtree(real, ignore_errors=True)  # it is empty: only the probe can be in it
+        if made: shutil.rmtree(made[-1], ignore_errors=True)  # empty: only the probe can be in it
         raise UserError(f"--out_dir {out_dir!r} is not writable: {e.strerror}") from None
     sock, name, holder = socket.socket(socket.AF_UNIX), b"\0trb:" + hashlib.sha256(real.encode()).digest()[:16], None
     try:
@@ -1780,7 +1821,7 @@ def lock_out_dir(out_dir):
         f.close()
         if sock is not None: sock.close()
         raise UserError(f"--out_dir {out_dir!r} is in use by another trb.py run (pid {holder})")
-    lock = SimpleNamespace(file=f, sock=sock, dir=real, created=created)
+    lock = SimpleNamespace(file=f, sock=sock, dir=real, made=made)
     try:
         f.seek(0)
         f.truncate()
@@ -1805,15 +1846,13 @@ def _peer_pid(name):
         c.close()
 
 def unlock(lock):
-    """Releases the out_dir; one this run created and left empty (it failed before writing anything) goes too."""
+    """Releases the out_dir; one this run created and left empty (it failed before writing anything) goes too, with
+    the parents it created."""
     _remove(lock.file.name)
-    lock.file.close()
+    with suppress(OSError): lock.file.close()               # a full disk fails its flush; it is closed all the same
     if lock.sock is not None: lock.sock.close()
-    if lock.created:
-        try:
-            os.rmdir(lock.dir)
-        except OSError:  # not empty: the run's metrics or checkpoint
-            pass
+    with suppress(OSError):                                  # stops at one not empty: the run's metrics or checkpoint
+        for d in lock.made: os.rmdir(d)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # plumbing: FSDP2 (--fsdp, design choice 12)
@@ -1876,6 +1915,9 @@ def load_sharded_optimizer(student, opt, out_dir):
 
 class Stopped(UserError):
     """A run stopped by SIGINT or SIGTERM: one line, and the checkpoint is intact."""
+
+class Done(Exception):
+    """--resume of a run at or past --max_steps: args (its one line, the student train() returns); exit 0."""
 
 def _interrupt(signum=None, frame=None):
     """The first SIGINT or SIGTERM stops the run; later ones are ignored, so that the stop's line comes out whole."""
