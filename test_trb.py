@@ -1648,14 +1648,19 @@ def test_processor_bad_input_is_one_line(tiny):
             make()
         assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
 
-def test_trl_gkd_example_runs_one_step(tiny, tmp_path):
-    """examples/trl_gkd_trb.py: one GKDTrainer step whose samples come from mu (beta > 0), with a finite loss."""
+def trl_example():
+    """examples/trl_gkd_trb.py as a module (it needs trl: the test is skipped without)."""
     pytest.importorskip("trl", reason="trl is a test requirement (.ci/requirements-test.txt)")
     sys.path.insert(0, os.path.join(HERE, "examples"))
     try:
-        import trl_gkd_trb as ex
+        import trl_gkd_trb
     finally:
         sys.path.pop(0)
+    return trl_gkd_trb
+
+def test_trl_gkd_example_runs_one_step(tiny, tmp_path):
+    """examples/trl_gkd_trb.py: one GKDTrainer step whose samples come from mu (beta > 0), with a finite loss."""
+    ex = trl_example()
     tok = tiny["tok"]
     teacher = make_model(str(tmp_path / "teacher"), tok, seed=2, layers=3, pad_rows=8, extra_eos=True)  # TRL: same V'
     tr = ex.make_trainer(load(tiny["student"]), teacher, tok, ["How many?", "Tom has 3 apples."], str(tmp_path / "o"),
@@ -1664,6 +1669,49 @@ def test_trl_gkd_example_runs_one_step(tiny, tmp_path):
     loss = tr.train().training_loss
     betas = torch.stack(tr.proc.betas)
     assert math.isfinite(loss) and betas.shape[0] >= 1 and (betas > 0).all(), (loss, betas)
+
+EXAMPLE_BAD = {  # what is wrong -> (flags, words of the one line); all but the last refused before a model loads
+    "no arguments at all": ([], "--student is required"),
+    "no --data": (["--student", "{s}", "--teacher", "{t}"], "--data is required"),
+    "a NaN budget": (["{base}", "--eps0", "nan"], "--eps0 must be >= 0, got nan"),
+    "no steps": (["{base}", "--max_steps", "0"], "--max_steps must be >= 1"),
+    "a missing data file": (["{base}", "--data", "{tmp}/none.jsonl"], "no such file"),
+    "--out_dir is a file": (["{base}", "--out_dir", "{tmp}/f"], "is a file"),
+    "--out_dir under a file": (["{base}", "--out_dir", "{tmp}/f/run"], "cannot be written"),
+    "--out_dir holds an earlier run": (["{base}", "--out_dir", "{tmp}/old"], "holds an earlier run (checkpoint-3)"),
+    "logits of different widths (GKDTrainer needs one)": (["{base}"], "as many logits in both"),
+}
+
+@pytest.mark.parametrize("case", list(EXAMPLE_BAD))
+def test_trl_gkd_example_refuses_bad_input_in_one_line(tiny, tmp_path, monkeypatch, case):
+    """examples/trl_gkd_trb.py run with bad flags: one line and a non-zero exit, never a traceback; flags and paths
+    are checked before any model loads, and nothing is written."""
+    ex = trl_example()
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "old" / "checkpoint-3").mkdir(parents=True)
+    flags, words = EXAMPLE_BAD[case]
+    if not case.startswith("logits"):  # all but the widths: before any model loads
+        monkeypatch.setattr(trb, "load_model", lambda *a, **k: pytest.fail("a model loaded before the bad flag"))
+    base = ["--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["data"], "--out_dir",
+            str(tmp_path / "run")]
+    argv = [y for x in flags for y in (base if x == "{base}" else [x.replace("{tmp}", str(tmp_path)).replace(
+            "{s}", tiny["student"]).replace("{t}", tiny["teacher"])])]
+    with pytest.raises(SystemExit) as e:
+        ex.main(argv)
+    msg = str(e.value)
+    assert msg.startswith("trl_gkd_trb: error: ") and words in msg and "\n" not in msg, msg
+    assert not (tmp_path / "run").exists(), "nothing written on bad input"
+
+def test_trl_gkd_example_runs_as_its_docstring_says(tiny, tmp_path):
+    """The script's own command line, on this machine as it is (TRL asks for bf16 by default, which a CPU lacks):
+    one step, and its checkpoint in --out_dir."""
+    ex = trl_example()
+    teacher = str(tmp_path / "teacher8")
+    make_model(teacher, tiny["tok"], seed=2, layers=3, pad_rows=8, extra_eos=True)  # TRL: the student's V'
+    ex.main(["--student", tiny["student"], "--teacher", teacher, "--data", tiny["data"], "--out_dir",
+             str(tmp_path / "run"), "--max_steps", "1", "--max_new_tokens", "8", "--batch_size", "2",
+             "--warmup_steps", "4"])
+    assert (tmp_path / "run" / "checkpoint-1" / "config.json").is_file(), os.listdir(tmp_path / "run")
 
 def test_train_with_models_in_memory_equals_paths(tiny, tmp_path):
     """trb.train(cfg, student=, teacher=, tokenizer=): the metrics of the same run from paths, labels for paths, and
