@@ -582,7 +582,9 @@ def run(a):
                 " / ".join(f"{lo[how][k] / 2**20:.1f}" for k in ("params", "grads", "optimizer")))
         disk = lo["lora"]["disk"] / 2**20, lo["full"]["disk"] / 2**20
         row("   run directory, LoRA / full (MiB)", f"{disk[0]:.1f} / {disk[1]:.0f}")
-    if a.no_trl or not paths or not os.path.isfile(GSM8K): return
+    if a.no_trl or not paths: return
+    if not os.path.isfile(GSM8K) or importlib.util.find_spec("trl") is None:
+        return print(f"bench | R5 skipped: it needs trl (pip install -r .ci/requirements-test.txt) and {GSM8K}")
     N5 = 32  # new tokens per response in R5
     with tempfile.TemporaryDirectory() as tmp:
         tr = bench_trl(paths, N5, 4, 3, tmp)

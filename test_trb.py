@@ -1679,6 +1679,7 @@ EXAMPLE_BAD = {  # what is wrong -> (flags, words of the one line); all but the 
     "--out_dir is a file": (["{base}", "--out_dir", "{tmp}/f"], "is a file"),
     "--out_dir under a file": (["{base}", "--out_dir", "{tmp}/f/run"], "cannot be written"),
     "--out_dir holds an earlier run": (["{base}", "--out_dir", "{tmp}/old"], "holds an earlier run (checkpoint-3)"),
+    "a tokenizer without a chat template": (["{base}", "--student", "{tmp}/plain"], "has no chat template"),
     "logits of different widths (GKDTrainer needs one)": (["{base}"], "as many logits in both"),
 }
 
@@ -1690,6 +1691,7 @@ def test_trl_gkd_example_refuses_bad_input_in_one_line(tiny, tmp_path, monkeypat
     (tmp_path / "f").write_text("x")
     (tmp_path / "old" / "checkpoint-3").mkdir(parents=True)
     flags, words = EXAMPLE_BAD[case]
+    if "{tmp}/plain" in flags: make_tokenizer(str(tmp_path / "plain"), chat=False)
     if not case.startswith("logits"):  # all but the widths: before any model loads
         monkeypatch.setattr(trb, "load_model", lambda *a, **k: pytest.fail("a model loaded before the bad flag"))
     base = ["--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["data"], "--out_dir",

@@ -89,6 +89,9 @@ def main(argv=None):
         prompts = trb.load_prompts(a.data)
         tok = trb.load_tokenizer(a.student, what="--student")
         trb.shared_vocab(tok, trb.load_tokenizer(a.teacher, what="--teacher"))  # one tokenizer serves both
+        if not getattr(tok, "chat_template", None):
+            raise trb.UserError(f"--student {a.student!r}: its tokenizer has no chat template, which GKDTrainer's chat "
+                                f"prompts need (trb.py takes plain text too)")
         cpu = torch.device("cpu")  # the Trainer moves them
         student, teacher = (trb.load_model(m, torch.float32, cpu, what=f"--{k}")
                             for k, m in (("student", a.student), ("teacher", a.teacher)))
