@@ -17,8 +17,9 @@ number; compared by normalised string equality, then (GSM8K) as numbers, then by
     '18!', '18%'); a number followed by an operator and a number is not ('18 - 3', '1/2', '3:30': graded whole). A
     minus after a word or a digit is no sign: the last number of '10-20' is 20.
   - Run-ons: GSM8K's '#### x' closes a solution, so a base model that writes a new problem after its first '#### x'
-    is graded on that x, whatever follows. In both tasks a line that opens a new problem after an answer (Question:,
-    Problem:, Q:, Human:, User:) ends the completion there.
+    is graded on that x, whatever follows. In both tasks a line that opens a new problem (Question:, Problem:, Q:,
+    Human:, User:) after a stated answer (\\boxed, '#### x', 'the answer is x') ends the completion there; after a
+    bare last number it does not (sub-questions 'Q: ... A: 9' before a \\boxed{} answer are no run-on).
   - Markdown bold and the unicode minus sign are read as plain text.
 """
 import json
@@ -76,13 +77,13 @@ def extract_answer(text, task):
     text = re.sub(BOLD, "", text.replace("\u2212", "-"))
     m = re.search(HASH, text) if task == "gsm8k" else None
     if m: text = text[:m.end()]  # GSM8K's end mark: what follows its first '#### x' is a run-on
-    for m in re.finditer(NEW_PROBLEM, text, flags=re.M):  # a new problem after an answer: a run-on
-        if _answer(text[:m.start()], task) is not None:
+    for m in re.finditer(NEW_PROBLEM, text, flags=re.M):  # a new problem after a stated answer: a run-on
+        if _answer(text[:m.start()], task, last_number=False) is not None:
             text = text[:m.start()]
             break
     return _answer(text, task)
 
-def _answer(text, task):
+def _answer(text, task, last_number=True):
     def lead(s):  # GSM8K: a number followed by a unit, words or punctuation is that number
         m = re.match(LEAD, s) if task == "gsm8k" else None
         return m.group(1) if m else s
@@ -91,9 +92,10 @@ def _answer(text, task):
     m = re.findall(HASH, text)
     if m: return lead(m[-1].strip())
     spans = [s.strip("$ ") for s in re.findall(ANSWER, text, flags=re.I | re.M)]
-    spans = [s for s in spans if s and (task != "gsm8k" or re.match(ANSWER_LIKE, s))]  # GSM8K: not 'is right'
+    spans = [s for s in spans if s and not re.match(r"(?:in)?correct|right|wrong|as follows", s, flags=re.I) and
+             (task != "gsm8k" or re.match(ANSWER_LIKE, s))]  # not 'the answer is right'; GSM8K: a number
     if spans: return lead(spans[-1])
-    if task == "gsm8k":
+    if task == "gsm8k" and last_number:
         m = re.findall(NUM, text)
         if m: return m[-1]
     return None

@@ -1925,7 +1925,9 @@ GRADES = [  # (completion, gold, task, expected)
     ("#### 18\n\nQuestion: Tom has 7 pens.\n#### 7", "7", "gsm8k", False),
     ("#### 18\n\nTom has 7 pens. How many?\n#### 7", "18", "gsm8k", True),
     ("The answer is 18.\n\nQuestion: Tom has 7 pens.\nThe answer is 7.", "7", "gsm8k", False),
-    ("She makes 18.\nQ: Tom has 7 pens?\nHe has 7.", "18", "gsm8k", True),
+    ("Q: eggs left? A: 16 - 7 = 9\nQ: money? A: 9 * 2 = 18\n\\boxed{18}", "18", "gsm8k", True),
+    ("The answer is 5. Let me check that the answer is correct.", "5", "gsm8k", True),
+    ("The answer is $5$. Let me check that the answer is right.", "5", "math", True),
     ("Answer: 18\n\nAsk me 2 more questions!", "18", "gsm8k", True),
     ("Final Answer: The final answer is 18. I hope it is correct.", "18", "gsm8k", True),
     ("The answer is \u22123.", "-3", "gsm8k", True),
@@ -2073,7 +2075,6 @@ def test_eval_plot_refuses_empty_or_corrupt_metrics(tiny, tmp_path, capsys):
     assert "identical samples" in capsys.readouterr().err
 
 DATA = os.path.join(HERE, "..", "shared", "data")  # the real GSM8K and MATH-500 test sets, where present
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
 
 def read_data(name):
     path = os.path.join(DATA, name, "test.jsonl")
@@ -2116,7 +2117,6 @@ GSM8K_STYLES = {  # style -> (solution body, gold, the next problem's (question,
     "answer is g., run-on": lambda b, g, n: f"{b}\nThe answer is {g}.\n\nQuestion: {n[0]}\n{n[1]}\nThe answer is "
                                             f"{n[2]}.",
     "\\boxed{g}, run-on": lambda b, g, n: f"{b}\n\\boxed{{{g}}}\n\nProblem: {n[0]}\n{n[1]}\n\\boxed{{{n[2]}}}",
-    "last number, run-on": lambda b, g, n: f"{b}\nShe ends up with {g}.\n\nQuestion: {n[0]}\n{n[1]}",
 }
 
 @pytest.mark.parametrize("style", GSM8K_STYLES)
