@@ -9,8 +9,18 @@ Data: gsm8k = openai/gsm8k (main, test); math500 = HuggingFaceH4/MATH-500 (test)
 MATH test split of DigitalLearningGmbH/MATH-lighteval. --data_file reads the same field names from local JSONL.
 Prompts are trb.py's (same chat template, same system prompt). Generation is trb.rollout at eps = 0: the
 same batched, left-padded, KV-cached loop as training, which bench.py measures against HF generate.
-Grading: the last \\boxed{...}, else '#### x', else 'the answer is x', else (GSM8K) the last number; compared
-by normalised string equality first, then by math-verify (Hugging Face's grader).
+Grading: the last \\boxed{...}, else '#### x', else the last 'the answer is x' or 'Answer: x', else (GSM8K) the last
+number; compared by normalised string equality, then (GSM8K) as numbers, then by math-verify (Hugging Face's grader).
+  - '#### x' is an answer where x starts with a number or a LaTeX command: '#### Step 1: ...' and '#### 1. Eggs' are
+    markdown headings. GSM8K takes 'the answer is x' and 'Answer: x' likewise ('the answer is right' is none).
+  - GSM8K: a number followed by a unit, words or punctuation is that number ('18 dollars', '**18**', '$1,080.00',
+    '18!', '18%'); a number followed by an operator and a number is not ('18 - 3', '1/2', '3:30': graded whole). A
+    minus after a word or a digit is no sign: the last number of '10-20' is 20.
+  - Run-ons: GSM8K's '#### x' closes a solution, so a base model that writes a new problem after its first '#### x'
+    is graded on that x, whatever follows. In both tasks a line that opens a new problem (Question:, Problem:, Q:,
+    Human:, User:) after a stated answer (\\boxed, '#### x', 'the answer is x') ends the completion there; after a
+    bare last number it does not (sub-questions 'Q: ... A: 9' before a \\boxed{} answer are no run-on).
+  - Markdown bold and the unicode minus sign are read as plain text.
 """
 import json
 import logging
@@ -21,6 +31,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 if __name__ == "__main__":  # Ctrl-C while torch imports: one line, not a traceback
     sys.excepthook = lambda t, e, tb: (print("eval: interrupted", file=sys.stderr) if t is KeyboardInterrupt else
@@ -53,16 +64,38 @@ def last_boxed(text):
     m = re.match(r"\s+([^\s$]+)", text[j:])
     return m.group(1).rstrip(".") if m else None
 
-NUM = r"-?\$?\d[\d,]*(?:\.\d+)?"
+NUM = r"(?:(?<![\w)])-)?\$?\d+(?:,\d{3})*(?:\.\d+)?"  # a sign only after no word or number: 10-20 is not -20
+LEAD = NUM.join((r"(?:[^\w\n]|\\text\{){0,9}?(", r")(?!\d|[.:]\d|,\s*\d|\s*[-+*/^×÷x]\s*\d)"))  # a leading number
+ANSWER_LIKE = r"[^\w\n]{0,9}?(?:\d(?![\d,]*[.)]\s+[A-Za-z])|(?<=\\)[A-Za-z])"  # a number or LaTeX; not '1. Eggs'
+HASH = rf"(?<!#)####(?!#)[ \t]*(?={ANSWER_LIKE})([^\n]+)"  # '#### 18', not a heading '#### Step 1: ...'
+ANSWER = r"(?=\banswer(?:\s+is|\s*:)\s*:?\s*([^\n]*?)\s*(?:\.(?:\s|$)|$))"  # 'the answer is x.', 'Answer: x'
+NEW_PROBLEM = r"^[#* \t]*(?:Question|Problem|Q|Human|User)\s*\d*\s*:"  # 'Question: ...' after an answer: a run-on
+BOLD = r"(?<![\w)])\*\*|\*\*(?![\w(])"  # markdown bold, not 2**3
 
 def extract_answer(text, task):
+    """The final answer of a completion, or None: see the module docstring for the rules."""
+    text = re.sub(BOLD, "", text.replace("\u2212", "-"))
+    m = re.search(HASH, text) if task == "gsm8k" else None
+    if m: text = text[:m.end()]  # GSM8K's end mark: what follows its first '#### x' is a run-on
+    for m in re.finditer(NEW_PROBLEM, text, flags=re.M):  # a new problem after a stated answer: a run-on
+        if _answer(text[:m.start()], task, last_number=False) is not None:
+            text = text[:m.start()]
+            break
+    return _answer(text, task)
+
+def _answer(text, task, last_number=True):
+    def lead(s):  # GSM8K: a number followed by a unit, words or punctuation is that number
+        m = re.match(LEAD, s) if task == "gsm8k" else None
+        return m.group(1) if m else s
     b = last_boxed(text)
-    if b is not None: return b
-    m = re.findall(r"####\s*([^\n]+)", text)
-    if m: return m[-1].strip()
-    m = re.findall(r"answer is:?\s*\$?([^\n$]+?)\$?\s*(?:\.\s|\.?$|\n)", text, flags=re.I)
-    if m: return m[-1].strip()
-    if task == "gsm8k":
+    if b is not None: return lead(b)
+    m = re.findall(HASH, text)
+    if m: return lead(m[-1].strip())
+    spans = [s.strip("$ ") for s in re.findall(ANSWER, text, flags=re.I | re.M)]
+    spans = [s for s in spans if s and not re.match(r"(?:in)?correct|right|wrong|as follows", s, flags=re.I) and
+             (task != "gsm8k" or re.match(ANSWER_LIKE, s))]  # not 'the answer is right'; GSM8K: a number
+    if spans: return lead(spans[-1])
+    if task == "gsm8k" and last_number:
         m = re.findall(NUM, text)
         if m: return m[-1]
     return None
@@ -120,7 +153,8 @@ def gold_of(rec, task, where):
     else:
         if "problem" not in rec or not ("answer" in rec or "solution" in rec):
             raise trb.UserError(f"{where}: a MATH record needs problem and answer (or solution)")
-        q, gold = rec["problem"], str(rec.get("answer") or last_boxed(str(rec.get("solution", ""))) or "").strip()
+        a = str(rec.get("answer", "")).strip()  # an answer 0 is an answer
+        q, gold = rec["problem"], a or (last_boxed(str(rec.get("solution", ""))) or "").strip()
     if not isinstance(q, str) or not q.strip(): raise trb.UserError(f"{where}: the problem is {repr(q)[:40]}, not text")
     trb.check_text(q, f"{where}: the problem")
     if not gold: raise trb.UserError(f"{where}: empty answer (and no \\boxed{{}} in the solution)")
@@ -151,6 +185,8 @@ def generate(model, tok, prompts, n_samples, temperature, max_new_tokens, batch_
     V, eos = len(tok), trb.eos_ids_of((tok, model))
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     rows = [(i, trb.format_prompt(tok, p)) for i, p in enumerate(prompts) for _ in range(n_samples)]
+    n = max(len(ids) for _, ids in rows) + max_new_tokens  # within the model's positions, or one line
+    trb.check_positions(n, SimpleNamespace(max_new_tokens=max_new_tokens), model=model)
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r][1]))
     out, n_tok = [[] for _ in prompts], 0
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -190,9 +226,14 @@ def score(problems, completions, task):
 PANELS = [("eps", "budget eps"), ("beta", "mean beta"), ("kl_mu_s", "realised KL(mu||pi_S)"),
           ("teacher_logp", "teacher log-prob of sampled tokens"), ("eval_kl", "held-out reverse KL (student rollouts)")]
 
-def method_of(run_dir):
-    """runs/trb-s1 -> trb: the seeds of one method are its runs named NAME-sSEED."""
-    return re.sub(r"-s\d+$", "", os.path.basename(os.path.normpath(run_dir)))
+def methods_of(run_dirs):
+    """
+    Each run's method: its path under the runs' common parent folder, less a -sSEED ending. runs/trb-s0 and
+    runs/trb-s1 are two seeds of trb; exp1/opd and exp2/opd are two methods, exp1/opd and exp2/opd.
+    """
+    ds = [os.path.abspath(d) for d in run_dirs]
+    top = os.path.commonpath([os.path.dirname(d) for d in ds])
+    return [re.sub(r"-s\d+$", "", os.path.relpath(d, top)) for d in ds]
 
 def warmup_end(runs):
     """K: the last logged step that sampled with eps > 0 (step s logs eps_{s-1}), over runs whose budget decayed."""
@@ -201,18 +242,19 @@ def warmup_end(runs):
 
 def plot_runs(run_dirs, out_png):
     """
-    The curves of trb.py runs: per method (runs named NAME-sSEED are its seeds) the mean over seeds and a min-max
-    band, and a last panel with the held-out reverse KL at the end of the warmup (step K, the last step that sampled
-    with eps > 0, as trb.py logs it) and at the last eval, per method, with the seeds' spread.
+    The curves of trb.py runs: per method (runs named NAME-sSEED are its seeds, see methods_of) the mean over seeds
+    and a min-max band, and a last panel with the held-out reverse KL at the end of the warmup (step K, the last step
+    that sampled with eps > 0, as trb.py logs it) and at the last eval, per method, with the seeds' spread.
     """
     runs = {}
-    for d in run_dirs:
+    for i, (d, name) in enumerate(zip(run_dirs, methods_of(run_dirs))):
         path = os.path.join(d, "metrics.jsonl")
         if not os.path.isfile(path): raise trb.UserError(f"--plot: no metrics.jsonl in {d!r}")
+        if any(os.path.samefile(d, e) for e in run_dirs[:i]): raise trb.UserError(f"--plot: {d!r} is given twice")
         recs = [{k: v for k, v in r.items() if type(v) in (int, float) and math.isfinite(v)}  # hand edits: dropped
-                for r in trb.read_metrics(path)]
+                for r in trb.read_metrics(path) if type(r["step"]) is int]  # "step": true is no step
         if not recs: raise trb.UserError(f"--plot: {path} holds no records")
-        runs.setdefault(method_of(d), []).append(recs)
+        runs.setdefault(name, []).append(recs)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -289,15 +331,26 @@ class EvalConfig:
     plot_out: str = "trb_compare.png"      # the figure's path
 
 def write_out(a, problems, comps, verdicts):
-    """--out: one JSON line per problem; a failed write is one line (the summary is already printed)."""
+    """--out: one JSON line per problem, written atomically (a symlink's target is replaced); a failed write is one
+    line (the summary is already printed) and leaves a file that was there as it was."""
     grade_as = "gsm8k" if a.task == "gsm8k" else "math"
+    path = os.path.realpath(a.out)
+    tmp = f"{path}.{os.getpid()}.part"
     try:
-        with open(a.out, "w") as f:
+        with open(tmp, "w") as f:
             for (p, gold, _), c, v in zip(problems, comps, verdicts):
                 f.write(json.dumps(dict(prompt=p, completions=c, extracted=[extract_answer(x, grade_as) for x in c],
                                         gold=gold, correct=v)) + "\n")
+        os.replace(tmp, path)
     except OSError as e:
+        trb._remove(tmp)
         raise trb.UserError(f"--out {a.out!r}: writing it failed ({e.strerror}); the summary above stands") from None
+
+def same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # b is missing
+        return False
 
 def check_args(a):
     if not a.model: raise trb.UserError("--model is required")
@@ -317,6 +370,10 @@ def check_args(a):
     if a.out and (os.path.isdir(a.out) or not (os.path.isdir(folder) and os.access(folder, os.W_OK))):
         why = "is a directory" if os.path.isdir(a.out) else "cannot be written: its folder is missing or read-only"
         raise trb.UserError(f"--out {a.out!r} {why}")
+    dirs = [d for d in (a.model, trb._adapter_base(a.model)) if d and os.path.isdir(d) and os.access(d, os.R_OK)]
+    ins = [a.data_file] + [os.path.join(d, f) for d in dirs for f in os.listdir(d)]
+    same = next((p for p in ins if a.out and p and same_file(a.out, p)), None)
+    if same: raise trb.UserError(f"--out {a.out!r} is the input {same!r}: writing the results would replace it")
     if not 0 <= a.seed < 2**32: raise trb.UserError(f"--seed must be in [0, 2^32), got {a.seed}")
     if 0 < a.temperature < trb.MIN_TAU:
         raise trb.UserError(f"--temperature must be 0 or >= {trb.MIN_TAU}, got {a.temperature}")
@@ -326,9 +383,10 @@ def check_args(a):
 def main(argv=None):
     trb.keep_freed_memory()
     trb.quiet_progress_bars()
-    a, _ = trb.parse_config(EvalConfig, argv, "GSM8K / MATH exact match of a trb.py checkpoint or any HF causal LM, "
-                                              "pass@1 over n samples; or --plot the curves of trb.py runs")
+    a, given = trb.parse_config(EvalConfig, argv, "GSM8K / MATH exact match of a trb.py checkpoint or any HF causal "
+                                                  "LM, pass@1 over n samples; or --plot the curves of trb.py runs")
     try:
+        if "plot" in given and not a.plot: raise trb.UserError("--plot needs the run folders to draw: --plot DIR ...")
         if a.plot: return print(plot_runs(a.plot, a.plot_out))
         check_args(a)
         device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))

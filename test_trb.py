@@ -2294,6 +2294,35 @@ GRADES = [  # (completion, gold, task, expected)
     ("nothing boxed and no answer phrase 7", "7", "math", False),
     ("\\boxed{\\left( 2, \\frac{\\pi}{3} \\right)}", "\\left( 2, \\frac{\\pi}{3} \\right)", "math", True),
     ("unfinished \\boxed{3", "3", "math", False),
+    # the ways chat models write a final answer (issue 25), and run-ons past it
+    ("The answer is 18 dollars.", "18", "gsm8k", True),
+    ("#### 18 dollars", "18", "gsm8k", True),
+    ("The answer is **18**.", "18", "gsm8k", True),
+    ("#### Step 1: eggs\n16 - 3 - 4 = 9\n#### Step 2: money\n9 * 2 = 18\nSo the answer is 18.", "18", "gsm8k", True),
+    ("so the answer is 18!", "18", "gsm8k", True),
+    ("so the answer is 3!", "6", "gsm8k", False),
+    ("#### 1. Count the eggs\n16 - 3 = 13", "1", "gsm8k", False),
+    ("#### 18\n\nQuestion: Tom has 7 pens.\n#### 7", "7", "gsm8k", False),
+    ("#### 18\n\nTom has 7 pens. How many?\n#### 7", "18", "gsm8k", True),
+    ("The answer is 18.\n\nQuestion: Tom has 7 pens.\nThe answer is 7.", "7", "gsm8k", False),
+    ("Q: eggs left? A: 16 - 7 = 9\nQ: money? A: 9 * 2 = 18\n\\boxed{18}", "18", "gsm8k", True),
+    ("The answer is 5. Let me check that the answer is correct.", "5", "gsm8k", True),
+    ("The answer is $5$. Let me check that the answer is right.", "5", "math", True),
+    ("Answer: 18\n\nAsk me 2 more questions!", "18", "gsm8k", True),
+    ("Final Answer: The final answer is 18. I hope it is correct.", "18", "gsm8k", True),
+    ("The answer is \u22123.", "-3", "gsm8k", True),
+    ("The answer is -3 degrees.", "3", "gsm8k", False),
+    ("It went from 10-20 people", "-20", "gsm8k", False),
+    ("The answer is 18 - 3.", "18", "gsm8k", False),
+    ("The answer is 3:30.", "3", "gsm8k", False),
+    ("\\boxed{18, 20}", "18", "gsm8k", False),
+    ("\\boxed{\\text{18 dollars}}", "18", "gsm8k", True),
+    ("The answer is $\\$1,000.00$.", "1,000", "gsm8k", True),
+    ("The answer is 1/2.", "2", "gsm8k", False),
+    ("**Answer:** $\\frac{1}{2}$", "\\frac12", "math", True),
+    ("The answer is **7**.", "7", "math", True),
+    ("\\boxed{3}\n\nProblem: Find y.\n\\boxed{4}", "4", "math", False),
+    ("\\boxed{0}", "0", "math", True),
 ]
 
 def test_grading_cases_are_balanced():
@@ -2481,6 +2510,175 @@ def test_eval_plot_refuses_empty_or_corrupt_metrics(tiny, tmp_path, capsys):
     ok = write_jsonl(tmp_path / "ok.jsonl", [{"question": "q", "answer": "#### 1"}])
     ev.main(["--model", tiny["student"], "--data_file", ok, "--n_samples", "2", "--max_new_tokens", "2"])
     assert "identical samples" in capsys.readouterr().err
+
+DATA = os.path.join(HERE, "..", "shared", "data")  # the real GSM8K and MATH-500 test sets, where present
+
+def read_data(name):
+    path = os.path.join(DATA, name, "test.jsonl")
+    if not os.path.isfile(path): pytest.skip(f"no {path}")
+    return [json.loads(l) for l in open(path)]
+
+def gsm8k_solutions():
+    """(question, solution without its '#### N' line, gold N) of every GSM8K test problem."""
+    return [(r["question"], *(s.strip() for s in r["answer"].rsplit("####", 1))) for r in read_data("gsm8k")]
+
+def plain(g): return g.replace(",", "")
+def steps(body, head): return "\n".join(f"{head(k)}\n{line}" for k, line in enumerate(body.splitlines(), 1))
+
+GSM8K_STYLES = {  # style -> (solution body, gold, the next problem's (question, body, gold)) -> completion
+    "#### g (the reference)": lambda b, g, n: f"{b}\n#### {g}",
+    "answer is g dollars.": lambda b, g, n: f"{b}\nThe answer is {g} dollars.",
+    "#### g dollars": lambda b, g, n: f"{b}\n#### {g} dollars",
+    "answer is **g**.": lambda b, g, n: f"{b}\nThe answer is **{g}**.",
+    "#### Step k: headings": lambda b, g, n: f"{steps(b, lambda k: f'#### Step {k}: work')}\nSo the answer is {g}.",
+    "### k. headings": lambda b, g, n: f"{steps(b, lambda k: f'### {k}. Compute')}\nSo the answer is {g}.",
+    "#### Final Answer heading": lambda b, g, n: f"{b}\n#### Final Answer\nShe ends up with {g}.",
+    "answer is g!": lambda b, g, n: f"{b}\nso the answer is {g}!",
+    "answer is g dollars, words": lambda b, g, n: f"{b}\nThe answer is {g} dollars, 2 more than last week.",
+    "$\\boxed{g}$": lambda b, g, n: f"{b}\nThe final answer is $\\boxed{{{g}}}$.",
+    "\\boxed{\\$g}": lambda b, g, n: f"{b}\n\\boxed{{\\${g}}}",
+    "\\boxed{g \\text{ dollars}}": lambda b, g, n: f"{b}\n\\boxed{{{g} \\text{{ dollars}}}}",
+    "Final answer: $g": lambda b, g, n: f"{b}\nFinal answer: ${g}",
+    "**Answer:** g": lambda b, g, n: f"{b}\n**Answer:** {g}",
+    "Answer: g, then a sign-off": lambda b, g, n: f"{b}\nAnswer: {g}\n\nLet me know if you have 2 more questions!",
+    "Minerva's Final Answer": lambda b, g, n: f"{b}\nFinal Answer: The final answer is ${g}$. I hope it is correct.",
+    "answer is \\(g\\).": lambda b, g, n: f"{b}\nThe answer is \\({g}\\).",
+    "answer is $g.00.": lambda b, g, n: f"{b}\nThe answer is ${g}.00.",
+    "g without commas": lambda b, g, n: f"{b}\nThe answer is {plain(g)}.",
+    "g with commas": lambda b, g, n: f"{b}\nThe answer is {int(plain(g)):,}.",
+    "g with a unicode minus": lambda b, g, n: f"{b}\nThe answer is {g.replace('-', chr(0x2212))}.",
+    "g%": lambda b, g, n: f"{b}\nThe answer is {g}%.",
+    "last number": lambda b, g, n: f"{b}\nIn total that is {g} dollars.",
+    "#### g, run-on: Question:": lambda b, g, n: f"{b}\n#### {g}\n\nQuestion: {n[0]}\nAnswer: {n[1]}\n#### {n[2]}",
+    "#### g, run-on unlabelled": lambda b, g, n: f"{b}\n#### {g}\n\n{n[0]}\n{n[1]}\n#### {n[2]}",
+    "answer is g., run-on": lambda b, g, n: f"{b}\nThe answer is {g}.\n\nQuestion: {n[0]}\n{n[1]}\nThe answer is "
+                                            f"{n[2]}.",
+    "\\boxed{g}, run-on": lambda b, g, n: f"{b}\n\\boxed{{{g}}}\n\nProblem: {n[0]}\n{n[1]}\n\\boxed{{{n[2]}}}",
+}
+
+@pytest.mark.parametrize("style", GSM8K_STYLES)
+def test_gsm8k_every_reference_solution_restated(style):
+    """Every GSM8K test solution, its final answer restated in one style, is right against its gold, and wrong
+    against the gold of the next problem (whose solution a run-on style appends) wherever the two golds differ."""
+    P, f = gsm8k_solutions(), GSM8K_STYLES[style]
+    right, false_pos = [], []
+    for i, (q, b, g) in enumerate(P):
+        n = P[(i + 1) % len(P)]
+        c = f(b, g, n)
+        right.append(ev.is_correct(c, g, "gsm8k"))
+        if plain(n[2]) != plain(g) and ev.is_correct(c, n[2], "gsm8k"): false_pos.append(c[-200:])
+    bad = right.index(False) if not all(right) else 0
+    assert all(right), f"{style}: {sum(right)} of {len(P)} right, e.g. {f(*P[bad][1:], P[0])!r}"
+    assert not false_pos, f"{style}: {len(false_pos)} cross-paired false positives, e.g. {false_pos[0]!r}"
+
+def test_gsm8k_fractions_words_and_wrong_answers():
+    """On the first 100 GSM8K solutions: an answer written as an equal fraction is right; g + 1, -g, g/10 and g.5
+    are wrong, and so is a number in words."""
+    for q, b, g in gsm8k_solutions()[:100]:
+        v = int(plain(g))
+        assert ev.is_correct(f"{b}\n\\boxed{{\\frac{{{2 * v}}}{{2}}}}", g, "gsm8k"), g
+        for wrong in (f"#### {v + 1}", f"The answer is {-v} dollars." if v else "The answer is 1.",
+                      f"The answer is {v}/10." if v else "The answer is 1/10.", f"The answer is {v}.5."):
+            assert not ev.is_correct(f"{b}\n{wrong}", g, "gsm8k"), (g, wrong)
+    assert not ev.is_correct("The answer is twelve.", "12", "gsm8k"), "words are no number"
+
+MATH_STYLES = {  # style -> (gold, the next problem's gold) -> completion
+    "\\boxed{g}": lambda g, n: f"So we get \\boxed{{{g}}}.",
+    "$\\boxed{g}$": lambda g, n: f"The final answer is $\\boxed{{{g}}}$.",
+    "answer is $g$.": lambda g, n: f"Thus the answer is ${g}$.",
+    "Minerva's Final Answer": lambda g, n: f"Final Answer: The final answer is ${g}$. I hope it is correct.",
+    "**Answer:** $g$": lambda g, n: f"Some work, 2 + 2 = 4.\n**Answer:** ${g}$",
+    "headings, then \\boxed{g}": lambda g, n: f"#### Step 1: Set up\nwork 3\n#### 2. Solve\n\\boxed{{{g}}}",
+    "\\boxed{g}, run-on": lambda g, n: f"\\boxed{{{g}}}\n\nProblem: the next one\n\\boxed{{{n}}}",
+}
+
+def test_math500_every_answer_restated():
+    """Every MATH-500 answer, restated in each style, is right; the run-on style is wrong against the next problem's
+    answer wherever the two differ (5 and x = 5 do not)."""
+    G = [r["answer"] for r in read_data("math500")]
+    for style, f in MATH_STYLES.items():
+        wrong = [g for i, g in enumerate(G) if not ev.is_correct(f(g, G[(i + 1) % len(G)]), g, "math")]
+        assert not wrong, f"{style}: {len(wrong)} of {len(G)} wrong, e.g. {wrong[0]!r}"
+    f = MATH_STYLES["\\boxed{g}, run-on"]
+    false_pos = {(g, n) for g, n in zip(G, G[1:] + G[:1]) if ev.normalise(g) != ev.normalise(n) and
+                 ev.is_correct(f(g, n), n, "math")}
+    assert false_pos <= {("5", "x=5")}, f"cross-paired false positives: {sorted(false_pos)[:5]}"
+
+def test_gold_zero_is_an_answer():
+    """A numeric answer 0 (or 0.0) in a MATH or GSM8K record is an answer, not an empty one."""
+    for task, rec in (("math", {"problem": "1-1?", "answer": 0}), ("math", {"problem": "1-1?", "answer": 0.0}),
+                      ("math", {"problem": "1-1?", "answer": "", "solution": "so \\boxed{0}"}),
+                      ("gsm8k", {"question": "1-1?", "answer": 0})):
+        q, gold = ev.gold_of(rec, task, "rec")
+        assert ev.normalise(gold) == "0" and ev.is_correct("\\boxed{0}", gold, task), (rec, gold)
+
+OUT_IS_INPUT = [  # how --out names an input: (the --out path from the data file d and the model dir m, what it is)
+    (lambda d, m: d, "the data file"),
+    (lambda d, m: os.path.join(os.path.dirname(d), ".", "..", os.path.basename(os.path.dirname(d)),
+                               os.path.basename(d)), "the data file by another spelling"),
+    (lambda d, m: "link", "a symlink to the data file"),
+    (lambda d, m: "hardlink", "a hard link to the data file"),
+    (lambda d, m: os.path.join(m, "config.json"), "the model's config"),
+    (lambda d, m: os.path.join(m, "tokenizer_config.json"), "the model's tokenizer"),
+]
+
+@pytest.mark.parametrize("out,what", OUT_IS_INPUT, ids=[w for _, w in OUT_IS_INPUT])
+def test_eval_out_must_not_be_an_input(tiny, tmp_path, monkeypatch, out, what):
+    """--out that is an input (by any path to the same file) is refused before a model loads; the input is intact."""
+    d = write_jsonl(tmp_path / "data.jsonl", [{"question": "q", "answer": "#### 1"}])
+    model = tmp_path / "model"
+    shutil.copytree(tiny["student"], model)
+    os.symlink(d, tmp_path / "link")
+    os.link(d, tmp_path / "hardlink")
+    path = out(d, str(model))
+    path = str(tmp_path / path) if path in ("link", "hardlink") else path
+    before = open(path, "rb").read()
+    monkeypatch.setattr(trb, "load_model", lambda *a, **k: pytest.fail("a model loaded before --out was checked"))
+    msg = eval_error("--model", str(model), "--data_file", d, "--out", path)
+    assert "is the input" in msg and "would replace it" in msg, f"{what}: {msg}"
+    assert open(path, "rb").read() == before, f"{what} was changed"
+
+def test_eval_out_through_a_symlink_replaces_its_target_atomically(tiny, tmp_path):
+    """--out that is a symlink to an older results file: the target gets the results, the link stays a link, and
+    no temporary file is left."""
+    d = write_jsonl(tmp_path / "data.jsonl", [{"question": "q", "answer": "#### 1"}])
+    (tmp_path / "old.jsonl").write_text("old results\n")
+    os.symlink(tmp_path / "old.jsonl", tmp_path / "res.jsonl")
+    ev.main(["--model", tiny["student"], "--data_file", d, "--max_new_tokens", "2", "--out",
+             str(tmp_path / "res.jsonl")])
+    assert (tmp_path / "res.jsonl").is_symlink(), "the link was replaced by a file"
+    assert json.loads((tmp_path / "old.jsonl").read_text())["gold"] == "1", "the target holds the results"
+    assert sorted(os.listdir(tmp_path)) == ["data.jsonl", "old.jsonl", "res.jsonl"], "a temporary file was left"
+
+def test_eval_prompt_beyond_positions_and_plot_messages(tiny, tmp_path):
+    """One line each: a prompt plus --max_new_tokens beyond the model's positions; --plot without folders; --plot on
+    a metrics.jsonl whose only record has "step": true (such records are dropped); a run folder given twice."""
+    d = write_jsonl(tmp_path / "data.jsonl", [{"question": "q", "answer": "#### 1"}])
+    msg = eval_error("--model", tiny["student"], "--data_file", d, "--max_new_tokens", "600")
+    assert "beyond the model's 512 positions" in msg, msg
+    assert "--plot needs the run folders" in eval_error("--plot"), "--plot alone"
+    run = tmp_path / "opd"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": true, "eps": 0.1}\n')
+    assert "holds no records" in eval_error("--plot", str(run))
+    (run / "metrics.jsonl").write_text('{"step": true, "eps": 0.1}\n{"step": 1, "eps": 0.0, "loss": 1.0}\n')
+    ev.main(["--plot", str(run), "--plot_out", str(tmp_path / "f.png")])
+    assert (tmp_path / "f.png").stat().st_size > 0
+    assert "is given twice" in eval_error("--plot", str(run), str(tmp_path / ".." / tmp_path.name / "opd"))
+
+METHODS = [  # (run folders, the method of each)
+    (["runs/trb-s0", "runs/trb-s1", "runs/opd-s0"], ["trb", "trb", "opd"]),
+    (["exp1/opd", "exp2/opd"], ["exp1/opd", "exp2/opd"]),
+    (["exp1/opd-s0", "exp1/opd-s1", "exp2/opd-s0"], ["exp1/opd", "exp1/opd", "exp2/opd"]),
+    (["a/b/trb-s3"], ["trb"]),
+    (["runs/trb-s0/", "./runs/trb-s1"], ["trb", "trb"]),
+]
+
+@pytest.mark.parametrize("dirs,names", METHODS, ids=["seeds", "same name, two experiments", "both", "one", "spelling"])
+def test_plot_groups_seeds_not_experiments(dirs, names):
+    """--plot's methods: runs named NAME-sSEED under one folder are seeds of NAME; folders of the same name in
+    different parents are different methods, named by their path under the common parent."""
+    assert ev.methods_of(dirs) == names, dirs
 
 # -----------------------------------------------------------------------------
 # the toy testbed (toy.py): its answers, its split, its deterministic build, and a smoke run of its runner
