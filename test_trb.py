@@ -585,7 +585,7 @@ def test_rollout_batch_size_is_one_decoding_batch_per_slice(tiny, tmp_path, monk
 # speculative sampling from mu (--spec_tokens): exact in distribution, greedy parity, one teacher forward a block
 
 def spec_pair(seed=0):
-    """A tiny random pair with V = 10 shared tokens (logits padded to 12 and 13), peaked so that pi_S and pi_T differ."""
+    """A tiny random pair with V = 10 shared tokens (logits padded to 12 and 13), peaked: pi_S and pi_T differ."""
     from transformers import LlamaConfig, LlamaForCausalLM
     out = []
     for i, v in enumerate((12, 13)):
@@ -694,7 +694,8 @@ def test_speculation_runs_the_teacher_once_per_block_and_g_leaves_tokens_alone(t
     rolls = {}
     for g in (1, 4):
         calls.clear()
-        rolls[g] = r = trb.rollout(s, t, ids, attn, gen=torch.Generator().manual_seed(0), spec_tokens=g, compact=0, **kw)
+        rolls[g] = r = trb.rollout(s, t, ids, attn, gen=torch.Generator().manual_seed(0), spec_tokens=g, compact=0,
+                                   **kw)
         blocks = int(r["t_fwd"].sum(1).max())
         assert calls == [ids.shape[1] - 1] + [g] * blocks, f"g={g}: teacher inputs {calls}, {blocks} blocks"
         assert r["t_fwd"].sum() < r["mask"].sum() or g == 1, "fewer teacher forwards than tokens"
