@@ -1022,7 +1022,8 @@ def test_resume_missing_or_corrupt(tiny, tmp_path):
     assert "corrupt checkpoint" in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", base=False)
     out = run_cli(tiny, tmp_path / "ok2", "--max_steps", "1")
     (out / "model.safetensors").write_bytes(b"\x00" * 100)
-    assert "cannot load student" in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", base=False)
+    assert "cannot load student" in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--max_steps", "2",
+                                              base=False)  # a step to take: a finished run has nothing to load
 
 # -----------------------------------------------------------------------------
 # faults: a kill at any point of a save, signals, a full disk, two runs, a non-finite update
