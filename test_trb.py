@@ -1996,7 +1996,8 @@ def test_train_with_peft_students_and_lora_checkpoints_that_load(tiny, tmp_path)
     """A student the user wrapped with PEFT trains its own adapters and resumes exactly; cfg.lora_r on top of it is
     refused; a LoRA run of a student passed in names the student's directory as its base, so eval.py loads it."""
     import peft
-    def peft_student():
+    def peft_student():  # the same adapters each time (lora_A is drawn from torch's global generator)
+        torch.manual_seed(0)
         return peft.get_peft_model(load(tiny["student"]), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     cfg = lambda out, n, **k: dataclasses.replace(trb.parse_config(trb.Config, cli_args(  # noqa: E731
         tiny, tmp_path / out, "--max_steps", str(n), "--lr", "1e-2"))[0], **k)
