@@ -1154,7 +1154,8 @@ def test_resume_missing_or_corrupt(tiny, tmp_path):
     assert "corrupt checkpoint" in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", base=False)
     out = run_cli(tiny, tmp_path / "ok2", "--max_steps", "1")
     (out / "model.safetensors").write_bytes(b"\x00" * 100)
-    assert "cannot load student" in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", base=False)
+    assert "cannot load student" in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--max_steps", "2",
+                                              base=False)  # a step to take: a finished run has nothing to load
 
 # -----------------------------------------------------------------------------
 # faults: a kill at any point of a save, signals, a full disk, two runs, a non-finite update
@@ -2177,7 +2178,8 @@ def test_train_with_peft_students_and_lora_checkpoints_that_load(tiny, tmp_path)
     """A student the user wrapped with PEFT trains its own adapters and resumes exactly; cfg.lora_r on top of it is
     refused; a LoRA run of a student passed in names the student's directory as its base, so eval.py loads it."""
     import peft
-    def peft_student():
+    def peft_student():  # the same adapters each time (lora_A is drawn from torch's global generator)
+        torch.manual_seed(0)
         return peft.get_peft_model(load(tiny["student"]), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     cfg = lambda out, n, **k: dataclasses.replace(trb.parse_config(trb.Config, cli_args(  # noqa: E731
         tiny, tmp_path / out, "--max_steps", str(n), "--lr", "1e-2"))[0], **k)

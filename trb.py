@@ -1131,7 +1131,7 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     n = max(map(len, prompts + evals)) + cfg.max_new_tokens  # positions the longest rollout needs
     if (top := max(map(max, prompts + evals))) >= V:         # the teacher reads the same ids
         raise UserError(f"the prompts hold token id {top} ({tok.convert_ids_to_tokens(top)}), beyond the shared "
-                        f"{V}-token vocabulary: the teacher's tokenizer lacks it (a chat token of the student's alone?)")
+                        f"{V}-token vocabulary: the teacher's tokenizer lacks it (a chat token of the student's only?)")
     student, teacher = load_pair(cfg, state, models, device, amp_dtype, n)
     if done: raise Done(done, student)
     check_logits(V, student=student, teacher=teacher)
