@@ -2182,7 +2182,8 @@ TOY_BAD = [  # (flags, words of the one line); each refused before anything is b
     (["--cache", "{file}"], "is a file"),
     (["--methods", "trb-epsabc"], "--methods: unknown trb-epsabc"), (["--methods", "trb-eps0"], "unknown trb-eps0"),
     (["--methods", "opd,trb-epsnan"], "unknown trb-epsnan"), (["--out", "{ship}/runs"], "is in the shipped build"),
-    (["--cache", "{ship}"], "is in the shipped build"), (["--task_seed", str(2**64)], "--task_seed must be in [0, 2^32)"),
+    (["--cache", "{ship}"], "is in the shipped build"),
+    (["--task_seed", str(2**64)], "--task_seed must be in [0, 2^32)"),
 ]
 
 @pytest.mark.parametrize("flags,words", TOY_BAD, ids=[" ".join(f) for f, _ in TOY_BAD])
@@ -2232,7 +2233,7 @@ def test_toy_shipped_build_is_current():
     size = sum(os.path.getsize(os.path.join(root, f)) for f in files)
     assert size < 6e6, f"the shipped build is {size / 1e6:.1f} MB"
 
-@pytest.mark.skipif(not os.environ.get("TRB_SLOW"), reason="opt-in: TRB_SLOW=1 (rebuilds the toy models, 10-20 min)")
+@pytest.mark.skipif(not os.environ.get("TRB_SLOW"), reason="opt-in: TRB_SLOW=1 (rebuilds the toy models, ~30 min)")
 def test_toy_shipped_build_is_what_toy_builds(tmp_path, capsys):
     """Opt-in: toy.py --check rebuilds the default build and finds every shipped file byte-identical."""
     toy.main(["--check", "--cache", str(tmp_path)])
@@ -2336,9 +2337,10 @@ def test_toy_never_removes_what_it_did_not_make(tmp_path, monkeypatch, what, fil
     monkeypatch.setattr(trb, "load_model", lambda *a: pytest.fail(f"{what}: the models loaded first"))
     monkeypatch.chdir(out)                                   # the issue's call: --out .
     with pytest.raises(SystemExit) as e:
-        toy.main(TOY_TINY + ["--cache", str(tmp_path / "c"), "--out", ".", "--methods", "opd", "--seeds", "1"])
+        toy.main(TOY_TINY + ["--cache", str(tmp_path / "c"), "--out", ".", "--methods", "trb,opd", "--seeds", "1"])
     assert str(e.value).startswith("toy: error: ") and words in str(e.value) and "\n" not in str(e.value), e.value
     for f, text in files.items(): assert (out / f).read_text() == text, f"{what}: {f} was touched"
+    assert not (out / "runs" / "trb-s0").exists(), f"{what}: another run's folder was made before the refusal"
 
 def test_toy_clears_the_run_folders_it_made(tmp_path):
     """A run folder toy.py made (its mark), cut off with a swap sibling and a log beside it, is cleared and marked

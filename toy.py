@@ -19,7 +19,7 @@ The protocol (lr, steps, K) was fixed on vanilla OPD alone: docs/toy.md has the 
   python toy.py --quick          # OPD and TRB, 1 seed: ~2 min on 2 cores
   python toy.py                  # 7 methods x 5 seeds, table + figure in --out: ~25 min on 2 cores
   python toy.py --sweep          # TRB at eps0 0.005, 0.02, 0.05, 0.2 and OPD, 3 seeds each
-  python toy.py --check          # build the task and models afresh (~9 min on 2 cores), compare with toy-build/
+  python toy.py --check          # build the task and models afresh (one thread: ~30 min), compare with toy-build/
   python toy.py --help           # every flag
 
 The task and models of the default build flags are shipped in toy-build/ (4.8 MB; its SHA256SUMS lists every file):
@@ -504,7 +504,7 @@ def run_one(spec, acc0):
     save(spec["result"], json.dumps(res))
     return res
 
-def claim(spec):
+def claim(spec, make=True):
     """
     A fresh out_dir for a run, marked as toy.py's (MARK, which trb's checkpoint swaps carry along). What toy.py made
     before under its name (the folder, its swap siblings, its log) goes; anything else there, or a result file of
@@ -517,6 +517,7 @@ def claim(spec):
                             f"another --out")
     if os.path.lexists(res) and not is_result(res):
         raise trb.UserError(f"{res} is not a toy.py result: move it away or choose another --out")
+    if not make: return
     try:
         for p in there: shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
         os.makedirs(d)
@@ -579,8 +580,9 @@ def finished(spec):
 def prepare(specs):
     """Each run's earlier result (read once, here or when the run ends), or None: then its fresh folder (claim)."""
     res = [finished(s) for s in specs]
-    for s, r in zip(specs, res):
-        if r is None: claim(s)                               # all before any run: a foreign folder stops it now
+    todo = [s for s, r in zip(specs, res) if r is None]
+    for s in todo: claim(s, make=False)                      # all checked before any is made or run: a foreign
+    for s in todo: claim(s)                                  # folder stops the call before it changes anything
     return res
 
 def run_all(specs, acc0, jobs, res=None):
