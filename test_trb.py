@@ -2281,6 +2281,7 @@ TOY_SHIP_DAMAGE = [  # (what, damage(ship, monkeypatch), words of the one line)
     ("a weight edited", lambda s, m: toy_flip(s / "base" / "model.safetensors"),
      "is not what its SHA256SUMS lists (edited or damaged: base/model.safetensors)"),
     ("a file removed", lambda s, m: os.remove(s / "teacher" / "config.json"), "damaged: teacher/config.json"),
+    ("build.json removed", lambda s, m: os.remove(s / "build.json"), "damaged: build.json"),
     ("no SHA256SUMS", lambda s, m: os.remove(s / "SHA256SUMS"), "has no readable SHA256SUMS"),
     ("an empty SHA256SUMS", lambda s, m: (s / "SHA256SUMS").write_text(""), "damaged: SHA256SUMS"),
     ("the task code changed since", lambda s, m: m.setattr(toy, "is_test", lambda steps: len(steps) == 3),

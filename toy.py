@@ -400,11 +400,10 @@ def shipped(cfg):
     Used only as it was shipped: each file as SHA256SUMS lists it, the task and vocab what this code makes (the
     models' staleness is --check's to find: it rebuilds them); else one line.
     """
+    if not os.path.isdir(SHIPPED): return None
     try:
         with open(os.path.join(SHIPPED, "build.json")) as f:
             if json.load(f)["config"] != build_config(cfg): return None
-    except FileNotFoundError:
-        return None
     except (OSError, ValueError, LookupError, TypeError):    # damaged: the checks below say how
         pass
     name = f"the shipped build {SHIPPED}"
