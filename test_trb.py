@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -2776,6 +2777,7 @@ def test_toy_runner_smoke(tmp_path):
     assert all(0 <= p["acc"] <= 1 and p["eval_kl"] is not None for p in res["points"])
     assert res["train"][0]["beta"] > 0 and res["train"][1]["beta"] == 0  # TRB blends in step 1 only (K = 1)
     for f in ("compare.md", "compare.json", "compare.png"): assert (out / f).is_file()
+    assert (out / "runs" / "trb-s0" / toy.MARK).is_file(), "toy.py's mark did not survive trb's checkpoint swaps"
     assert json.loads((out / "compare.json").read_text())["runs"][0]["seed"] == 0
     assert toy.main(argv)[0] == res  # a finished run with the same flags is read back, not run again
     (out / "junk-s0.json").write_text("[]")                  # files that are not results are passed over
@@ -2816,6 +2818,10 @@ TOY_BAD = [  # (flags, words of the one line); each refused before anything is b
     (["--loss_topk", "-1"], "--loss_topk must be >= 0"), (["--build_lr", "nan"], "--build_lr must be > 0"),
     (["--out", ""], "--out must not be empty"), (["--out", "{file}"], "is a file"),
     (["--cache", "{file}"], "is a file"),
+    (["--methods", "trb-epsabc"], "--methods: unknown trb-epsabc"), (["--methods", "trb-eps0"], "unknown trb-eps0"),
+    (["--methods", "opd,trb-epsnan"], "unknown trb-epsnan"), (["--out", "{ship}/runs"], "is in the shipped build"),
+    (["--cache", "{ship}"], "is in the shipped build"),
+    (["--task_seed", str(2**64)], "--task_seed must be in [0, 2^32)"),
 ]
 
 @pytest.mark.parametrize("flags,words", TOY_BAD, ids=[" ".join(f) for f, _ in TOY_BAD])
@@ -2823,8 +2829,8 @@ def test_toy_bad_flags_are_one_line_before_any_build(tmp_path, monkeypatch, flag
     """toy.py's flags and every run's trb.py flags are checked first: one line, nothing built, nothing run."""
     (tmp_path / "f").write_text("x")
     monkeypatch.setattr(toy, "build", lambda cfg: pytest.fail("built before the bad flag was refused"))
-    argv = ["--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")] + [f.replace("{file}", str(tmp_path / "f"))
-                                                                              for f in flags]
+    argv = ["--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")] + [
+        f.replace("{file}", str(tmp_path / "f")).replace("{ship}", toy.SHIPPED) for f in flags]
     with pytest.raises(SystemExit) as e:
         toy.main(argv)
     msg = str(e.value)
@@ -2851,6 +2857,140 @@ def test_toy_damaged_cache_and_a_second_call_on_one_out(tmp_path):
         assert (tmp_path / "o" / "mine.txt").read_text() == "kept"
     finally:
         trb.unlock(lock)
+
+def test_toy_shipped_build_is_current():
+    """toy-build/ is the default flags' build: every file as its SHA256SUMS lists it, the task and vocab what toy.py
+    makes now, the README's accuracies, a few MB (its models are rebuilt by the opt-in test below)."""
+    root, info = toy.shipped(toy.ToyConfig())
+    assert root == toy.SHIPPED, "the default flags do not use the shipped build"
+    assert (info["V"], info["params"], round(info["base_acc"], 3), round(info["teacher_acc"], 3)) == \
+        (47, 536960, 0.007, 0.987), f"not the shipped build of the README: {info}"
+    files = toy.sums(root, ())
+    assert {"SHA256SUMS", "build.json", "train.jsonl", "test.jsonl", "base/model.safetensors",
+            "teacher/model.safetensors"} <= set(files), sorted(files)
+    size = sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    assert size < 6e6, f"the shipped build is {size / 1e6:.1f} MB"
+
+@pytest.mark.skipif(not os.environ.get("TRB_SLOW"), reason="opt-in: TRB_SLOW=1 (rebuilds the toy models, ~30 min)")
+def test_toy_shipped_build_is_what_toy_builds(tmp_path, capsys):
+    """Opt-in: toy.py --check rebuilds the default build and finds every shipped file byte-identical."""
+    toy.main(["--check", "--cache", str(tmp_path)])
+    assert "byte-identical" in capsys.readouterr().out
+
+@pytest.fixture
+def toy_ship(tmp_path, monkeypatch):
+    """A tiny build shipped as toy-build/ is (the build's folder without times.json), as toy.SHIPPED."""
+    root, _ = toy.build(trb.parse_config(toy.ToyConfig, TOY_TINY + ["--cache", str(tmp_path / "built")])[0])
+    ship = tmp_path / "ship"
+    shutil.copytree(root, ship)
+    os.remove(ship / "times.json")
+    monkeypatch.setattr(toy, "SHIPPED", str(ship))
+    return ship
+
+def toy_stop(seen):
+    """A stand-in for toy.build or toy.run_all: notes its first argument and stops the call with one line."""
+    def stop(x, *a, **k):
+        seen.append(x)
+        raise trb.UserError("stopped here")
+    return stop
+
+def test_toy_runs_on_the_shipped_build_in_place(toy_ship, tmp_path, monkeypatch):
+    """With its build flags, toy.py runs on the shipped files where they are, writing nothing there or in --cache;
+    other build flags build into --cache."""
+    built, ran, before = [], [], toy.sums(toy_ship, ())
+    monkeypatch.setattr(toy, "build", toy_stop(built))
+    monkeypatch.setattr(toy, "run_all", toy_stop(ran))
+    argv = TOY_TINY + ["--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--methods", "opd"]
+    with pytest.raises(SystemExit, match="stopped here"):
+        toy.main(argv)
+    assert not built and ran[0][0]["argv"][1] == str(toy_ship / "base"), "the shipped build was not used"
+    assert toy.sums(toy_ship, ()) == before, "toy.py wrote into the shipped build"
+    assert not (tmp_path / "c").exists(), "toy.py made --cache although it did not build"
+    with pytest.raises(SystemExit, match="stopped here"):
+        toy.main(argv + ["--pretrain_steps", "5"])
+    assert built and built[0].pretrain_steps == 5, "another build config did not build into --cache"
+
+def toy_flip(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+TOY_SHIP_DAMAGE = [  # (what, damage(ship, monkeypatch), words of the one line)
+    ("a weight edited", lambda s, m: toy_flip(s / "base" / "model.safetensors"),
+     "is not what its SHA256SUMS lists (edited or damaged: base/model.safetensors)"),
+    ("a file removed", lambda s, m: os.remove(s / "teacher" / "config.json"), "damaged: teacher/config.json"),
+    ("build.json removed", lambda s, m: os.remove(s / "build.json"), "damaged: build.json"),
+    ("no SHA256SUMS", lambda s, m: os.remove(s / "SHA256SUMS"), "has no readable SHA256SUMS"),
+    ("an empty SHA256SUMS", lambda s, m: (s / "SHA256SUMS").write_text(""), "damaged: SHA256SUMS"),
+    ("the task code changed since", lambda s, m: m.setattr(toy, "is_test", lambda steps: len(steps) == 3),
+     "is stale (train.jsonl, test.jsonl: not what this toy.py makes now)"),
+    ("the vocab changed since", lambda s, m: m.setattr(toy, "SPECIALS", toy.SPECIALS + ("<x>",)),
+     "is stale (base/tokenizer.json's vocab: not"),
+]
+
+@pytest.mark.parametrize("what,damage,words", TOY_SHIP_DAMAGE, ids=[w for w, _, _ in TOY_SHIP_DAMAGE])
+def test_toy_an_edited_or_stale_shipped_build_is_one_line(toy_ship, tmp_path, monkeypatch, what, damage, words):
+    """A shipped build that is not as shipped, or not what the code makes now, stops toy.py with one line naming
+    it: it is neither used nor rebuilt silently."""
+    damage(toy_ship, monkeypatch)
+    monkeypatch.setattr(toy, "build", lambda cfg, fresh=False: pytest.fail(f"{what}: built instead"))
+    with pytest.raises(SystemExit) as e:
+        toy.main(TOY_TINY + ["--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+    msg = str(e.value)
+    assert msg.startswith("toy: error: the shipped build") and words in msg and "\n" not in msg, msg
+
+def test_toy_check_rebuilds_and_compares_with_the_shipped_build(toy_ship, tmp_path, capsys):
+    """--check builds afresh (an older build in --cache is not trusted) and finds the shipped files byte-identical;
+    a shipped file that differs is named in one line that says how to ship the fresh build."""
+    argv = TOY_TINY + ["--check", "--cache", str(tmp_path / "c")]
+    toy.main(argv)
+    assert "byte-identical" in capsys.readouterr().out
+    root = toy.build_dir(trb.parse_config(toy.ToyConfig, argv)[0])
+    toy_flip(pathlib.Path(root) / "base" / "model.safetensors")  # a stale cached build: --check rebuilds it
+    toy.main(argv)
+    assert "byte-identical" in capsys.readouterr().out, "--check compared an old build"
+    toy_flip(toy_ship / "teacher" / "model.safetensors")
+    with pytest.raises(SystemExit) as e:
+        toy.main(argv)
+    msg = str(e.value)
+    assert "files differ (teacher/model.safetensors)" in msg and f"cp -r {root}" in msg and "\n" not in msg, msg
+
+TOY_FOREIGN = [  # (what the user has under --out where a run goes, its files, words of the one line)
+    ("a trb run of the user's", {"runs/opd-s0/model.safetensors": "w", "runs/opd-s0/notes.txt": "n"},
+     "runs/opd-s0 was not made by toy.py"),
+    ("a checkpoint a killed save left", {"runs/opd-s0.trb-old/trainer_state.pt": "s"},
+     "opd-s0.trb-old was not made by toy.py"),
+    ("a log of the user's", {"runs/opd-s0.log": "mine"}, "opd-s0.log was not made by toy.py"),
+    ("a JSON file of the user's", {"opd-s0.json": "{}"}, "opd-s0.json is not a toy.py result"),
+    ("a file named runs", {"runs": "mine"}, "cannot make the run's folder"),
+]
+
+@pytest.mark.parametrize("what,files,words", TOY_FOREIGN, ids=[w for w, _, _ in TOY_FOREIGN])
+def test_toy_never_removes_what_it_did_not_make(tmp_path, monkeypatch, what, files, words):
+    """`toy.py --out DIR` where DIR holds a run's name that toy.py did not make: one line before the models load or
+    any run starts, and every file stays."""
+    out = tmp_path / "o"
+    for f, text in files.items():
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        (out / f).write_text(text)
+    monkeypatch.setattr(trb, "load_model", lambda *a: pytest.fail(f"{what}: the models loaded first"))
+    monkeypatch.chdir(out)                                   # the issue's call: --out .
+    with pytest.raises(SystemExit) as e:
+        toy.main(TOY_TINY + ["--cache", str(tmp_path / "c"), "--out", ".", "--methods", "trb,opd", "--seeds", "1"])
+    assert str(e.value).startswith("toy: error: ") and words in str(e.value) and "\n" not in str(e.value), e.value
+    for f, text in files.items(): assert (out / f).read_text() == text, f"{what}: {f} was touched"
+    assert not (out / "runs" / "trb-s0").exists(), f"{what}: another run's folder was made before the refusal"
+
+def test_toy_clears_the_run_folders_it_made(tmp_path):
+    """A run folder toy.py made (its mark), cut off with a swap sibling and a log beside it, is cleared and marked
+    again for the run."""
+    runs = tmp_path / "runs"
+    (runs / "opd-s0").mkdir(parents=True)
+    for f in ("opd-s0/" + toy.MARK, "opd-s0/model.safetensors", "opd-s0.log"): (runs / f).write_text("old")
+    (runs / "opd-s0.trb-tmp").mkdir()
+    toy.claim(dict(out_dir=str(runs / "opd-s0"), result=str(tmp_path / "opd-s0.json")))
+    assert sorted(os.listdir(runs)) == ["opd-s0"] and os.listdir(runs / "opd-s0") == [toy.MARK], \
+        sorted(os.listdir(runs))
 
 # -----------------------------------------------------------------------------
 # the paper's baselines as flags

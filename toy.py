@@ -16,11 +16,15 @@ Every method runs through trb.py (trb.main with its flags, resumed from one eval
 resume is bit-exact); every accuracy is eval.py's (generate + score, greedy, held-out). toy.py adds no method code.
 The protocol (lr, steps, K) was fixed on vanilla OPD alone: docs/toy.md has the pilots and the results.
 
-  python toy.py --quick          # OPD and TRB, 1 seed: ~2 min on 2 cores with the cache built (~11 min cold)
-  python toy.py                  # 7 methods x 5 seeds, table + figure in --out: ~25 min on 2 cores, cache built
+  python toy.py --quick          # OPD and TRB, 1 seed: ~2 min on 2 cores
+  python toy.py                  # 7 methods x 5 seeds, table + figure in --out: ~25 min on 2 cores
   python toy.py --sweep          # TRB at eps0 0.005, 0.02, 0.05, 0.2 and OPD, 3 seeds each
-  python toy.py --build_only     # build the task and models once (~9 min on 2 cores) into --cache
+  python toy.py --check          # build the task and models afresh (one thread: ~30 min), compare with toy-build/
   python toy.py --help           # every flag
+
+The task and models of the default build flags are shipped in toy-build/ (4.8 MB; its SHA256SUMS lists every file):
+toy.py reads them there, checked against SHA256SUMS and its task against the code, and writes nothing there. Other
+build flags build into --cache, once.
 
 Runs go --jobs at a time (default 2), each a process with OMP_NUM_THREADS=1; a finished run (same flags, same
 --eval_n) is read back, not repeated, so an interrupted comparison continues from its finished runs (a run cut off
@@ -61,14 +65,18 @@ class ToyConfig:
     # what to run
     quick: bool = False                    # vanilla OPD and TRB, one seed
     sweep: bool = False                    # TRB at each --sweep_eps0, --sweep_seeds seeds, beside OPD at those seeds
-    build_only: bool = False               # build (or find) the cached task and models, print their accuracy, stop
+    build_only: bool = False               # build (or find) the task and models in --cache, print their accuracy,
+                                           # stop (the shipped toy-build/ is not used)
+    check: bool = False                    # build afresh in --cache and compare with the shipped toy-build/, file
+                                           # by file, then stop
     methods: str = ""                      # comma-separated methods, of: opd, trb, fixed_eps, skd, veto,
                                            # temp_warmup, sft_warmup; "" = all seven (--quick: opd,trb)
     seeds: int = 5                         # seeds per method, 0..N-1 (--quick: 1)
     jobs: int = 2                          # runs side by side, one thread each
     out: str = "toy-out"                   # runs/, and MODE.md (table), MODE.json, MODE.png (figure), MODE =
                                            # compare|quick|sweep; a finished run with the same flags is read back
-    cache: str = "~/.cache/trb/toy"        # the task and models, one folder per build config
+    cache: str = "~/.cache/trb/toy"        # built tasks and models, one folder per build config (the default
+                                           # build flags' is shipped in toy-build/ and read there)
     # the task
     task_seed: int = 0                     # seeds the problems, the models' initialisation and their data order
     n_train: int = 4000                    # train problems (the OPD prompts, the teacher's SFT data)
@@ -107,6 +115,9 @@ BUILD_FIELDS = ("task_seed", "n_train", "n_test", "fmt_rate", "end_rate", "layer
                 "sft_steps", "build_batch", "build_lr")
 BUILD_MAX_NEW = 50                         # the build's own accuracies: responses of at most 50 characters
 POSITIONS, MAX_PROMPT = 512, 128           # the models' positions; a chat-formatted question is under 128 tokens
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy-build")  # the default flags' build
+SUMS = "SHA256SUMS"                        # a build's files and their sha256: `sha256sum -c SHA256SUMS` checks them
+MARK = ".toy-run"                          # in each run folder toy.py made: the only ones it removes
 MOST = dict(seeds=1000, sweep_seeds=1000, jobs=64, steps=10**5, n_train=10**5, n_test=10**4, layers=64, hidden=4096,
             build_batch=4096)                      # upper bounds of the flags: see check()
 
@@ -175,9 +186,11 @@ def base_document(rng, fmt_rate, end_rate, max_len):
         text += "\n\n"
     return text[:max_len], ended and len(text) <= max_len
 
+def jsonl(recs):
+    return "".join(json.dumps(r) + "\n" for r in recs)
+
 def write_jsonl(path, recs):
-    with open(path, "w") as f:
-        for r in recs: f.write(json.dumps(r) + "\n")
+    with open(path, "w") as f: f.write(jsonl(recs))
 
 # ---------------------------------------------------------------------------------------------------------------------
 # tokenizer: one token per character
@@ -190,12 +203,14 @@ def charset():
     text = " ".join(NAMES + ITEMS + sum(VERBS.values(), ())) + " buys bags of has how many now?,.\n0123456789+-*=#"
     return sorted(set(text))
 
+def make_vocab():
+    return {t: i for i, t in enumerate(list(SPECIALS) + charset())}
+
 def make_tokenizer(path):
     """A character-level PreTrainedTokenizerFast with a chat template that keeps the user turn only."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    vocab = {t: i for i, t in enumerate(list(SPECIALS) + charset())}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk = Tokenizer(models.WordLevel(make_vocab(), unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character, newlines too
     tk.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
@@ -282,14 +297,17 @@ def accuracy(model, tok, problems, max_new_tokens, batch_size=100):
 # ---------------------------------------------------------------------------------------------------------------------
 # the cache: task, tokenizer, base (the student) and teacher, built once per build config, deterministically
 
+def build_config(cfg):
+    return {f: getattr(cfg, f) for f in BUILD_FIELDS}
+
 def build_dir(cfg):
-    key = json.dumps({f: getattr(cfg, f) for f in BUILD_FIELDS}, sort_keys=True)
+    key = json.dumps(build_config(cfg), sort_keys=True)
     return os.path.join(os.path.expanduser(cfg.cache), "build-" + hashlib.sha256(key.encode()).hexdigest()[:10])
 
-def build(cfg):
+def build(cfg, fresh=False):
     """
-    The cached build of cfg, made if missing: (root, build.json's content). One process builds a folder at a time;
-    another one waits for it (a lock file beside it), then reads the build.
+    The cached build of cfg, made if missing (or if fresh): (root, build.json's content). One process builds a
+    folder at a time; another one waits for it (a lock file beside it), then reads the build.
     """
     root = build_dir(cfg)
     try:
@@ -303,10 +321,16 @@ def build(cfg):
         except OSError:
             print(f"toy | waiting for another toy.py that builds {root}", flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.isfile(os.path.join(root, "build.json")): build_files(cfg, root)
+        if fresh or not os.path.isfile(os.path.join(root, "build.json")):
+            n = torch.get_num_threads()
+            torch.set_num_threads(1)  # on some CPUs the floats depend on the thread count: one thread everywhere
+            try:
+                build_files(cfg, root)
+            finally:
+                torch.set_num_threads(n)
         return root, read_build(root)
 
-def read_build(root):
+def read_build(root, what="the cache", fix="remove it, and the next call builds it again"):
     """build.json of a complete build, or one line."""
     need = ("build.json", "train.jsonl", "test.jsonl", "base/model.safetensors", "base/tokenizer.json",
             "teacher/model.safetensors", "teacher/tokenizer.json")
@@ -317,8 +341,8 @@ def read_build(root):
             raise ValueError
         return info
     except (OSError, ValueError, LookupError, TypeError):
-        raise trb.UserError(f"the cache {root} is damaged{' (no ' + ', '.join(missing) + ')' if missing else ''}: "
-                            f"remove it, and the next call builds it again") from None
+        raise trb.UserError(f"{what} {root} is damaged{' (no ' + ', '.join(missing) + ')' if missing else ''}: "
+                            f"{fix}") from None
 
 def build_files(cfg, root):
     """
@@ -337,7 +361,7 @@ def build_files(cfg, root):
     problems = ev.load_problems("gsm8k", os.path.join(tmp, "test.jsonl"))
     base = fit(new_model(tok, cfg), base_batches(tok, cfg), cfg.pretrain_steps, cfg.build_lr, cfg.task_seed + 1, "base")
     t1 = time.time()
-    info = dict(config={f: getattr(cfg, f) for f in BUILD_FIELDS}, V=len(tok),
+    info = dict(config=build_config(cfg), V=len(tok),
                 params=sum(p.numel() for p in base.parameters()), base_acc=accuracy(base, tok, problems,
                                                                                      BUILD_MAX_NEW)[0])
     save_model(base, tok, os.path.join(tmp, "base"))
@@ -350,6 +374,7 @@ def build_files(cfg, root):
                  threads=torch.get_num_threads())
     for name, obj in (("build.json", info), ("times.json", times)):
         with open(os.path.join(tmp, name), "w") as f: json.dump(obj, f, indent=1)
+    with open(os.path.join(tmp, SUMS), "w") as f: f.writelines(f"{h}  {p}\n" for p, h in sums(tmp).items())
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)
     print(f"toy | built in {times['total_s']:.0f}s: V={info['V']}, {info['params']} parameters per model, held-out "
@@ -358,6 +383,60 @@ def build_files(cfg, root):
 def save_model(model, tok, path):
     model.save_pretrained(path)
     tok.save_pretrained(path)
+
+def sums(root, skip=("times.json", SUMS)):
+    """{path: sha256} of the files under root but those in skip (times.json: wall times), sorted by path."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.relpath(os.path.join(d, f), root)
+            if p not in skip:
+                with open(os.path.join(d, f), "rb") as fh: out[p] = hashlib.sha256(fh.read()).hexdigest()
+    return dict(sorted(out.items()))
+
+def shipped(cfg):
+    """
+    The build shipped in toy-build/, (root, build.json's content), if cfg's build flags are its own, else None.
+    Used only as it was shipped: each file as SHA256SUMS lists it, the task and vocab what this code makes (the
+    models' staleness is --check's to find: it rebuilds them); else one line.
+    """
+    if not os.path.isdir(SHIPPED): return None
+    try:
+        with open(os.path.join(SHIPPED, "build.json")) as f:
+            if json.load(f)["config"] != build_config(cfg): return None
+    except (OSError, ValueError, LookupError, TypeError):    # damaged: the checks below say how
+        pass
+    name = f"the shipped build {SHIPPED}"
+    try:
+        with open(os.path.join(SHIPPED, SUMS)) as f: lines = f.read().splitlines()
+        listed = {p: h for h, p in (x.split("  ", 1) for x in lines)}
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise trb.UserError(f"{name} has no readable {SUMS}: restore it (git checkout -- toy-build)") from None
+    now = sums(SHIPPED)
+    bad = [p for p, h in listed.items() if now.get(p) != h]
+    if bad or not listed:
+        raise trb.UserError(f"{name} is not what its {SUMS} lists (edited or damaged: {', '.join(bad[:3]) or SUMS}"
+                            f"{', ...' if len(bad) > 3 else ''}): restore it (git checkout -- toy-build)")
+    info = read_build(SHIPPED, "the shipped build", "restore it (git checkout -- toy-build)")
+    made = dict(zip(("train.jsonl", "test.jsonl"), make_splits(cfg.task_seed, cfg.n_train, cfg.n_test)))
+    stale = [f for f, recs in made.items() if now[f] != hashlib.sha256(jsonl(recs).encode()).hexdigest()]
+    with open(os.path.join(SHIPPED, "base", "tokenizer.json")) as f: vocab = json.load(f)["model"]["vocab"]
+    stale += ["base/tokenizer.json's vocab"] * (vocab != make_vocab())
+    if stale: raise trb.UserError(f"{name} is stale ({', '.join(stale)}: not what this toy.py makes now): rebuild and "
+                                  f"ship it (python toy.py --check says how)")
+    return SHIPPED, info
+
+def compare_shipped(root):
+    """--check: the fresh build in root against toy-build/, every file but times.json, or one line."""
+    mine, ship = sums(root, ("times.json",)), sums(SHIPPED, ("times.json",)) if os.path.isdir(SHIPPED) else {}
+    diff = sorted(p for p in mine.keys() | ship.keys() if mine.get(p) != ship.get(p))
+    if diff:
+        raise trb.UserError(f"the shipped build {SHIPPED} is not what this code builds: {len(diff)} of "
+                            f"{len(mine | ship)} files differ ({', '.join(diff[:4])}{', ...' if len(diff) > 4 else ''})"
+                            f"; to ship the fresh build: "
+                            f"rm -r {SHIPPED} && cp -r {root} {SHIPPED} && rm {SHIPPED}/times.json")
+    print(f"toy | the shipped build {SHIPPED} is what this code builds: its {len(mine)} files are byte-identical to "
+          f"the fresh build's in {root}", flush=True)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the runs: every method is trb.main with its flags, resumed from one evaluation point to the next
@@ -402,12 +481,11 @@ def plan(cfg, root, names, seeds):
 
 def run_one(spec, acc0):
     """
-    One method and seed: a fresh out_dir, trb.main to the first point, then --resume to each next one (bit-exact),
-    the checkpoint's greedy accuracy at each point. Writes and returns the result: per point step, accuracy and
-    eval_kl, and the per-step training records.
+    One method and seed, in the fresh out_dir claim() made: trb.main to the first point, then --resume to each next
+    one (bit-exact), the checkpoint's greedy accuracy at each point. Writes and returns the result: per point step,
+    accuracy and eval_kl, and the per-step training records.
     """
     d, t0 = spec["out_dir"], time.time()
-    for x in ("", trb.TMP, trb.OLD): shutil.rmtree(d + x, ignore_errors=True)  # a fresh out_dir, no swap left
     problems = ev.load_problems("gsm8k", spec["test"], spec["eval_n"])
     tok, rows = trb.load_tokenizer(spec["argv"][spec["argv"].index("--student") + 1]), [dict(step=0, acc=acc0)]
     for i, step in enumerate(spec["points"]):
@@ -422,9 +500,40 @@ def run_one(spec, acc0):
     train = [{k: r[k] for k in keep if k in r} for r in recs if "loss" in r]
     res = dict(name=spec["name"], seed=spec["seed"], argv=spec["argv"], eval_n=spec["eval_n"], points=rows,
                seconds=round(time.time() - t0, 1), train=train)
-    with open(spec["result"] + ".part", "w") as f: json.dump(res, f)
-    os.replace(spec["result"] + ".part", spec["result"])
+    save(spec["result"], json.dumps(res))
     return res
+
+def claim(spec, make=True):
+    """
+    A fresh out_dir for a run, marked as toy.py's (MARK, which trb's checkpoint swaps carry along). What toy.py made
+    before under its name (the folder, its swap siblings, its log) goes; anything else there, or a result file of
+    that name that is not a run's result, stops the call with one line: nothing of the user's is removed.
+    """
+    d, res = spec["out_dir"], spec["result"]
+    there = [p for p in (d, d + trb.TMP, d + trb.OLD, d + ".log") if os.path.lexists(p)]
+    if there and not any(os.path.isfile(os.path.join(p, MARK)) for p in there if os.path.isdir(p)):
+        raise trb.UserError(f"{there[0]} was not made by toy.py (it has no {MARK} file): move it away or choose "
+                            f"another --out")
+    if os.path.lexists(res) and not is_result(res):
+        raise trb.UserError(f"{res} is not a toy.py result: move it away or choose another --out")
+    if not make: return
+    try:
+        for p in there: shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+        os.makedirs(d)
+        open(os.path.join(d, MARK), "w").close()
+    except OSError as e:
+        raise trb.UserError(f"{d}: cannot make the run's folder ({e.strerror})") from None
+
+def save(path, text):
+    """text into path atomically: a reader finds the old file or the new one, never a part."""
+    with open(path + ".part", "w") as f: f.write(text)
+    os.replace(path + ".part", path)
+
+def is_result(path):
+    try:
+        with open(path) as f: return {"argv", "points", "seed"} <= set(json.load(f))
+    except (OSError, ValueError, TypeError):
+        return False
 
 def worker(spec, acc0):
     """run_one in a worker process: one thread, trb's and eval's output into the run's log file, which ends with
@@ -467,18 +576,25 @@ def finished(spec):
         if same and ok: return dict(res, name=spec["name"])
     return None
 
-def run_all(specs, acc0, jobs):
-    """The runs not finished before, `jobs` at a time, each in a spawned process with OMP_NUM_THREADS=1. A run that
-    fails or dies stops the call with one line; on that or a signal the other workers are stopped at once (a run
-    cut off starts again at the next call)."""
+def prepare(specs):
+    """Each run's earlier result (read once, here or when the run ends), or None: then its fresh folder (claim)."""
+    res = [finished(s) for s in specs]
+    todo = [s for s, r in zip(specs, res) if r is None]
+    for s in todo: claim(s, make=False)                      # all checked before any is made or run: a foreign
+    for s in todo: claim(s)                                  # folder stops the call before it changes anything
+    return res
+
+def run_all(specs, acc0, jobs, res=None):
+    """The runs not finished before (res: prepare's, if main called it), `jobs` at a time, each in a spawned process
+    with OMP_NUM_THREADS=1. A run that fails or dies stops the call with one line; on that or a signal the other
+    workers are stopped at once (a run cut off starts again at the next call)."""
     import multiprocessing
     from multiprocessing import resource_tracker
     from multiprocessing.connection import wait
-    res = [finished(s) for s in specs]                       # each result read once, here or when its run ends
+    res = prepare(specs) if res is None else res
     todo, live, t0 = [i for i, r in enumerate(res) if r is None], {}, time.time()
     print(f"toy | {len(specs) - len(todo)} of {len(specs)} runs read back from earlier; running {len(todo)}, "
           f"{jobs} at a time (logs: {os.path.dirname(specs[0]['out_dir'])}/*.log)", flush=True)
-    os.makedirs(os.path.dirname(specs[0]["out_dir"]), exist_ok=True)
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false",
                       PYTHONWARNINGS="ignore:resource_tracker:UserWarning")  # it frees what a stopped worker held
     resource_tracker.ensure_running()                        # now: starting it later would unblock the signals
@@ -605,7 +721,8 @@ def figure(results, K, path):
         ax.set_xlabel("step")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path + ".part", dpi=120, format="png")
+    os.replace(path + ".part", path)
     plt.close(fig)
     return path
 
@@ -627,6 +744,7 @@ def check(cfg, given):
     for name in ("fmt_rate", "end_rate"):
         x = getattr(cfg, name)
         if not 0 <= x <= 1: raise trb.UserError(f"--{name} must be in [0, 1], got {x}")
+    if not 0 <= cfg.task_seed < 2**32: raise trb.UserError(f"--task_seed must be in [0, 2^32), got {cfg.task_seed}")
     if cfg.hidden % 4: raise trb.UserError(f"--hidden must be a multiple of the 4 heads, got {cfg.hidden}")
     if cfg.eval_n > cfg.n_test:
         raise trb.UserError(f"--eval_n {cfg.eval_n} is more than the {cfg.n_test} test problems")
@@ -645,8 +763,9 @@ def check(cfg, given):
         raise trb.UserError(f"--max_new_tokens must be <= {POSITIONS - MAX_PROMPT}: prompts of up to {MAX_PROMPT} "
                             f"tokens and their responses fit the models' {POSITIONS} positions")
     names, _ = runs_of(cfg)
-    bad = [m for m in names if m not in METHODS and not m.startswith("trb-eps")]
-    if bad: raise trb.UserError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    bad = [m for m in names if m not in METHODS and eps_of(m) is None]
+    if bad: raise trb.UserError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}, or trb-epsX "
+                                f"(TRB at eps0 = X > 0, as --sweep names its runs)")
     if not names or len(set(names)) < len(names):
         raise trb.UserError(f"--sweep_eps0 must name each budget once, got {cfg.sweep_eps0!r}" if cfg.sweep else
                             f"--methods must name each method once, got {cfg.methods!r}")
@@ -663,6 +782,14 @@ def runs_of(cfg):
     names = [m.strip() for m in cfg.methods.split(",") if m.strip()] if cfg.methods else \
         ["opd", "trb"] if cfg.quick else list(METHODS)
     return names, range(1 if cfg.quick else cfg.seeds)
+
+def eps_of(name):
+    """X of a run name 'trb-epsX' (--sweep's), a number > 0, else None."""
+    try:
+        x = float(name[len("trb-eps"):]) if name.startswith("trb-eps") else None
+    except ValueError:
+        return None
+    return x if x is not None and 0 < x < math.inf else None
 
 def sweep_values(cfg):
     try:
@@ -681,28 +808,32 @@ def main(argv=None):
     old, lock = signal.signal(signal.SIGTERM, interrupt), None  # a SIGTERM stops the workers too, like Ctrl-C
     try:
         check(cfg, given)
-        t0, cache = time.time(), folder(cfg.cache, "--cache", make=True)
+        cfg = dataclasses.replace(cfg, build_only=cfg.build_only or cfg.check)
+        t0, cache = time.time(), folder(cfg.cache, "--cache")
         if not cfg.build_only:
             cfg = dataclasses.replace(cfg, out=folder(cfg.out, "--out"))
             try:
                 lock = trb.lock_out_dir(cfg.out)             # one toy.py per --out
             except trb.UserError as e:
                 raise trb.UserError(str(e).replace("--out_dir", "--out").replace("trb.py", "toy.py")) from None
-        root, info = build(dataclasses.replace(cfg, cache=cache))
-        print(f"toy | cache {root}: V={info['V']}, {info['params']} parameters per model; held-out greedy accuracy "
+        root, info = (None if cfg.build_only else shipped(cfg)) or build(dataclasses.replace(cfg, cache=cache),
+                                                                         fresh=cfg.check)
+        if cfg.check: compare_shipped(root)
+        print(f"toy | build {root}: V={info['V']}, {info['params']} parameters per model; held-out greedy accuracy "
               f"base (the student at step 0) {info['base_acc']:.3f}, teacher {info['teacher_acc']:.3f}", flush=True)
         if cfg.build_only: return info
         mode = "sweep" if cfg.sweep else "quick" if cfg.quick else "compare"
         specs = plan(cfg, root, *runs_of(cfg))
+        done = prepare(specs)                                # before the models load: a foreign run folder stops it
         problems = ev.load_problems("gsm8k", os.path.join(root, "test.jsonl"), cfg.eval_n)
         tok = trb.load_tokenizer(os.path.join(root, "base"))
         acc0, t_acc = (accuracy(trb.load_model(os.path.join(root, m), torch.float32, torch.device("cpu")), tok,
                                 problems, cfg.max_new_tokens)[0] for m in ("base", "teacher"))
-        results = run_all(specs, acc0, cfg.jobs)  # acc0: every run's step 0 (the base student, greedy)
+        results = run_all(specs, acc0, cfg.jobs, done)  # acc0: every run's step 0 (the base student, greedy)
         text = table(cfg, results, t_acc)
         paths = [os.path.join(cfg.out, f"{mode}.{ext}") for ext in ("md", "json", "png")]
-        with open(paths[0], "w") as f: f.write(text)
-        with open(paths[1], "w") as f: json.dump(dict(config=dataclasses.asdict(cfg), build=info, runs=results), f)
+        save(paths[0], text)
+        save(paths[1], json.dumps(dict(config=dataclasses.asdict(cfg), build=info, runs=results)))
         paths[2] = figure(results, cfg.warmup_steps, paths[2])
         print(text + f"\ntoy | {' '.join(p for p in paths if p)} | {time.time() - t0:.0f}s in all", flush=True)
         return results
@@ -721,15 +852,13 @@ def interrupt(signum, frame):
 def stop(signum, frame):
     raise SystemExit(1)
 
-def folder(path, flag, make=False):
-    """path with ~ expanded and made absolute, not a file (made if missing and make), or one line."""
+def folder(path, flag):
+    """path with ~ expanded and made absolute, not a file and not in the shipped build, or one line."""
     if not path: raise trb.UserError(f"{flag} must not be empty")
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.exists(path) and not os.path.isdir(path): raise trb.UserError(f"{flag} {path!r} is a file")
-    try:
-        if make: os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise trb.UserError(f"{flag} {path!r}: cannot create it ({e.strerror})") from None
+    if os.path.commonpath([os.path.realpath(path), os.path.realpath(SHIPPED)]) == os.path.realpath(SHIPPED):
+        raise trb.UserError(f"{flag} {path!r} is in the shipped build {SHIPPED}, which toy.py never writes to")
     return path
 
 if __name__ == "__main__":
