@@ -461,7 +461,8 @@ def common_flags(cfg, root):
             str(cfg.warmup_steps), "--batch_size", str(cfg.batch_size), "--n_samples", str(cfg.n_samples),
             "--micro_batch_size", str(cfg.batch_size * cfg.n_samples), "--max_new_tokens", str(cfg.max_new_tokens),
             "--lr", str(cfg.lr), "--lr_warmup_steps", "5", "--loss_topk", str(cfg.loss_topk), "--save_every", "0",
-            "--device", "cpu", "--dtype", "float32"]
+            "--device", "cpu", "--dtype", "float32", "--spec_tokens", "0"]  # the lock-step sampler the protocol
+                                                                              # and its tables were made with
 
 def eval_points(cfg):
     """The steps with an accuracy and an eval_kl: every --every steps, K and the end (step 0 is the base's)."""

@@ -128,8 +128,9 @@ class Config:
     temperature: float = 1.0               # sampling temperature; 0 = greedy
     max_new_tokens: int = 1024             # response length limit
     rollout_batch_size: int = 0            # rows decoded together; 0 = all of this rank's rows of the step
-    spec_tokens: int = 0                   # while the teacher blends: the student drafts this many tokens and the
-                                           # teacher checks them in one forward, exact in distribution (0 = off)
+    spec_tokens: int = 4                   # while the teacher blends: the student drafts this many tokens and the
+                                           # teacher checks them in one forward, exact in distribution (0 = the
+                                           # lock-step loop; 4 was fastest in bench.py's R13)
     # optimisation
     max_steps: int = 200                   # training steps (on --resume, where the run ends)
     batch_size: int = 8                    # prompts per step, across all ranks
@@ -1050,7 +1051,8 @@ def check_config(c):
     if (c.skd_topk > 0) != (c.skd_steps > 0): raise UserError("--skd_topk and --skd_steps go together")
     on = [n for n in ("skd_topk", "veto_beta", "temp_warmup", "sft_warmup_steps") if getattr(c, n) > 0]
     if len(on) > 1: raise UserError(f"--{on[0]} and --{on[1]} are different warmups: use one at a time")
-    if c.spec_tokens and c.skd_topk: raise UserError("--spec_tokens speeds up TRB's blend; SKD keeps the lock-step")
+    if c.skd_topk and c.spec_tokens not in (0, Config.spec_tokens):  # SKD keeps the lock-step loop
+        raise UserError("--spec_tokens speeds up TRB's blend; SKD keeps the lock-step loop")
     if on and c.eps0 > 0: raise UserError(f"--{on[0]} is a warmup of its own, not a TRB option: use it with --eps0 0")
     if c.schedule == "constant" and c.eps0 == 0: raise UserError("--schedule constant needs --eps0 > 0")
     if not c.out_dir: raise UserError("--out_dir must not be empty")
@@ -1249,7 +1251,7 @@ def resume_config(cfg, given, state):
     checkpoint's: another --student is refused, not printed as a change that is not made.
     """
     here = {"out_dir", "resume", "overwrite", "device", "dtype"}
-    old = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
+    old = Config(**{"spec_tokens": 0, **{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__}})
     new = dataclasses.replace(old, **{k: getattr(cfg, k) for k in set(given) | here})
     same = new.student == old.student or (os.path.isdir(new.student) and os.path.isdir(old.student) and
                                           os.path.samefile(new.student, old.student))
