@@ -663,7 +663,7 @@ def test_speculative_sampling_is_exact(case, monkeypatch):
     counts, acc = spec_draws(s, t, eps2, tau, g)
     z = max(chi2_z(counts[k], probs[k], 5_000) for k in probs)
     print(f"{case}: chi2 z = {z:.2f}; acceptance {acc}")
-    assert z < 4, f"{case}: speculative draws do not fit mu (z = {z:.1f})"
+    assert z < 5, f"{case}: speculative draws do not fit mu (z = {z:.1f}; the max of 4 groups' z, sparse bins)"
     for (p, e), a in acc.items():
         assert a >= 1 - math.sqrt(eps2[e] / 2) - 0.01, f"acceptance {a:.3f} below 1 - sqrt(eps/2) at eps {eps2[e]}"
     if max(eps2) == 0: return
