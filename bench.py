@@ -38,6 +38,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import trb
 
@@ -300,24 +301,30 @@ def loss_step_once(s, t, V, B, T, fused, device, amp, P=64):
     cfg = trb.Config(micro_batch_size=B, loss_topk=16)
     R = trb.SimpleNamespace(cfg=cfg, rank=0, world=1, device=device, amp=amp, V=V, eos_ids=[2], pad_id=0, student=s,
                             teacher=t, model=s)
+    s.train()
     if fused: return trb.loss_step(R, rows, roll, trb.warmup_knobs(0, cfg), torch.tensor(B * T * 1.0, device=device))
     seq, a, r = next(trb.micro_batches(R, rows, roll))
+    kw = dict(input_ids=seq, attention_mask=a, position_ids=(a.cumsum(-1) - 1).clamp(min=0), use_cache=False,
+              logits_to_keep=T + 1)                          # as trb.response_logits, without its slice's copy
     with torch.inference_mode(), amp:
-        t_l = trb.response_logits(t, seq, a, T, V)
-    t_l, prep, one = t_l.clone(), trb.loss_prep([2]), torch.nn.Identity()
+        t_l = t(**kw).logits                                 # (B, T+1, V'): the last position predicts nothing
+    t_l, prep, one, m = t_l.clone(), trb.loss_prep([2]), torch.nn.Identity(), F.pad(r["mask"], (0, 1)).view(-1)
     with amp:
-        s_l = trb.response_logits(s, seq, a, T, V)
+        s_l = s(**kw).logits
         fn = lambda x, y, m: torch.where(m, trb.reverse_kl(*prep(x, y), 16), 0.0).sum()  # noqa: E731
-        trb.fused_loss(s_l.reshape(-1, V), t_l.reshape(-1, V), (one, one), V, fn, r["mask"].reshape(-1)).backward()
+        trb.fused_loss(s_l.view(-1, s_l.shape[-1]), t_l.view(-1, t_l.shape[-1]), (one, one), V, fn, m).backward()
 
 MEM_CHILD = r"""
-import sys, torch, bench
+import ctypes, sys, torch, bench, trb
 from transformers import AutoModelForCausalLM
-student, teacher, B, T, V, fused = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6] == "1"
+ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: freed buffers leave the RSS, which tracks use
+student, teacher, B, T, V, fused, ckpt = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
 s = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
 t = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval().requires_grad_(False)
 for m in (s, t):
     if V > m.config.vocab_size: m.resize_token_embeddings(V, mean_resizing=False)  # a larger vocabulary
+if ckpt: trb.enable_grad_ckpt(s)
+for p in [*s.parameters(), *t.parameters()]: p.detach().sum()  # the weights are mapped lazily: page them in
 kb = lambda k: int(next(l for l in open("/proc/self/status") if l.startswith(k)).split()[1]) * 1024
 open("/proc/self/clear_refs", "w").write("5")  # the high-water mark starts again here, after loading
 base = kb("VmRSS:")
@@ -325,16 +332,19 @@ bench.loss_step_once(s, t, V, B, T, fused, torch.device("cpu"), bench.nullcontex
 print(kb("VmHWM:") - base)  # beyond the weights: activations, logits, gradients
 """
 
-def bench_loss_memory(paths, B, Ts, V):
-    """R4 on a CPU: the loss step's peak memory beyond the loaded models, fused and materialised, at each T; the
-    fused one again at 2V (both models' vocabularies doubled), which may add only the head's gradient."""
+def bench_loss_memory(paths, B, V, Ts=(512, 1024)):
+    """
+    R4 on a CPU: the loss step's peak memory beyond the loaded models, fused and materialised, with --grad_ckpt at
+    each T (the activations the loss does not touch kept small) and without at the last; then the fused one at 2V
+    (both models' vocabularies doubled). Keys (T, fused, grad_ckpt, V).
+    """
     here = os.path.dirname(os.path.abspath(__file__))
-    def run(T, fused, V):
-        p = subprocess.run([sys.executable, "-c", MEM_CHILD, paths["student"], paths["teacher"], str(B), str(T),
-                            str(V), fused], cwd=here, capture_output=True, text=True, check=True)
+    def run(*k):
+        p = subprocess.run([sys.executable, "-c", MEM_CHILD, paths["student"], paths["teacher"], str(B),
+                            *map(str, k)], cwd=here, capture_output=True, text=True, check=True)
         return int(p.stdout.split()[-1])
-    out = {(T, f): run(T, f, V) for T in Ts for f in ("1", "0")}
-    return out | {(Ts[-1], "2V"): run(Ts[-1], "1", 2 * V)}
+    keys = [(T, f, c, V) for T in Ts for c in (1, 0) for f in (1, 0) if c or T == Ts[-1]] + [(Ts[-1], 1, 1, 2 * V)]
+    return {k: run(k[0], k[3], k[1], k[2]) for k in keys}
 
 # -----------------------------------------------------------------------------
 # R5: a pure-OPD training step against TRL
@@ -563,19 +573,7 @@ def main(argv=None):
             f"{r7['compact']:.1f} / {r7['full']:.1f} / {r7['prefill']:.2f} / {r7['generate']:.1f}")
         row("   rollout with compaction / generate", f"{r7['compact'] / r7['generate']:.3f}")
     if a.quick: return  # R4's memory figures need sizes well above the process's import-time peak
-    with tempfile.TemporaryDirectory() as tmp:  # R4 loads the models in its own processes: from disk
-        if not paths:
-            for k, m in (("student", s), ("teacher", t)): m.save_pretrained(os.path.join(tmp, k))
-        Ts, H = (512, 1024), s.config.hidden_size
-        mem = bench_loss_memory(paths or {k: os.path.join(tmp, k) for k in ("student", "teacher")}, 4, Ts, V)
-    mib = lambda x: f"{x / 2**20:.0f} MiB"
-    for T in Ts:
-        ratio = mem[T, "1"] / mem[T, "0"]
-        row(f"R4 loss step peak, fused / materialised, T={T}", f"{ratio:.3f} ({mib(mem[T, '1'])}/{mib(mem[T, '0'])})",
-            "<= 0.50", ratio <= 0.5)
-    n_emb = len({id(m.weight) for m in (s.get_input_embeddings(), s.get_output_embeddings())})  # 1 when tied
-    extra = mem[Ts[-1], "2V"] - mem[Ts[-1], "1"] - n_emb * V * H * 4  # less the added rows' gradient
-    row(f"R4 fused peak at 2V - at V - head grad, T={Ts[-1]}", mib(extra), "<= 64 MiB", extra <= 64 * 2**20)
+    report_loss_memory(s, t, paths, V)
     with tempfile.TemporaryDirectory() as tmp:
         st = bench_training_state(tmp)
     tot = {k: sum(v.values()) for k, v in st.items()}
@@ -605,6 +603,22 @@ def main(argv=None):
         row(f"R5 trb step / TRL {which} step", f"{ratio:.3f} ({tr['trb']:.1f}s/{tr[which]:.1f}s)", f"<= {target}",
             ratio <= target)
     row(f"   trb mean response length (TRL: {N5} forced)", f"{tr['trb_len']:.1f} tokens")
+
+def report_loss_memory(s, t, paths, V):
+    """R4's rows, on the pair at paths (None: s and t, written to a temporary directory)."""
+    with tempfile.TemporaryDirectory() as tmp:  # R4 loads the models in its own processes: from disk
+        if not paths:
+            for k, m in (("student", s), ("teacher", t)): m.save_pretrained(os.path.join(tmp, k))
+        mem = bench_loss_memory(paths or {k: os.path.join(tmp, k) for k in ("student", "teacher")}, 4, V)
+    mib = lambda x: f"{x / 2**20:.0f}"  # noqa: E731
+    for T, c in ((512, 1), (1024, 1), (1024, 0)):
+        f, m = mem[T, 1, c, V], mem[T, 0, c, V]
+        row(f"R4 loss step peak, fused / mat., T={T}{', ckpt' if c else ''}", f"{f / m:.3f} ({mib(f)}/{mib(m)} MiB)",
+            "<= 0.50" if c else "", f / m <= 0.5)
+    grad = V * s.config.hidden_size * 4 * len({s.get_input_embeddings().weight, s.get_output_embeddings().weight})
+    extra = mem[1024, 1, 1, 2 * V] - mem[1024, 1, 1, V]      # the head's gradient grows by V rows
+    row("R4 fused peak, 2V - V, T=1024, ckpt", f"{mib(extra)} MiB = {extra / grad:.2f} head grads", "<= 3.00",
+        extra <= 3 * grad)
 
 def report_blend(bl):
     for eps, e in bl["eps"].items():

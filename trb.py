@@ -656,14 +656,15 @@ def loss_prep(eos_ids, veto=0.0):
 
 def fused_loss(hs, ht, heads, V, fn, *rest, tile=0):
     """
-    Sum over tiles of positions of fn(s, t, *rest): s, t (c, V) the logits the output heads (student's, teacher's;
-    modules) make of the final hidden states hs (n, H_S), ht (n, H_T); rest: (n, ...) tensors, split alike. Under
-    autograd each tile is checkpointed, recomputed in its own backward, so no (n, V) tensor outlives a tile (design
-    choice 7), and the heads' weights (LoRA, tied, FSDP2's gathered once per forward) get their gradient through
-    autograd. tile=0: 1024 positions on a GPU; on a CPU as many as fit ~8 MiB of float32 per (tile, V) buffer.
+    Sum over tiles of positions of fn(s, t, *rest): s, t (c, V) the logits that the output heads (student's,
+    teacher's: modules; the teacher's gets no gradient) make of the final hidden states hs (n, H_S), ht (n, H_T);
+    rest: (n, ...) tensors, split alike. Under autograd each tile is checkpointed, recomputed in its own backward,
+    so no (n, V) tensor outlives a tile (design choice 7), and the heads' weights (LoRA, tied, FSDP2's gathered once
+    per forward) get their gradient through autograd. tile=0: 1024 positions on a GPU; on a CPU as many as fit
+    ~8 MiB of float32 per (tile, V) buffer.
     """
     if tile <= 0: tile = 1024 if hs.is_cuda else max(1, 2**21 // V)
-    f = lambda a, b, *r: fn(heads[0](a)[:, :V], heads[1](b)[:, :V], *r)  # noqa: E731
+    f = lambda a, b, *r: fn(heads[0](a)[:, :V], heads[1](b)[:, :V].detach(), *r)  # noqa: E731
     ckpt = functools.partial(torch.utils.checkpoint.checkpoint, f, use_reentrant=False)
     return sum((ckpt if torch.is_grad_enabled() else f)(*x) for x in zip(*(z.split(tile) for z in (hs, ht, *rest))))
 
@@ -680,12 +681,16 @@ def response_hidden(model, seq, attn, T):
     """
     m = getattr(model, "module", model)                      # DDP's wrapped model
     head, got = m.get_output_embeddings(), []
-    hook = head.register_forward_pre_hook(lambda _, x: (got.append(x[0][:, :-1]), (x[0][:, :0],))[1])
+    def keep(_, x):  # the head's input is kept; the head itself gets none of it
+        got.append(x[0][:, :-1])
+        return (x[0][:, :0],)
+    hook = head.register_forward_pre_hook(keep)
     try: response_logits(model, seq, attn, T, 0)
     finally: hook.remove()
     scaled = [a for a in ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
               if getattr(m.config, a, None) not in (None, 1)]  # logits the head alone does not make
-    if not got or scaled: raise UserError(f"{type(m).__name__}: its logits are not its output head's ({scaled})")
+    if not got or scaled: raise UserError(f"{type(m).__name__}: the loss needs logits = output head(hidden states), "
+                                          f"which {', '.join(scaled) or 'its forward'} breaks")
     return got[0], head
 
 # ---------------------------------------------------------------------------------------------------------------------
