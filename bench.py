@@ -12,7 +12,7 @@ every ratio compares two things timed on the same machine in the same run.
 R1  TRB rollout (eps > 0, both models decoding) / (student-only + teacher-only KV-cached decoding of the same tokens)
 R2  pure-OPD rollout (eps = 0, teacher idle) / HF generate, same batch, sampling, length and KV cache
 R3  one trust_region_blend on (8, V) / one student decoding step at batch 8; iterations, and Newton vs bisection
-R4  peak extra memory of the loss step, chunked vs naive (B*T*V float32)
+R4  peak memory of one micro-batch's loss step (forwards, loss, backward), fused / materialised logits
 R5  one pure-OPD training step against TRL's GKDTrainer (lmbda=1, beta=1) and DistillationTrainer
 R6  (GPU) TRB rollout tokens/s against each model's own generate tokens/s, and against the bandwidth floor
 R7  real lengths (EOS on): decoding with finished rows leaving the batch against decoding without, and generate
@@ -37,9 +37,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import trb
 
@@ -311,32 +313,66 @@ def bench_blend(s, t, ids, attn, V, device, repeats, B=8, eps_list=(0.001, 0.02,
     return out
 
 # -----------------------------------------------------------------------------
-# R4: loss memory (each variant in a fresh process: ru_maxrss is a high-water mark)
+# R4: the loss step's peak memory (on a CPU each variant in a fresh process, from the RSS high-water mark)
+
+def loss_step_once(s, t, V, B, T, fused, device, amp, P=64):
+    """
+    One micro-batch of B rows, P prompt and T response tokens through the loss step: both forwards, the top-16 loss
+    and its backward. fused: trb.loss_step (hidden states, fused head + loss); else materialised (B, T, V) logits of
+    both models with the loss chunked on them (what the trainer did before the fused loss).
+    """
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, V, (P,), generator=g).tolist() for _ in range(B)]
+    z = torch.zeros(B, T, device=device)
+    roll = dict(tokens=torch.randint(3, V, (B, T), generator=g).to(device), mask=z == 0, beta=z, kl=z, replaced=z,
+                accepted=z, t_fwd=z)
+    cfg = trb.Config(micro_batch_size=B, loss_topk=16)
+    R = trb.SimpleNamespace(cfg=cfg, rank=0, world=1, device=device, amp=amp, V=V, eos_ids=[2], pad_id=0, student=s,
+                            teacher=t, model=s)
+    s.train()
+    if fused: return trb.loss_step(R, rows, roll, trb.warmup_knobs(0, cfg), torch.tensor(B * T * 1.0, device=device))
+    seq, a, r = next(trb.micro_batches(R, rows, roll))
+    kw = dict(input_ids=seq, attention_mask=a, position_ids=(a.cumsum(-1) - 1).clamp(min=0), use_cache=False,
+              logits_to_keep=T + 1)                          # as trb.response_logits, without its slice's copy
+    with torch.inference_mode(), amp:
+        t_l = t(**kw).logits                                 # (B, T+1, V'): the last position predicts nothing
+    t_l, prep, one, m = t_l.clone(), trb.loss_prep([2]), torch.nn.Identity(), F.pad(r["mask"], (0, 1)).view(-1)
+    with amp:
+        s_l = s(**kw).logits
+        fn = lambda x, y, m: torch.where(m, trb.reverse_kl(*prep(x, y), 16), 0.0).sum()  # noqa: E731
+        trb.fused_loss(s_l.view(-1, s_l.shape[-1]), t_l.view(-1, t_l.shape[-1]), (one, one), V, fn, m).backward()
 
 MEM_CHILD = r"""
-import os, resource, sys, torch, trb
-B, T, V, chunked = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-s = torch.empty(B, T, V).normal_().requires_grad_()
-t = torch.empty(B, T, V).normal_()
-m = torch.ones(B, T, dtype=torch.bool)
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-base = rss()  # current, not peak: nothing transient before this point can hide what follows
-if chunked: loss = trb.opd_loss(s, t, m, 0, 0, trb.loss_prep([2]))  # the default chunk
-else: loss = (trb.reverse_kl(trb.fold_eos(s, [2]), trb.fold_eos(t, [2])) * m).sum()
-loss.backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(peak - base - s.numel() * 4)  # beyond the logits, the teacher's logits and the gradient
+import ctypes, sys, torch, bench, trb
+from transformers import AutoModelForCausalLM
+ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: freed buffers leave the RSS, which tracks use
+student, teacher, B, T, V, fused, ckpt = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
+s = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+t = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval().requires_grad_(False)
+for m in (s, t):
+    if V > m.config.vocab_size: m.resize_token_embeddings(V, mean_resizing=False)  # a larger vocabulary
+if ckpt: trb.enable_grad_ckpt(s)
+for p in [*s.parameters(), *t.parameters()]: p.detach().sum()  # the weights are mapped lazily: page them in
+kb = lambda k: int(next(l for l in open("/proc/self/status") if l.startswith(k)).split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # the high-water mark starts again here, after loading
+base = kb("VmRSS:")
+bench.loss_step_once(s, t, V, B, T, fused, torch.device("cpu"), bench.nullcontext())
+print(kb("VmHWM:") - base)  # beyond the weights: activations, logits, gradients
 """
 
-def bench_loss_memory(B, T, V):
-    """Peak memory beyond the logits and their gradient, at T and 2T positions per row (trb's default chunk)."""
+def bench_loss_memory(paths, B, V, Ts=(512, 1024)):
+    """
+    R4 on a CPU: the loss step's peak memory beyond the loaded models, fused and materialised, with --grad_ckpt at
+    each T (the activations the loss does not touch kept small) and without at the last; then the fused one at 2V
+    (both models' vocabularies doubled). Keys (T, fused, grad_ckpt, V).
+    """
     here = os.path.dirname(os.path.abspath(__file__))
-    def run(T, chunked):
-        p = subprocess.run([sys.executable, "-c", MEM_CHILD, str(B), str(T), str(V), chunked], cwd=here,
-                           capture_output=True, text=True, check=True)
+    def run(*k):
+        p = subprocess.run([sys.executable, "-c", MEM_CHILD, paths["student"], paths["teacher"], str(B),
+                            *map(str, k)], cwd=here, capture_output=True, text=True, check=True)
         return int(p.stdout.split()[-1])
-    return dict(chunked=run(T, "1"), chunked2=run(2 * T, "1"), naive=run(T, "0"), naive2=run(2 * T, "0"),
-                logits=B * T * V * 4)
+    keys = [(T, f, c, V) for T in Ts for c in (1, 0) for f in (1, 0) if c or T == Ts[-1]] + [(Ts[-1], 1, 1, 2 * V)]
+    return {k: run(k[0], k[3], k[1], k[2]) for k in keys}
 
 # -----------------------------------------------------------------------------
 # R5: a pure-OPD training step against TRL
@@ -586,13 +622,7 @@ def run(a):
             f"{r7['compact']:.1f} / {r7['full']:.1f} / {r7['prefill']:.2f} / {r7['generate']:.1f}")
         row("   rollout with compaction / generate", f"{r7['compact'] / r7['generate']:.3f}")
     if a.quick: return  # R4's memory figures need sizes well above the process's import-time peak
-    Tm = 256
-    mem = bench_loss_memory(B, Tm, V)
-    mib = lambda x: f"{x / 2**20:.0f} MiB"
-    row(f"R4 loss extra memory, chunked, T={Tm} / {2 * Tm}", f"{mib(mem['chunked'])} / {mib(mem['chunked2'])}",
-        "O(chunk*V)", mem["chunked2"] <= 1.25 * mem["chunked"])
-    row(f"R4 loss extra memory, naive, T={Tm} / {2 * Tm}", f"{mib(mem['naive'])} / {mib(mem['naive2'])}")
-    row(f"   (B={B}) x T x V float32 logits, T={Tm}", mib(mem["logits"]))
+    report_loss_memory(s, t, paths, V)
     with tempfile.TemporaryDirectory() as tmp:
         st = bench_training_state(tmp)
     tot = {k: sum(v.values()) for k, v in st.items()}
@@ -624,6 +654,22 @@ def run(a):
         row(f"R5 trb step / TRL {which} step", f"{ratio:.3f} ({tr['trb']:.1f}s/{tr[which]:.1f}s)", f"<= {target}",
             ratio <= target)
     row(f"   trb mean response length (TRL: {N5} forced)", f"{tr['trb_len']:.1f} tokens")
+
+def report_loss_memory(s, t, paths, V):
+    """R4's rows, on the pair at paths (None: s and t, written to a temporary directory)."""
+    with tempfile.TemporaryDirectory() as tmp:  # R4 loads the models in its own processes: from disk
+        if not paths:
+            for k, m in (("student", s), ("teacher", t)): m.save_pretrained(os.path.join(tmp, k))
+        mem = bench_loss_memory(paths or {k: os.path.join(tmp, k) for k in ("student", "teacher")}, 4, V)
+    mib = lambda x: f"{x / 2**20:.0f}"  # noqa: E731
+    for T, c in ((512, 1), (1024, 1), (1024, 0)):
+        f, m = mem[T, 1, c, V], mem[T, 0, c, V]
+        row(f"R4 loss step peak, fused / mat., T={T}{', ckpt' if c else ''}", f"{f / m:.3f} ({mib(f)}/{mib(m)} MiB)",
+            "<= 0.50" if c else "", f / m <= 0.5)
+    grad = V * s.config.hidden_size * 4 * len({s.get_input_embeddings().weight, s.get_output_embeddings().weight})
+    extra = mem[1024, 1, 1, 2 * V] - mem[1024, 1, 1, V]      # the head's gradient grows by V rows
+    row("R4 fused peak, 2V - V, T=1024, ckpt", f"{mib(extra)} MiB = {extra / grad:.2f} head grads", "<= 3.00",
+        extra <= 3 * grad)
 
 def report_blend(bl):
     for eps, e in bl["eps"].items():
@@ -670,7 +716,7 @@ def bench_step(s, t, V, device, rows, N, rollout_batch_size, micro_batch_size=8)
     sync(device)
     t3 = time.perf_counter()
     with torch.inference_mode(), amp:  # the teacher's share of loss_step, timed alone on the same micro-batches
-        for seq, a, r in trb.micro_batches(R, rows, roll): trb.response_logits(t, seq, a, r["tokens"].shape[1], V)
+        for seq, a, r in trb.micro_batches(R, rows, roll): trb.response_hidden(t, seq, a, r["tokens"].shape[1])
     sync(device)
     t_score = time.perf_counter() - t3
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
@@ -736,6 +782,17 @@ def gpu_step(s, t, V, device, dry_run):
     row("   rollout / scoring / loss+bwd / optimizer",
         f"{st['rollout']:.1f} / {st['score']:.1f} / {st['loss']:.1f} / {st['opt']:.2f}")
     row("   peak GPU memory", f"{st['peak'] / 2**30:.1f} GiB")
+    T4, cuda = (32 if dry_run else 4096), device.type == "cuda"
+    amp, peak = torch.autocast(device.type, dtype=torch.bfloat16) if cuda else nullcontext(), {}
+    for fused in (True, False):  # R4 at the paper's shapes: one micro-batch of 4 rows, beyond the weights
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if cuda else 0
+        loss_step_once(s.float(), t, V, 4, T4, fused, device, amp)
+        peak[fused] = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
+        s.zero_grad(set_to_none=True)
+    row(f"R4 loss step peak GPU, fused / mat., T={T4}", f"{peak[True]:.1f} / {peak[False]:.1f} GiB")
 
 # -----------------------------------------------------------------------------
 # R11 (GPU question 1): is HF's eager decoding loop far from what torch can do?

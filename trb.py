@@ -32,8 +32,10 @@ Design choices
  6. Both models work on the shared tokenizer vocabulary: logits are sliced to V (checkpoints pad differently).
  7. The loss is the reverse KL over the full vocab or the student's renormalised top-k (paper: k=16), summed over
     response positions (EOS included) and divided by the step's global response-token count, so micro-batching,
-    DDP and FSDP give one process's gradient; it and its gradient are computed in chunks, O(chunk * V) memory.
- 8. The teacher re-scores the finished sequences in one forward instead of keeping (B, T, V) logits.
+    DDP and FSDP give one process's gradient. The loss is fused with the output heads: both models' final hidden
+    states at the response positions are projected a tile at a time and recomputed in backward, so beyond the
+    activations it keeps only O(tile * V) and the head's weight gradient, never (B, T, V) logits or their gradient.
+ 8. The teacher re-scores the finished sequences in one forward, which returns hidden states (B, T, H), not logits.
  9. Tokens are drawn by inverse CDF from one uniform per original row and step, from a generator seeded by (seed,
     step, rank): --resume replays exactly, and the tokens do not depend on which rows are still decoding.
 10. A step's rows decode as one batch (--rollout_batch_size 0), both models with KV caches; once a quarter of the
@@ -142,8 +144,8 @@ class Config:
     beta2: float = 0.999                   # AdamW beta2
     grad_clip: float = 1.0                 # gradient-norm clipping; 0 = off
     loss_topk: int = 16                    # reverse KL on the student's top-k, renormalised; 0 = full vocab
-    loss_chunk: int = 0                    # positions per loss chunk; 0 = auto (1024 on GPU, ~8 MiB of
-                                           # (chunk, V) float32 on CPU)
+    loss_chunk: int = 0                    # positions per tile of the fused head + loss; 0 = auto (1024 on
+                                           # GPU, ~8 MiB of (tile, V) float32 on CPU)
     grad_ckpt: bool = False                # gradient checkpointing of the student
     # LoRA (peft): low-rank adapters train, the student's own weights stay frozen
     lora_r: int = 0                        # adapter rank; 0 = full fine-tuning
@@ -620,7 +622,7 @@ class TRBLogitsProcessor:
                                          "drawn from mu")
 
 # ---------------------------------------------------------------------------------------------------------------------
-# loss: the reverse KL, chunked (design choices 7, 8)
+# loss: the reverse KL, fused with the output heads (design choices 7, 8)
 
 def reverse_kl(s_logits, t_logits, topk=0, tokens=None):
     """
@@ -643,21 +645,13 @@ def reverse_kl(s_logits, t_logits, topk=0, tokens=None):
     ps = ls.exp()
     return (ps * torch.where(ps > 0, ls - lt, 0.0)).sum(-1)  # (...)
 
-def opd_loss(s_logits, t_logits, mask, topk=0, chunk=0, prep=None):
+def opd_loss(s_logits, t_logits, mask, topk=0, prep=None):
     """
-    Sum over masked positions of the reverse KL, in chunks of positions whose gradient is taken on the spot
-    (design choice 7): peak extra memory is O(chunk * V) beyond the logits' own gradient. s_logits, t_logits:
-    (B, T, V); mask: (B, T). prep(s, t) -> (s, t), applied chunk by chunk, is the caller's: EOS folding, a Veto
-    target. chunk=0: 1024 positions on a GPU; on a CPU as many as fit ~8 MiB of float32 per (chunk, V) buffer.
+    Sum over masked positions of the reverse KL of prep(s, t) (the caller's: EOS folding, a Veto target), on
+    materialised logits (B, T, V), mask (B, T): the readable reference that fused_loss equals.
     """
-    V = s_logits.shape[-1]
-    if chunk <= 0: chunk = 1024 if s_logits.is_cuda else max(1, 2**21 // V)
-    s, t, m = s_logits.reshape(-1, V), t_logits.detach().reshape(-1, V), mask.reshape(-1).bool()  # (N, V) x 2, (N,)
-    if s.requires_grad: return _ChunkedKL.apply(s, t, m, topk, prep, chunk)
-    total = s.new_zeros((), dtype=torch.float32)
-    for i in range(0, s.shape[0], chunk):
-        total += _chunk_loss(s[i:i + chunk], t[i:i + chunk], m[i:i + chunk], topk, prep)
-    return total
+    s, t = prep(s_logits, t_logits) if prep is not None else (s_logits, t_logits)
+    return torch.where(mask, reverse_kl(s, t, topk), 0.0).sum()  # where, not * m: a masked position may be inf
 
 def loss_prep(eos_ids, veto=0.0):
     """The prep of opd_loss: both sides EOS-folded; veto=B replaces pi_T by Q ~ pi_T pi_S^B, pi_S detached (Veto)."""
@@ -667,41 +661,44 @@ def loss_prep(eos_ids, veto=0.0):
         return s, t
     return prep
 
-def _chunk_loss(s, t, m, topk, prep):
-    if prep is not None: s, t = prep(s, t)
-    return torch.where(m, reverse_kl(s, t, topk), 0.0).sum()  # where, not * m: a masked position may be inf
-
-class _ChunkedKL(torch.autograd.Function):
+def fused_loss(hs, ht, heads, V, fn, *rest, tile=0):
     """
-    The loss and its gradient, one chunk of positions at a time, in forward. Backward only scales the
-    stored gradient: beside that (N, V) gradient, which the logits need anyway, no (N, V) float32
-    intermediate ever exists, and nothing is recomputed.
+    Sum over tiles of positions of fn(s, t, *rest): s, t (c, V) the logits that the output heads (student's,
+    teacher's: modules; the teacher's gets no gradient) make of the final hidden states hs (n, H_S), ht (n, H_T);
+    rest: (n, ...) tensors, split alike. Under autograd each tile is checkpointed, recomputed in its own backward,
+    so no (n, V) tensor outlives a tile (design choice 7), and the heads' weights (LoRA, tied, FSDP2's gathered once
+    per forward) get their gradient through autograd. tile=0: 1024 positions on a GPU; on a CPU as many as fit
+    ~8 MiB of float32 per (tile, V) buffer.
     """
-    @staticmethod
-    def forward(ctx, s, t, m, topk, prep, chunk):
-        grad = torch.zeros_like(s)                           # (N, V) dL/ds, in the logits' dtype
-        total = s.new_zeros((), dtype=torch.float32)
-        for i in range(0, s.shape[0], chunk):
-            if not bool(m[i:i + chunk].any()): continue
-            with torch.enable_grad():
-                si = s[i:i + chunk].detach().requires_grad_()  # (c, V)
-                li = _chunk_loss(si, t[i:i + chunk], m[i:i + chunk], topk, prep)
-                (gi,) = torch.autograd.grad(li, si)
-            grad[i:i + chunk] = gi
-            total += li.detach()
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        return grad.mul_(g.to(grad.dtype)), None, None, None, None, None
+    if tile <= 0: tile = 1024 if hs.is_cuda else max(1, 2**21 // V)
+    f = lambda a, b, *r: fn(heads[0](a)[:, :V], heads[1](b)[:, :V].detach(), *r)  # noqa: E731
+    ckpt = functools.partial(torch.utils.checkpoint.checkpoint, f, use_reentrant=False)
+    return sum((ckpt if torch.is_grad_enabled() else f)(*x) for x in zip(*(z.split(tile) for z in (hs, ht, *rest))))
 
 def response_logits(model, seq, attn, T, V):
     """Logits (B, T, V) at the T positions that predict the response tokens seq[:, -T:]."""
     pos = (attn.cumsum(-1) - 1).clamp(min=0)                 # (B, P+T)
     out = model(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=T + 1)
     return out.logits[:, :-1, :V]                            # (B, T, V)
+
+def response_hidden(model, seq, attn, T):
+    """
+    The final hidden states (B, T, H) at the T positions that predict seq[:, -T:], and the output head (a module)
+    that makes the logits of them (design choice 8). The head is handed an empty slice: the forward makes no logits.
+    """
+    m = getattr(model, "module", model)                      # DDP's wrapped model
+    head, got = m.get_output_embeddings(), []
+    def keep(_, x):  # the head's input is kept; the head itself gets none of it
+        got.append(x[0][:, :-1])
+        return (x[0][:, :0],)
+    hook = head.register_forward_pre_hook(keep)
+    try: response_logits(model, seq, attn, T, 0)
+    finally: hook.remove()
+    scaled = [a for a in ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+              if getattr(m.config, a, None) not in (None, 1)]  # logits the head alone does not make
+    if not got or scaled: raise UserError(f"{type(m).__name__}: the loss needs logits = output head(hidden states), "
+                                          f"which {', '.join(scaled) or 'its forward'} breaks")
+    return got[0], head
 
 # ---------------------------------------------------------------------------------------------------------------------
 # training loop: budget -> rollout -> score -> loss -> update -> log -> save
@@ -827,23 +824,23 @@ def loss_step(R, rows, roll, k, n_tok):
     Teacher scores, loss and gradient, micro-batch by micro-batch; the loss is divided by the global number of
     response tokens n_tok (design choice 7). Returns the step's sums by name (STATS).
     """
-    cfg, prep = R.cfg, loss_prep(R.eos_ids, k.veto)
+    cfg, prep, eos = R.cfg, loss_prep(R.eos_ids, k.veto), R.eos_ids
+    def fn(s, t, y):  # a tile's loss (the reverse KL, or the SFT warmup's NLL) and sum of log pi_T(y)
+        loss = -token_logp(fold_eos(s, eos), y).sum() if k.sft else reverse_kl(*prep(s, t), cfg.loss_topk).sum()
+        return torch.stack([loss, token_logp(fold_eos(t, eos), y).sum()])
     sums = {s: torch.zeros((), device=R.device) for s in STATS}
     batches = list(micro_batches(R, rows, roll))
     R.student.train()
     for j, (seq, a, r) in enumerate(batches):
-        T, m = r["tokens"].shape[1], r["mask"]
+        m = r["mask"]
         with torch.inference_mode(), R.amp:
-            t_l = response_logits(R.teacher, seq, a, T, R.V)  # (b, T, V) design choice 8
-            t_lp = torch.where(m, token_logp(fold_eos(t_l, R.eos_ids), r["tokens"]), 0.0)  # (b, T)
-        t_l = t_l.clone()                                    # out of inference mode: autograd may keep it
+            t_h, t_head = response_hidden(R.teacher, seq, a, m.shape[1])  # (b, T, H_T), design choice 8
         with grad_sync(R, j == len(batches) - 1), R.amp:
-            s_l = response_logits(R.model, seq, a, T, R.V)   # (b, T, V)
-            if k.sft: loss = -torch.where(m, token_logp(fold_eos(s_l, R.eos_ids), r["tokens"]), 0.0).sum()  # NLL
-            else: loss = opd_loss(s_l, t_l, m, cfg.loss_topk, cfg.loss_chunk, prep)
+            s_h, s_head = response_hidden(R.model, seq, a, m.shape[1])    # (b, T, H_S)
+            loss, t_lp = fused_loss(s_h[m], t_h[m], (s_head, t_head), R.V, fn, r["tokens"][m], tile=cfg.loss_chunk)
             (loss * R.world / n_tok).backward()
         for name, x in (("loss", loss.detach()), ("beta", r["beta"].sum()), ("kl_mu_s", r["kl"].sum()),
-                        ("teacher_logp", t_lp.sum()), ("frac_teacher", ((r["beta"] == 1) & m).sum()),
+                        ("teacher_logp", t_lp.detach()), ("frac_teacher", ((r["beta"] == 1) & m).sum()),
                         ("tokens", m.sum()), ("skd_replaced", r["replaced"].sum()), ("accepted", r["accepted"].sum()),
                         ("t_fwd", r["t_fwd"].sum())):
             sums[name] += x.float()
@@ -866,10 +863,11 @@ def evaluate(R):
             roll = rollout_rows(R, mine[i:i + bs], 0.0, Knobs(False, 0, 0.0, cfg.temperature), gen, bar)
             with whole_weights(R), torch.inference_mode(), R.amp:  # FSDP2: gathered once for all micro-batches
                 for seq, a, r in micro_batches(R, mine[i:i + bs], roll):
-                    T = r["tokens"].shape[1]
-                    s_l, t_l = response_logits(R.student, seq, a, T, R.V), response_logits(R.teacher, seq, a, T, R.V)
-                    tot[0] += opd_loss(s_l, t_l, r["mask"], 0, cfg.loss_chunk, loss_prep(R.eos_ids))
-                    tot[1] += r["mask"].sum()
+                    m, prep = r["mask"], loss_prep(R.eos_ids)
+                    (hs, sh), (ht, th) = (response_hidden(x, seq, a, m.shape[1]) for x in (R.student, R.teacher))
+                    tot[0] += fused_loss(hs[m], ht[m], (sh, th), R.V, lambda s, t: reverse_kl(*prep(s, t)).sum(),
+                                         tile=cfg.loss_chunk)
+                    tot[1] += m.sum()
     all_reduce(tot, R.world)
     return (tot[0] / tot[1].clamp(min=1)).item()
 
