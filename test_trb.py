@@ -925,7 +925,7 @@ def test_fsdp_resume_is_exact_and_changes_world_size(tiny, tmp_path):
     assert all(torch.allclose(wa[k], wc[k], atol=1e-5) for k in wa), "FSDP resume at another world size"
     assert metric_steps(tmp_path / "c") == [1, 2, 3, 4]
 
-FSDP_DECODE_CHILD = r"""
+FSDP_CHILD = r"""
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import trb
@@ -933,10 +933,23 @@ from torch.distributed.fsdp._fully_shard import _fsdp_param_group as pg
 from transformers import AutoModelForCausalLM
 dist.init_process_group("gloo")
 s = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32)
-ref = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32).eval()
+other = AutoModelForCausalLM.from_pretrained(sys.argv[3], dtype=torch.float32).eval()  # a reference or the teacher
 trb.shard(s, torch.device("cpu"), torch.float32)
 gathers, orig = [], pg.foreach_all_gather
 pg.foreach_all_gather = lambda *a, **k: (gathers.append(1), orig(*a, **k))[1]
+"""  # a 2-rank gloo child: the student s sharded, its all-gathers counted in `gathers`
+
+def run_fsdp_child(tmp_path, body, student, other):
+    """FSDP_CHILD + body under torchrun on 2 CPU ranks; each rank must print OK."""
+    child = tmp_path / "child.py"
+    child.write_text(FSDP_CHILD + body)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(child), HERE, student, other], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert p.returncode == 0 and p.stdout.count("OK") == 2, p.stderr[-3000:]
+
+FSDP_DECODE_CHILD = r"""
+ref = other
 R = trb.SimpleNamespace(cfg=trb.Config(fsdp=True), student=s)
 ids, attn = trb.left_pad([[1, 5, 6, 7], [1, 8, 9]], 0, "cpu")
 kw = dict(V=300, eos_ids=[2], pad_id=0, max_new_tokens=12, temperature=0)
@@ -950,27 +963,10 @@ print("OK", len(gathers))
 
 def test_fsdp_decodes_on_whole_weights(tiny, tmp_path):
     """Decoding gathers each FSDP2 group once per rollout, not per token, and equals the unsharded model."""
-    child = tmp_path / "child.py"
-    child.write_text(FSDP_DECODE_CHILD)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(child),
-                        HERE, tiny["student"]], capture_output=True, text=True, env={**os.environ,
-                                                                                     "OMP_NUM_THREADS": "1"},
-                       timeout=300)
-    assert p.returncode == 0 and p.stdout.count("OK") == 2, p.stderr[-3000:]
+    run_fsdp_child(tmp_path, FSDP_DECODE_CHILD, tiny["student"], tiny["student"])
 
 FSDP_LOSS_CHILD = r"""
-import sys, torch, torch.distributed as dist
-sys.path.insert(0, sys.argv[1])
-import trb
-from torch.distributed.fsdp._fully_shard import _fsdp_param_group as pg
-from transformers import AutoModelForCausalLM
-dist.init_process_group("gloo")
-s = AutoModelForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32)
-t = AutoModelForCausalLM.from_pretrained(sys.argv[3], dtype=torch.float32).eval()
-trb.shard(s, torch.device("cpu"), torch.float32)
-gathers, orig = [], pg.foreach_all_gather
-pg.foreach_all_gather = lambda *a, **k: (gathers.append(1), orig(*a, **k))[1]
+t = other
 seq = torch.randint(3, 300, (2, 14), generator=torch.Generator().manual_seed(0))
 a, m = torch.ones_like(seq), torch.ones(2, 10, dtype=torch.bool)
 out = []
@@ -989,12 +985,7 @@ print("OK", out[0][0], n_groups)
 
 def test_fsdp_fused_loss_gathers_the_head_once(tiny, tmp_path):
     """Under FSDP2 the fused loss gathers the head once per forward, not once per tile, and its gradient agrees."""
-    child = tmp_path / "child.py"
-    child.write_text(FSDP_LOSS_CHILD)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(child), HERE, tiny["student"], tiny["teacher"]], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert p.returncode == 0 and p.stdout.count("OK") == 2, p.stderr[-3000:]
+    run_fsdp_child(tmp_path, FSDP_LOSS_CHILD, tiny["student"], tiny["teacher"])
 
 def test_fsdp_needs_torchrun(tiny, tmp_path):
     """--fsdp without torchrun is a one-line error, before any model loads."""
