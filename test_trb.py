@@ -331,6 +331,16 @@ def test_fused_loss_refuses_scaled_logits(tiny):
     s.config.final_logit_softcapping = 30.0
     with pytest.raises(trb.UserError, match="final_logit_softcapping"): trb.response_hidden(s, ids, attn, 2)
 
+@pytest.mark.parametrize("attr", ["final_logit_softcapping", "logit_scale"])
+def test_scaled_logits_refused_before_loading(tiny, tmp_path, attr):
+    """A teacher whose config scales its logits is refused on the command line before any model loads."""
+    te = tmp_path / "te"
+    shutil.copytree(tiny["teacher"], te)
+    c = json.loads((te / "config.json").read_text())
+    (te / "config.json").write_text(json.dumps({**c, attr: 0.5}))
+    msg = cli_error(tiny, tmp_path, "--teacher", str(te), early=True)
+    assert attr in msg and "the teacher" in msg, msg
+
 def tied_student(tiny):
     """The tiny student with its output head tied to the input embeddings."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -2307,6 +2317,8 @@ def test_train_with_peft_students_and_lora_checkpoints_that_load(tiny, tmp_path)
 
 LORA_FLAGS = [  # (flags, words of the one-line error, or "" and the adapted modules)
     (["--lora_r", "4", "--lora_targets", "q_proj,bogus"], "'bogus' names no module of the student"),
+    (["--lora_r", "4", "--lora_targets", "q_proj,"], "--lora_targets 'q_proj,' holds an empty name"),
+    (["--lora_r", "4", "--lora_targets", ""], "--lora_targets '' holds an empty name"),
     (["--lora_alpha", "16"], "--lora_alpha needs --lora_r > 0"), (["--lora_targets", "q_proj"], "needs --lora_r > 0"),
     (["--lora_r", "4", "--lora_targets", "layers"], "--lora_targets 'layers': Target module ModuleList"),
 ]
@@ -3085,6 +3097,8 @@ TOY_FOREIGN = [  # (what the user has under --out where a run goes, its files, w
     ("a log of the user's", {"runs/opd-s0.log": "mine"}, "opd-s0.log was not made by toy.py"),
     ("a JSON file of the user's", {"opd-s0.json": "{}"}, "opd-s0.json is not a toy.py result"),
     ("a file named runs", {"runs": "mine"}, "cannot make the run's folder"),
+    ("a table of the user's", {"compare.md": "my table"}, "compare.md was not written by toy.py"),
+    ("a figure and JSON of the user's", {"compare.png": "x", "compare.json": "{}"}, "compare.json was not written"),
 ]
 
 @pytest.mark.parametrize("what,files,words", TOY_FOREIGN, ids=[w for w, _, _ in TOY_FOREIGN])

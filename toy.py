@@ -530,9 +530,10 @@ def save(path, text):
     with open(path + ".part", "w") as f: f.write(text)
     os.replace(path + ".part", path)
 
-def is_result(path):
+def is_result(path, keys=("argv", "points", "seed")):
+    """Whether path is a JSON object with these keys: a run's result, or (config, build, runs) a table's summary."""
     try:
-        with open(path) as f: return {"argv", "points", "seed"} <= set(json.load(f))
+        with open(path) as f: return set(keys) <= set(json.load(f))
     except (OSError, ValueError, TypeError):
         return False
 
@@ -825,6 +826,10 @@ def main(argv=None):
         if cfg.build_only: return info
         mode = "sweep" if cfg.sweep else "quick" if cfg.quick else "compare"
         specs = plan(cfg, root, *runs_of(cfg))
+        paths = [os.path.join(cfg.out, f"{mode}.{ext}") for ext in ("md", "json", "png")]
+        if any(map(os.path.lexists, paths)) and not is_result(paths[1], ("config", "build", "runs")):
+            raise trb.UserError(f"{next(filter(os.path.lexists, paths))} was not written by toy.py (no {mode}.json "
+                                f"of its own beside it): move it away or choose another --out")
         done = prepare(specs)                                # before the models load: a foreign run folder stops it
         problems = ev.load_problems("gsm8k", os.path.join(root, "test.jsonl"), cfg.eval_n)
         tok = trb.load_tokenizer(os.path.join(root, "base"))
@@ -832,7 +837,6 @@ def main(argv=None):
                                 problems, cfg.max_new_tokens)[0] for m in ("base", "teacher"))
         results = run_all(specs, acc0, cfg.jobs, done)  # acc0: every run's step 0 (the base student, greedy)
         text = table(cfg, results, t_acc)
-        paths = [os.path.join(cfg.out, f"{mode}.{ext}") for ext in ("md", "json", "png")]
         save(paths[0], text)
         save(paths[1], json.dumps(dict(config=dataclasses.asdict(cfg), build=info, runs=results)))
         paths[2] = figure(results, cfg.warmup_steps, paths[2])

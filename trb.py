@@ -694,11 +694,15 @@ def response_hidden(model, seq, attn, T):
     hook = head.register_forward_pre_hook(keep)
     try: response_logits(model, seq, attn, T, 0)
     finally: hook.remove()
-    scaled = [a for a in ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
-              if getattr(m.config, a, None) not in (None, 1)]  # logits the head alone does not make
-    if not got or scaled: raise UserError(f"{type(m).__name__}: the loss needs logits = output head(hidden states), "
-                                          f"which {', '.join(scaled) or 'its forward'} breaks")
+    check_head(m.config, type(m).__name__, bool(got))
     return got[0], head
+
+def check_head(c, who, hooked=True):
+    """The fused loss needs logits = output head(hidden states): a config that scales them is refused, in one line."""
+    scaled = [a for a in ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+              if getattr(c, a, None) not in (None, 1)]       # logits the head alone does not make
+    if not hooked or scaled: raise UserError(f"{who}: the loss needs logits = output head(hidden states), which "
+                                             f"{', '.join(scaled) or 'its forward'} breaks")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # training loop: budget -> rollout -> score -> loss -> update -> log -> save
@@ -1068,6 +1072,7 @@ def check_lora(c):
         return
     if importlib.util.find_spec("peft") is None: raise UserError("--lora_r needs peft: pip install peft")
     if c.lora_alpha == 0: raise UserError("--lora_alpha must be > 0")
+    if not all(lora_targets(c)): raise UserError(f"--lora_targets {c.lora_targets!r} holds an empty name")
     if c.fsdp: raise UserError("--fsdp with --lora_r is not supported: FSDP2 pays off by sharding gradients and AdamW "
                                "state, which LoRA already shrinks to the adapters; use DDP (no --fsdp)")
 
@@ -1180,7 +1185,7 @@ def load_pair(cfg, state, models, device, amp_dtype, n):
     """
     s_path = cfg.out_dir if state is not None and not cfg.lora_r else cfg.student  # LoRA: out_dir holds adapters
     student, teacher = (models.student, models.teacher) if models else (s_path, cfg.teacher)
-    check_positions(n, cfg, student=student, teacher=teacher)
+    check_positions(n, cfg, head=True, student=student, teacher=teacher)
     if cfg.lora_r: check_lora_targets(cfg, student)
     if models: student, teacher = student.to(device), teacher.to(device)
     else:
@@ -1366,8 +1371,11 @@ def _adapter_base(path):
     with suppress(OSError, ValueError, AttributeError), open(os.path.join(path, "adapter_config.json")) as f:
         return json.load(f).get("base_model_name_or_path")  # else None: no file, or not a JSON object
 
-def check_positions(n, cfg, **models):
-    """The longest prompt plus --max_new_tokens (n) must fit each model's positions; read from the config alone."""
+def check_positions(n, cfg, head=False, **models):
+    """
+    The longest prompt plus --max_new_tokens (n) must fit each model's positions, and with head=True its logits must
+    be its output head's (check_head): read from the config alone, before any model loads.
+    """
     from transformers import AutoConfig
     for who, m in models.items():
         try:
@@ -1376,6 +1384,7 @@ def check_positions(n, cfg, **models):
             c = c.get_text_config()
         except Exception as e:
             raise UserError(f"cannot load the {who}'s config {m!r}: {_first_line(e)}") from None
+        if head: check_head(c, f"the {who} ({type(c).__name__})")
         m = getattr(c, "max_position_embeddings", None)
         if isinstance(m, int) and n > m:
             raise UserError(f"the longest prompt plus --max_new_tokens {cfg.max_new_tokens} is {n} tokens, beyond the "
