@@ -3,8 +3,8 @@ Benchmarks for trb.py, as ratios measured in one run (nanoGPT's bench.py in spir
 per-round ratios over interleaved repeats, R3 medians of repeated calls, R5 medians of the steps after the first;
 every ratio compares two things timed on the same machine in the same run.
 
-  python bench.py                  # CPU: R1-R5, R7, R9, R10, R12 on the SmolLM2-135M pair (random weights without it)
-  python bench.py --quick          # CPU: R1-R3, R10 and a small R7 (no R4, R5, R9, R12): about 1.5 minutes
+  python bench.py                  # CPU: R1-R5, R7, R9, R10, R12, R13 on the SmolLM2-135M pair (random weights else)
+  python bench.py --quick          # CPU: R1-R3, R10 and a small R7 (no R4, R5, R9, R12, R13): about 1.5 minutes
   python bench.py --gpu            # R1-R3, R6-R8, R10, R11 on bf16 random Qwen3-0.6B / Qwen3-4B shapes (--part)
   python bench.py --gpu --dry_run  # the same GPU script on this CPU at toy sizes, to check it before a GPU call
   python bench.py --export DIR     # writes DIR/teacher and DIR/student (HF format) for the real-model checks
@@ -548,7 +548,7 @@ def row(name, value, target="", ok=True):
 @dataclass
 class BenchConfig:
     # what to run
-    quick: bool = False                    # CPU: R1-R3, R10 and a small R7 (no R4, R5, R9, R12): about 1.5 minutes
+    quick: bool = False                    # CPU: R1-R3, R10 and a small R7 (no R4, R5, R9, R12, R13): about 1.5 minutes
                                            # (the README's 93 s on a 2-core CPU)
     gpu: bool = False                      # R1-R3, R6-R8, R10, R11 on bf16 random Qwen3-0.6B / Qwen3-4B shapes
     dry_run: bool = False                  # with --gpu: the same script on this CPU at toy sizes
