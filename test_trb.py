@@ -2549,6 +2549,18 @@ def test_bench_forced_lengths_are_the_asked_ones():
                     max_new_tokens=20, gen=torch.Generator().manual_seed(0))
     assert r["mask"].sum(1).tolist() == lens and (r["tokens"][r["mask"]] == 2).sum() == len(lens)
 
+def test_ci_gpu_selects_the_tests_it_names():
+    """.ci/gpu's -k expression parses (one line) and each of its names selects at least one test of this file."""
+    from _pytest.mark.expression import Expression
+    script = open(os.path.join(HERE, ".ci", "gpu")).read()
+    out = subprocess.run(["bash", "-c", "\n".join(l for l in script.splitlines() if l.startswith("K=")) + '\necho "$K"'],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out and '-k "$K"' in script, ".ci/gpu's tests are no longer chosen by $K: update this test"
+    Expression.compile(out)                                  # raises on a newline or a bad expression
+    tests = [n for n in dir(sys.modules[__name__]) if n.startswith("test_")]
+    for name in out.split(" or "):
+        assert any(name in t for t in tests), f".ci/gpu's -k names {name!r}, which selects no test"
+
 def test_bench_rollout_rows_run():
     """bench.py's R1, R2 and R10 (rollout, floor, generate, the processor) run on a tiny pair: a ratio per row."""
     import bench
