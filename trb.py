@@ -699,8 +699,9 @@ def response_hidden(model, seq, attn, T):
 
 def check_head(c, who, hooked=True):
     """The fused loss needs logits = output head(hidden states): a config that scales them is refused, in one line."""
-    scaled = [a for a in ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
-              if getattr(c, a, None) not in (None, 1)]       # logits the head alone does not make
+    scaled = [a for a in ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap", "logit_scale",
+                          "logits_scaling", "lm_head_multiplier")  # logits the head alone does not make
+              if getattr(c, a, None) not in ((None,) if "cap" in a else (None, 1))]  # a cap of 1 is tanh
     if not hooked or scaled: raise UserError(f"{who}: the loss needs logits = output head(hidden states), which "
                                              f"{', '.join(scaled) or 'its forward'} breaks")
 
