@@ -367,6 +367,23 @@ def test_softcapped_logits_refused(arch):
         with pytest.raises(trb.UserError, match="soft") as e: check()
         assert "\n" not in str(e.value), f"{arch}: one line"
 
+@pytest.mark.parametrize("arch", ["TrOCR", "Whisper"])
+def test_fused_loss_on_models_that_ignore_logits_to_keep(arch):
+    """A causal LM whose forward ignores logits_to_keep: hidden states at the T response positions, loss exact."""
+    import transformers
+    torch.manual_seed(0)
+    c = getattr(transformers, f"{arch}Config")(vocab_size=100, pad_token_id=1, d_model=32, decoder_layers=2,
+                                               decoder_attention_heads=2, decoder_ffn_dim=64, encoder_layers=1,
+                                               encoder_attention_heads=2)
+    m, t = (getattr(transformers, f"{arch}ForCausalLM")(c).eval() for _ in range(2))
+    seq, T = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0)), 4
+    a, mask = torch.ones_like(seq), torch.tensor([[True, True, True, False], [True, False, True, True]])
+    with torch.no_grad(): want = trb.opd_loss(*(x(input_ids=seq).logits[:, -T - 1:-1] for x in (m, t)), mask)
+    (hs, sh), (ht, th) = (trb.response_hidden(x, seq, a, T) for x in (m, t))
+    assert hs.shape == (2, T, 32), f"{arch}: hidden states {tuple(hs.shape)}, not (B, T, H)"
+    got = trb.fused_loss(hs[mask], ht[mask], (sh, th), 100, lambda s, t: trb.reverse_kl(s, t).sum(), tile=2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{arch}: the fused loss is the logits' loss")
+
 def tied_student(tiny):
     """The tiny student with its output head tied to the input embeddings."""
     from transformers import AutoConfig, AutoModelForCausalLM
