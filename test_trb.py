@@ -341,6 +341,49 @@ def test_scaled_logits_refused_before_loading(tiny, tmp_path, attr):
     msg = cli_error(tiny, tmp_path, "--teacher", str(te), early=True)
     assert attr in msg and "the teacher" in msg, msg
 
+SOFTCAPPED = {  # transformers' causal LMs whose forward soft-caps the head's logits: (config class, its cap)
+    "recurrent_gemma": ("RecurrentGemmaConfig", dict(lru_width=32, attention_window_size=16, logits_soft_cap=2.0,
+                                                     block_types=["recurrent", "attention"])),
+    "xlstm": ("xLSTMConfig", dict(embedding_dim=32, num_heads=2, num_blocks=1, output_logit_soft_cap=2.0)),
+    "gemma2-cap-1": ("Gemma2Config", dict(head_dim=16, final_logit_softcapping=1.0)),  # a cap of 1 is tanh
+}
+
+@pytest.mark.parametrize("arch", list(SOFTCAPPED))
+def test_softcapped_logits_refused(arch):
+    """A causal LM that soft-caps its logits, under any of transformers' names, at any cap, is refused in one line."""
+    import transformers
+    cls, kw = SOFTCAPPED[arch]
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, **kw)).eval()
+    seq = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    made = []
+    m.get_output_embeddings().register_forward_hook(lambda mod, x, y: made.append(y))
+    with torch.no_grad(): out = m(input_ids=seq, use_cache=False).logits
+    assert not torch.allclose(out, made[0]), f"{arch}: its forward changes the head's logits"
+    for check in (lambda: trb.check_positions(9, trb.Config(), head=True, student=m),  # from the config, early
+                  lambda: trb.response_hidden(m, seq, torch.ones_like(seq), 4)):     # and at the loss
+        with pytest.raises(trb.UserError, match="soft") as e: check()
+        assert "\n" not in str(e.value), f"{arch}: one line"
+
+@pytest.mark.parametrize("arch", ["TrOCR", "Whisper"])
+def test_fused_loss_on_models_that_ignore_logits_to_keep(arch):
+    """A causal LM whose forward ignores logits_to_keep: hidden states at the T response positions, loss exact."""
+    import transformers
+    torch.manual_seed(0)
+    c = getattr(transformers, f"{arch}Config")(vocab_size=100, pad_token_id=1, d_model=32, decoder_layers=2,
+                                               decoder_attention_heads=2, decoder_ffn_dim=64, encoder_layers=1,
+                                               encoder_attention_heads=2)
+    m, t = (getattr(transformers, f"{arch}ForCausalLM")(c).eval() for _ in range(2))
+    seq, T = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0)), 4
+    a, mask = torch.ones_like(seq), torch.tensor([[True, True, True, False], [True, False, True, True]])
+    with torch.no_grad(): want = trb.opd_loss(*(x(input_ids=seq).logits[:, -T - 1:-1] for x in (m, t)), mask)
+    (hs, sh), (ht, th) = (trb.response_hidden(x, seq, a, T) for x in (m, t))
+    assert hs.shape == (2, T, 32), f"{arch}: hidden states {tuple(hs.shape)}, not (B, T, H)"
+    got = trb.fused_loss(hs[mask], ht[mask], (sh, th), 100, lambda s, t: trb.reverse_kl(s, t).sum(), tile=2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{arch}: the fused loss is the logits' loss")
+
 def tied_student(tiny):
     """The tiny student with its output head tied to the input embeddings."""
     from transformers import AutoConfig, AutoModelForCausalLM

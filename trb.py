@@ -679,7 +679,7 @@ def response_logits(model, seq, attn, T, V):
     """Logits (B, T, V) at the T positions that predict the response tokens seq[:, -T:]."""
     pos = (attn.cumsum(-1) - 1).clamp(min=0)                 # (B, P+T)
     out = model(input_ids=seq, attention_mask=attn, position_ids=pos, use_cache=False, logits_to_keep=T + 1)
-    return out.logits[:, :-1, :V]                            # (B, T, V)
+    return out.logits[:, -T - 1:-1, :V]                      # (B, T, V); a forward may keep them all
 
 def response_hidden(model, seq, attn, T):
     """
@@ -689,7 +689,7 @@ def response_hidden(model, seq, attn, T):
     m = getattr(model, "module", model)                      # DDP's wrapped model
     head, got = m.get_output_embeddings(), []
     def keep(_, x):  # the head's input is kept; the head itself gets none of it
-        got.append(x[0][:, :-1])
+        got.append(x[0][:, -T - 1:-1])
         return (x[0][:, :0],)
     hook = head.register_forward_pre_hook(keep)
     try: response_logits(model, seq, attn, T, 0)
@@ -699,8 +699,9 @@ def response_hidden(model, seq, attn, T):
 
 def check_head(c, who, hooked=True):
     """The fused loss needs logits = output head(hidden states): a config that scales them is refused, in one line."""
-    scaled = [a for a in ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
-              if getattr(c, a, None) not in (None, 1)]       # logits the head alone does not make
+    scaled = [a for a in ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap", "logit_scale",
+                          "logits_scaling", "lm_head_multiplier")  # logits the head alone does not make
+              if getattr(c, a, None) not in ((None,) if "cap" in a else (None, 1))]  # a cap of 1 is tanh
     if not hooked or scaled: raise UserError(f"{who}: the loss needs logits = output head(hidden states), which "
                                              f"{', '.join(scaled) or 'its forward'} breaks")
 
