@@ -2306,6 +2306,11 @@ def test_lora_resume_switch_and_missing_peft_are_refused(tiny, tmp_path, monkeyp
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "peft" else orig(n, *a))
     assert "--lora_r needs peft: pip install peft" in cli_error(tiny, tmp_path, "--lora_r", "4", early=True)
 
+def dispatched(m):
+    """m as from_pretrained(device_map=...) leaves a model spread over two devices: its hf_device_map."""
+    m.hf_device_map = {"model.embed_tokens": 0, "model.layers": 0, "model.norm": 1, "lm_head": 1}
+    return m
+
 MODELS_BAD = {  # name -> (train() keyword arguments from the tiny pair, words of the one-line error)
     "float max_steps": (lambda t: dict(cfg=dict(max_steps=2.5)), "train(): cfg: max_steps is 2.5, not of type int"),
     "text batch_size": (lambda t: dict(cfg=dict(batch_size="2")), "batch_size is '2', not of type int"),
@@ -2318,6 +2323,7 @@ MODELS_BAD = {  # name -> (train() keyword arguments from the tiny pair, words o
     "frozen student": (lambda t: dict(student=load(t["student"]).requires_grad_(False)), "no weight that requires"),
     "teacher a path": (lambda t: dict(teacher=t["teacher"]), "teacher must be a loaded causal LM, not a str"),
     "teacher not an LM": (lambda t: dict(teacher=torch.nn.Linear(2, 2)), "causal LM, not a Linear"),
+    "teacher on two devices": (lambda t: dict(teacher=dispatched(load(t["teacher"]))), "dispatched over several"),
     "tokenizer a path": (lambda t: dict(tokenizer=t["student"]), "tokenizer must be a loaded tokenizer or a"),
     "three tokenizers": (lambda t: dict(tokenizer=(t["tok"],) * 3), "(student's, teacher's) pair, not a tuple of 3"),
 }

@@ -46,7 +46,7 @@ Design choices
     line; a non-finite loss, gradient or weight stops the run before it saves.
 12. Multi-GPU: DDP, or FSDP2 (--fsdp) for students beyond one GPU: the student is sharded by layer, gathered
     whole once per rollout for decoding, saved as full weights plus DCP-sharded AdamW state. The teacher is
-    replicated (one too large for a GPU: load it with device_map="auto" or tp_plan="auto"; see the README).
+    replicated; one too large for a GPU is not built in (see the README).
 13. Speculative sampling from mu (--spec_tokens g): while the teacher blends, the student drafts g tokens from pi_S
     and the teacher scores them in one forward; a draft x is kept with probability min(1, mu(x)/pi_S(x)), and the
     first rejected one is replaced by a draw from norm(max(0, mu - pi_S)), so every token is exactly a draw from mu.
@@ -1009,6 +1009,9 @@ def check_start(cfg, student, teacher, tokenizer):
                         "own, not the teacher, and --fsdp is for students loaded from a path")
     if not is_lm(teacher):
         raise UserError(f"train(): teacher must be a loaded causal LM, not a {type(teacher).__name__}")
+    if len(set((getattr(teacher, "hf_device_map", None) or {}).values())) > 1:
+        raise UserError("train(): a teacher dispatched over several devices (device_map) is not supported: train() "
+                        "runs both models on cfg.device")
     toks = tuple(tokenizer) if isinstance(tokenizer, (tuple, list)) else (tokenizer, tokenizer)
     if len(toks) != 2 or not all(callable(getattr(t, "convert_ids_to_tokens", None)) for t in toks):
         raise UserError(f"train(): tokenizer must be a loaded tokenizer or a (student's, teacher's) pair, not a "
