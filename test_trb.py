@@ -2602,8 +2602,8 @@ def test_ci_gpu_selects_the_tests_it_names():
     """.ci/gpu's -k expression parses (one line) and each of its names selects at least one test of this file."""
     from _pytest.mark.expression import Expression
     script = open(os.path.join(HERE, ".ci", "gpu")).read()
-    out = subprocess.run(["bash", "-c", "\n".join(l for l in script.splitlines() if l.startswith("K=")) + '\necho "$K"'],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    ks = "\n".join(line for line in script.splitlines() if line.startswith("K="))
+    out = subprocess.run(["bash", "-c", ks + '\necho "$K"'], capture_output=True, text=True, check=True).stdout.strip()
     assert out and '-k "$K"' in script, ".ci/gpu's tests are no longer chosen by $K: update this test"
     Expression.compile(out)                                  # raises on a newline or a bad expression
     tests = [n for n in dir(sys.modules[__name__]) if n.startswith("test_")]
