@@ -694,7 +694,7 @@ def response_hidden(model, seq, attn, T):
     hook = head.register_forward_pre_hook(keep)
     try: response_logits(model, seq, attn, T, 0)
     finally: hook.remove()
-    check_head(m.config, type(m).__name__, bool(got))
+    check_head(m.config.get_text_config(), type(m).__name__, bool(got))  # where check_positions reads it
     return got[0], head
 
 def check_head(c, who, hooked=True):
@@ -859,7 +859,7 @@ def clip_grad(R):
 
 def evaluate(R):
     """Held-out objective: mean full-vocab reverse KL per token on pure student rollouts; every rank its shard."""
-    cfg, tot = R.cfg, torch.zeros(2, device=R.device)       # (sum of KL, tokens)
+    cfg, tot, prep = R.cfg, torch.zeros(2, device=R.device), loss_prep(R.eos_ids)  # (sum of KL, tokens)
     gen = torch.Generator(device=R.device).manual_seed(cfg.seed + 10_000 + R.rank)
     mine = R.eval_prompts[R.rank::R.world]
     bs = cfg.rollout_batch_size or max(len(mine), 1)
@@ -868,7 +868,7 @@ def evaluate(R):
             roll = rollout_rows(R, mine[i:i + bs], 0.0, Knobs(False, 0, 0.0, cfg.temperature), gen, bar)
             with whole_weights(R), torch.inference_mode(), R.amp:  # FSDP2: gathered once for all micro-batches
                 for seq, a, r in micro_batches(R, mine[i:i + bs], roll):
-                    m, prep = r["mask"], loss_prep(R.eos_ids)
+                    m = r["mask"]
                     (hs, sh), (ht, th) = (response_hidden(x, seq, a, m.shape[1]) for x in (R.student, R.teacher))
                     tot[0] += fused_loss(hs[m], ht[m], (sh, th), R.V, lambda s, t: reverse_kl(*prep(s, t)).sum(),
                                          tile=cfg.loss_chunk)
