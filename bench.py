@@ -533,7 +533,7 @@ def bench_lora_state(s, tok, tmp, r=16):
         out[how] = dict(params=nbytes(m.parameters()), grads=nbytes(p.grad for p in m.parameters()),
                         optimizer=nbytes(v for st in opt.state.values() for v in st.values()))
         d = os.path.join(tmp, how)
-        trb.save_checkpoint(d, m, tok, dict(step=1, optimizer=opt.state_dict(), config={}, world=1, rng={}))
+        trb.save_checkpoint(d, m, tok, dict(step=1, config={}, world=1, rng={}), opt.state_dict())
         out[how]["disk"] = sum(os.path.getsize(os.path.join(r_, f)) for r_, _, fs in os.walk(d) for f in fs)
         del m, opt
     return out

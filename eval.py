@@ -255,18 +255,7 @@ def plot_runs(run_dirs, out_png):
                 for r in trb.read_metrics(path) if type(r["step"]) is int]  # "step": true is no step
         if not recs: raise trb.UserError(f"--plot: {path} holds no records")
         runs.setdefault(name, []).append(recs)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-    except ImportError:
-        raise trb.UserError("--plot needs matplotlib (pip install matplotlib)") from None
-    out_png = out_png if os.path.splitext(out_png)[1] else out_png + ".png"
-    ext, folder = os.path.splitext(out_png)[1][1:].lower(), os.path.dirname(os.path.abspath(out_png))
-    if ext not in FigureCanvasAgg.get_supported_filetypes():  # no figure made for the question
-        raise trb.UserError(f"--plot_out {out_png!r}: matplotlib cannot write .{ext} files")
-    if not os.path.isdir(folder): raise trb.UserError(f"--plot_out {out_png!r}: no folder {folder}")
+    plt, out_png = pyplot(out_png)
     K = warmup_end(runs)
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.6))
     axes = axes.ravel()
@@ -296,6 +285,26 @@ def plot_runs(run_dirs, out_png):
     axes[-1].set_xlim(-0.5, (K is not None) + 0.5)
     axes[-1].set_title("held-out reverse KL per method: mean, min-max", fontsize=9)
     axes[0].legend(fontsize=7)
+    return save_figure(plt, fig, out_png)
+
+def pyplot(out_png):
+    """matplotlib's pyplot (Agg) and the figure's path (.png if it has no extension), checked before any figure is
+    made: one line each for no matplotlib, a type it cannot write and a missing folder."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        raise trb.UserError("--plot needs matplotlib (pip install matplotlib)") from None
+    out_png = out_png if os.path.splitext(out_png)[1] else out_png + ".png"
+    ext, folder = os.path.splitext(out_png)[1][1:].lower(), os.path.dirname(os.path.abspath(out_png))
+    if ext not in FigureCanvasAgg.get_supported_filetypes():  # no figure made for the question
+        raise trb.UserError(f"--plot_out {out_png!r}: matplotlib cannot write .{ext} files")
+    if not os.path.isdir(folder): raise trb.UserError(f"--plot_out {out_png!r}: no folder {folder}")
+    return plt, out_png
+
+def save_figure(plt, fig, out_png):
     fig.tight_layout()
     try:
         fig.savefig(out_png, dpi=120)
@@ -305,13 +314,29 @@ def plot_runs(run_dirs, out_png):
         plt.close(fig)
     return out_png
 
+def plot_accuracy(rows, task, out_png):
+    """--checkpoints all --plot: accuracy (± its standard error) against step, the best checkpoint marked."""
+    plt, out_png = pyplot(out_png)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps, acc = [r["step"] for r in rows], [r["accuracy"] for r in rows]
+    ax.errorbar(steps, acc, yerr=[r["stderr"] for r in rows], marker="o", ms=4, capsize=3)
+    b = best_of(rows)
+    ax.plot([b["step"]], [b["accuracy"]], "*", ms=14, color="C3", label=f"best: step {b['step']}, {b['accuracy']:.3f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{task} accuracy")
+    ax.legend(fontsize=8)
+    return save_figure(plt, fig, out_png)
+
 # -----------------------------------------------------------------------------
 # command line
 
 @dataclass
 class EvalConfig:
     # what to evaluate
-    model: str = ""                        # a trb.py out_dir, a local HF model dir or a hub name
+    model: str = ""                        # a model directory (a trb.py checkpoint or any HF causal LM), a hub
+                                           # name, or a trb.py run directory
+    checkpoints: str = "latest"            # of a run directory: latest (its newest checkpoint) | all (each one:
+                                           # the paper's best-checkpoint protocol, a table of step and accuracy)
     task: str = "gsm8k"                    # gsm8k | math500 | math
     data_file: str = ""                    # local JSONL with the hub's field names; "" = the hub's test split
     limit: int = 0                         # the first N problems; 0 = all
@@ -325,9 +350,12 @@ class EvalConfig:
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     dtype: str = "auto"                    # auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float16 | float32
     trust_remote_code: bool = False        # run a model's own code from the hub; off unless asked
-    out: str = ""                          # write one JSON line per problem here
-    # curves of trb.py runs instead of an evaluation
-    plot: list = field(default_factory=list)  # run dirs whose metrics.jsonl to draw (needs matplotlib)
+    out: str = ""                          # one JSON line per problem here; with --checkpoints all, one per
+                                           # checkpoint (default RUN/eval-TASK.jsonl), read back for a checkpoint
+                                           # already scored with the same settings
+    # figures (matplotlib)
+    plot: list = field(default_factory=list)  # run dirs whose metrics.jsonl to draw instead of an evaluation; no
+                                           # dirs with --checkpoints all: its accuracy against step
     plot_out: str = "trb_compare.png"      # the figure's path
 
 def write_out(a, problems, comps, verdicts):
@@ -355,6 +383,8 @@ def same_file(a, b):
 def check_args(a):
     if not a.model: raise trb.UserError("--model is required")
     if a.task not in TASKS: raise trb.UserError(f"--task must be one of {', '.join(TASKS)}, got {a.task!r}")
+    if a.checkpoints not in ("latest", "all"):
+        raise trb.UserError(f"--checkpoints must be latest or all, got {a.checkpoints!r}")
     for name in ("n_samples", "max_new_tokens", "batch_size"):
         if getattr(a, name) < 1: raise trb.UserError(f"--{name} must be >= 1, got {getattr(a, name)}")
     if a.limit < 0: raise trb.UserError(f"--limit must be >= 0, got {a.limit}")
@@ -370,7 +400,8 @@ def check_args(a):
     if a.out and (os.path.isdir(a.out) or not (os.path.isdir(folder) and os.access(folder, os.W_OK))):
         why = "is a directory" if os.path.isdir(a.out) else "cannot be written: its folder is missing or read-only"
         raise trb.UserError(f"--out {a.out!r} {why}")
-    dirs = [d for d in (a.model, trb._adapter_base(a.model)) if d and os.path.isdir(d) and os.access(d, os.R_OK)]
+    models = [p for _, p in run_checkpoints(a.model) or []] or [a.model]  # a run's checkpoints, or the model
+    dirs = [d for m in models for d in (m, trb._adapter_base(m)) if d and os.path.isdir(d) and os.access(d, os.R_OK)]
     ins = [a.data_file] + [os.path.join(d, f) for d in dirs for f in os.listdir(d)]
     same = next((p for p in ins if a.out and p and same_file(a.out, p)), None)
     if same: raise trb.UserError(f"--out {a.out!r} is the input {same!r}: writing the results would replace it")
@@ -380,29 +411,88 @@ def check_args(a):
     if a.temperature == 0 and a.n_samples > 1:
         print("eval: warning: --temperature 0 with --n_samples > 1 gives identical samples", file=sys.stderr)
 
+def run_checkpoints(model):
+    """The checkpoints [(step, path)] of a trb.py run directory, or None where model is a model (or not a run)."""
+    if not os.path.isdir(model) or any(os.path.isfile(os.path.join(model, f)) for f in ("config.json",
+                                                                                       "adapter_config.json")):
+        return None
+    cks = trb.checkpoints(model)
+    if not cks and any(f == "metrics.jsonl" or f.startswith("checkpoint-") for f in os.listdir(model)):
+        raise trb.UserError(f"{model} holds no complete checkpoint (a folder with trainer_state.pt) to evaluate")
+    return cks or None
+
+def evaluate_model(a, path, problems, device, dtype):
+    """Generates and grades the problems with the model at path; prints the summary line. Returns (summary,
+    completions, verdicts)."""
+    tok = trb.load_tokenizer(path, a.trust_remote_code)
+    model = trb.load_model(path, dtype, device, a.trust_remote_code).eval()
+    t0 = time.time()
+    comps, n_tok = generate(model, tok, [p for p, _, _ in problems], a.n_samples, a.temperature, a.max_new_tokens,
+                            a.batch_size, a.seed, device)
+    dt = time.time() - t0
+    verdicts, summary = score(problems, comps, a.task)
+    summary.update(model=path, n_samples=a.n_samples, temperature=a.temperature, tok_per_s=round(n_tok / dt, 1))
+    print(f"{a.task} | accuracy {summary['accuracy']:.4f} ± {summary['stderr']:.4f} | n {summary['n']} | "
+          f"samples {a.n_samples} | tok/s {summary['tok_per_s']} | {path}", flush=True)
+    return summary, comps, verdicts
+
+def best_of(rows):
+    return max(rows, key=lambda r: r["accuracy"])  # the earliest of the best
+
+def evaluate_run(a, cks, problems, device, dtype):
+    """
+    --checkpoints all: every checkpoint of the run, with the same settings. Each row (step, run, accuracy, stderr,
+    n, settings) goes to --out as soon as it is scored, and a row of the same checkpoint and settings there is read
+    back, not run again. Prints the table with the best marked. Returns the rows, oldest first.
+    """
+    out = a.out or os.path.join(a.model, f"eval-{a.task}.jsonl")
+    settings = {k: getattr(a, k) for k in ("task", "limit", "n_samples", "temperature", "max_new_tokens", "batch_size",
+                                           "seed")}
+    settings.update(data_file=os.path.abspath(a.data_file) if a.data_file else "", dtype=str(dtype), device=device.type)
+    kept, rows = trb.read_metrics(out), []
+    for step, path in cks:
+        run = trb.load_state(path, mmap=True).get("run")
+        r = next((r for r in kept if (r.get("run"), r["step"], r.get("settings")) == (run, step, settings)), None)
+        if r is None:
+            summary = evaluate_model(a, path, problems, device, dtype)[0]
+            r = dict(step=step, run=run, checkpoint=path, settings=settings,
+                     **{k: summary[k] for k in ("accuracy", "stderr", "n")})
+            kept = [x for x in kept if (x.get("run"), x["step"], x.get("settings")) != (run, step, settings)] + [r]
+            trb.write_lines(out, [json.dumps(x) + "\n" for x in kept])
+        else: print(f"{a.task} | accuracy {r['accuracy']:.4f} ± {r['stderr']:.4f} | read back from {out} | {path}")
+        rows.append(r)
+    b = best_of(rows)
+    print(f"\n| step | {a.task} accuracy | stderr | |\n|---:|---:|---:|---|")
+    for r in rows: print(f"| {r['step']} | {r['accuracy']:.4f} | {r['stderr']:.4f} | {'best' * (r is b)} |")
+    print(f"\nbest: step {b['step']}, accuracy {b['accuracy']:.4f} ({b['checkpoint']}); rows in {out}", flush=True)
+    return rows
+
 def main(argv=None):
     trb.keep_freed_memory()
     trb.quiet_progress_bars()
-    a, given = trb.parse_config(EvalConfig, argv, "GSM8K / MATH exact match of a trb.py checkpoint or any HF causal "
-                                                  "LM, pass@1 over n samples; or --plot the curves of trb.py runs")
+    a, given = trb.parse_config(EvalConfig, argv, "GSM8K / MATH exact match of a trb.py checkpoint, of each checkpoint "
+                                                  "of a run, or of any HF causal LM, pass@1 over n samples; or --plot "
+                                                  "the curves of trb.py runs")
     try:
-        if "plot" in given and not a.plot: raise trb.UserError("--plot needs the run folders to draw: --plot DIR ...")
-        if a.plot: return print(plot_runs(a.plot, a.plot_out))
+        every = a.checkpoints == "all"
+        if "plot" in given and not a.plot and not every:
+            raise trb.UserError("--plot needs the run folders to draw: --plot DIR ... (or --checkpoints all)")
+        if a.plot and not every: return print(plot_runs(a.plot, a.plot_out))
         check_args(a)
+        if every and a.plot: raise trb.UserError("--checkpoints all --plot draws its own figure: give --plot no folders")
+        if every and "plot" in given: pyplot(a.plot_out)     # checked before anything runs
+        cks = run_checkpoints(a.model)
+        if every and not cks: raise trb.UserError(f"--checkpoints all needs a trb.py run directory as --model, not "
+                                                  f"{a.model!r}")
         device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         auto = torch.bfloat16 if device.type == "cuda" else torch.float32
         dtype = getattr(torch, a.dtype) if a.dtype != "auto" else auto
         problems = load_problems(a.task, a.data_file, a.limit)
-        tok = trb.load_tokenizer(a.model, a.trust_remote_code)
-        model = trb.load_model(a.model, dtype, device, a.trust_remote_code).eval()
-        t0 = time.time()
-        comps, n_tok = generate(model, tok, [p for p, _, _ in problems], a.n_samples, a.temperature, a.max_new_tokens,
-                                a.batch_size, a.seed, device)
-        dt = time.time() - t0
-        verdicts, summary = score(problems, comps, a.task)
-        summary.update(model=a.model, n_samples=a.n_samples, temperature=a.temperature, tok_per_s=round(n_tok / dt, 1))
-        print(f"{a.task} | accuracy {summary['accuracy']:.4f} ± {summary['stderr']:.4f} | n {summary['n']} | "
-              f"samples {a.n_samples} | tok/s {summary['tok_per_s']}")
+        if every:
+            rows = evaluate_run(a, cks, problems, device, dtype)
+            if "plot" in given: print(plot_accuracy(rows, a.task, a.plot_out))
+            return rows
+        summary, comps, verdicts = evaluate_model(a, cks[-1][1] if cks else a.model, problems, device, dtype)
         for key in ("by_subject", "by_level"):
             if key in summary: print(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[key].items()))
         print(json.dumps(summary), flush=True)

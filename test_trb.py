@@ -851,13 +851,24 @@ def run_cli(tiny, out, *extra):
     trb.main(cli_args(tiny, out, *extra))
     return out
 
+def ckpt(run):
+    """The newest checkpoint folder of a run directory."""
+    cks = trb.checkpoints(str(run))
+    assert cks, f"no checkpoint in {run}: {os.listdir(run) if os.path.isdir(run) else 'no such directory'}"
+    return cks[-1][1]
+
+def model_dir(path):
+    """path itself if it holds a model, else its newest checkpoint (a run directory)."""
+    return str(path) if os.path.isfile(os.path.join(path, "config.json")) else ckpt(path)
+
 def weights(path):
     from safetensors.torch import load_file
-    return load_file(os.path.join(path, "model.safetensors"))
+    return load_file(os.path.join(model_dir(path), "model.safetensors"))
 
 def adapters(path):
-    """The LoRA adapters of a --lora_r checkpoint."""
+    """The LoRA adapters of a --lora_r checkpoint (the newest of a run directory)."""
     from safetensors.torch import load_file
+    path = path if os.path.isfile(os.path.join(path, "adapter_config.json")) else ckpt(path)
     return load_file(os.path.join(path, "adapter_model.safetensors"))
 
 def test_train_cli_end_to_end(tiny, tmp_path):
@@ -877,8 +888,10 @@ def test_train_cli_end_to_end(tiny, tmp_path):
     assert [r["eps"] for r in recs] == pytest.approx([0.1, 0.1 * 2 / 3, 0.1 / 3]), "eps follows eq. 3"
     assert all(0 < r["kl_mu_s"] <= r["eps"] * 1.001 for r in recs), "realised KL(mu||pi_S) within the budget"
     assert "eval_kl" in recs[1] and "eval_kl" in recs[2] and recs[1]["eval_kl"] > 0
-    m = AutoModelForCausalLM.from_pretrained(str(out))
-    assert AutoTokenizer.from_pretrained(str(out)).chat_template == tiny["tok"].chat_template
+    assert [s for s, _ in trb.checkpoints(str(out))] == [3] and sorted(os.listdir(out)) == [
+        "checkpoint-3", "metrics.jsonl", "trb.lock"], "the run directory: its checkpoints, metrics and lock"
+    m = AutoModelForCausalLM.from_pretrained(ckpt(out))
+    assert AutoTokenizer.from_pretrained(ckpt(out)).chat_template == tiny["tok"].chat_template
     before = load(tiny["student"]).state_dict()
     assert any(not torch.equal(v, before[k]) for k, v in m.state_dict().items()), "training changed the student"
     assert not any(k.startswith("_orig_mod") or k.startswith("module.") for k in weights(out)), "clean checkpoint keys"
@@ -961,9 +974,9 @@ def test_two_processes_equal_one(tiny, tmp_path, shard):
     assert r1["eval_kl"] == pytest.approx(r2["eval_kl"], rel=1e-4), "evaluation on every rank's share, all-reduced"
     assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-4) and r1["resp_len"] == r2["resp_len"], \
         "metrics are all-reduced"
-    assert load(str(tmp_path / "two")) is not None, "the checkpoint is a plain from_pretrained folder"
+    assert load(ckpt(tmp_path / "two")) is not None, "the checkpoint is a plain from_pretrained folder"
     if shard == "fsdp":
-        assert trb.load_state(str(tmp_path / "two"))["optimizer"] is None and (tmp_path / "two" / "optimizer").is_dir()
+        assert os.path.isdir(os.path.join(ckpt(tmp_path / "two"), "optimizer")), "FSDP2's AdamW shards in the checkpoint"
 
 def test_fsdp_resume_is_exact_and_changes_world_size(tiny, tmp_path):
     """--fsdp: 2 steps + resume + 2 equals 4 steps bit for bit at 2 ranks; resuming at 1 rank (DCP reshards) agrees."""
@@ -1089,6 +1102,7 @@ BAD_FLAGS = [  # (flags, words of the one-line error); every one refused before 
     (["--n_samples", str(10**12)], "rows a step; at most 2^20"), (["--batch_size", str(10**12)], "at most 2^20"),
     (["--save_every", str(10**400), "--batch_size", "0"], "--batch_size must be >= 1"),
     (["--spec_tokens", "-1"], "--spec_tokens must be >= 0"),
+    (["--save_total_limit", "-1"], "--save_total_limit must be >= 0"), (["--resume", "--overwrite"], "pass one of them"),
     (["--eps0", "0", "--skd_topk", "5", "--skd_steps", "2", "--spec_tokens", "2"], "SKD keeps the lock-step"),
     (["--system_prompt", "a\udcffb"], "--system_prompt is not valid Unicode"),  # argv's undecodable bytes
     (["--out_dir", "out-\udcff"], "--out_dir is not valid Unicode"),
@@ -1189,7 +1203,7 @@ def test_eos_beyond_the_shared_vocab_is_dropped_and_said(tiny, tmp_path, capsys)
     out = run_cli(tiny, tmp_path / "run", "--teacher", str(te), "--max_steps", "1")
     said = capsys.readouterr().out
     assert f"EOS id {V} (<|end|>) is beyond the shared {V}-token vocabulary: dropped" in said, said
-    assert GenerationConfig.from_pretrained(str(out)).eos_token_id == [tiny["tok"].eos_token_id], "only ids below V"
+    assert GenerationConfig.from_pretrained(ckpt(out)).eos_token_id == [tiny["tok"].eos_token_id], "only ids below V"
 
 @pytest.mark.parametrize("what", ["an added pad", "a chat token"])
 def test_student_tokens_the_teacher_lacks(tiny, tmp_path, what):
@@ -1232,7 +1246,7 @@ def test_resume_keeps_the_flags_of_the_run(tiny, tmp_path, capsys):
     capsys.readouterr()
     trb.main(["--out_dir", str(out), "--resume", "--max_steps", "2"])
     assert "resume from step 1: --max_steps 1 -> 2" in capsys.readouterr().out
-    cfg = trb.load_state(str(out))["config"]
+    cfg = trb.load_state(ckpt(out))["config"]
     assert (cfg["save_every"], cfg["eval_every"], cfg["max_steps"], cfg["eps0"]) == (1, 7, 2, 0.1)
 
 def test_grad_clip_zero_means_no_clipping(tiny, tmp_path):
@@ -1248,15 +1262,15 @@ def test_checkpoint_keeps_every_eos_and_eval_stops_there(tiny, tmp_path):
     out = run_cli(tiny, tmp_path / "run", "--max_steps", "1")
     tok = tiny["tok"]
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert GenerationConfig.from_pretrained(str(out)).eos_token_id == [tok.eos_token_id, im_end]
-    m = load(str(out))
+    assert GenerationConfig.from_pretrained(ckpt(out)).eos_token_id == [tok.eos_token_id, im_end]
+    m = load(ckpt(out))
     with torch.no_grad():  # a model that always says <|im_end|> first: the layers add nothing, the head sees e_0 > 0
         for layer in m.model.layers: layer.self_attn.o_proj.weight.zero_(), layer.mlp.down_proj.weight.zero_()
         m.model.embed_tokens.weight[:, 0] = m.model.embed_tokens.weight[:, 0].abs() + 1
         m.lm_head.weight.zero_()
         m.lm_head.weight[im_end, 0] = 100.0
-    m.save_pretrained(str(out))
-    comps, n_tok = ev.generate(load(str(out)), tok, ["How many?", "Tom has 3 apples."], 2, 1.0, 16, 4, 0, "cpu")
+    m.save_pretrained(ckpt(out))
+    comps, n_tok = ev.generate(load(ckpt(out)), tok, ["How many?", "Tom has 3 apples."], 2, 1.0, 16, 4, 0, "cpu")
     assert n_tok == 4, f"eval ran past <|im_end|>: {n_tok} tokens for 4 rows"
 
 def test_pad_that_is_a_folded_eos_gives_no_nan(tiny, tmp_path):
@@ -1312,10 +1326,10 @@ def test_resume_missing_or_corrupt(tiny, tmp_path):
     assert "no checkpoint" in cli_error(tiny, tmp_path, "--out_dir", str(tmp_path / "nothing"), "--resume", base=False,
                                         early=True)
     out = run_cli(tiny, tmp_path / "ok", "--max_steps", "1")
-    (out / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    pathlib.Path(ckpt(out), "trainer_state.pt").write_bytes(b"not a checkpoint")
     assert "corrupt checkpoint" in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", base=False)
     out = run_cli(tiny, tmp_path / "ok2", "--max_steps", "1")
-    (out / "model.safetensors").write_bytes(b"\x00" * 100)
+    pathlib.Path(ckpt(out), "model.safetensors").write_bytes(b"\x00" * 100)
     assert "cannot load student" in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--max_steps", "2",
                                               base=False)  # a step to take: a finished run has nothing to load
 
@@ -1326,108 +1340,97 @@ class Killed(BaseException):
     """Stands in for kill -9: no `except Exception` catches it, and no cleanup of ours runs."""
 
 def fault_injector(monkeypatch, kill_at):
-    """Patches every filesystem step of a save or a recovery; the kill_at-th one (from 0) is killed, a write
+    """Patches every filesystem step of a save; the kill_at-th one (from 0) is killed, a write or a removal cut
     halfway. Returns the list of steps taken."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
     steps = []
-    def wrap(owner, name):
+    def halfway(name, a):  # what the killed step leaves behind
+        if name == "save": open(a[1], "wb").write(b"partial")          # torch.save: a partial file
+        if name == "rmtree":                                            # one file gone of the folder
+            gone = next((os.path.join(d, f) for d, _, fs in os.walk(a[0]) for f in fs), None)
+            if gone: os.remove(gone)
+        if name in ("save_pretrained", "dcp.save"):                     # a partial weight file or shard
+            os.makedirs(a[-1], exist_ok=True)
+            open(os.path.join(a[-1], "model.safetensors" if name == "save_pretrained" else "__0_0.distcp"),
+                 "wb").write(b"partial")
+    def wrap(owner, name, label=None, arg=None):
         orig = getattr(owner, name)
         def step(*a, **k):
-            steps.append(name)
+            if name == "save" and not isinstance(a[1] if len(a) > 1 else k.get("f"), (str, os.PathLike)):
+                return orig(*a, **k)  # into memory
+            steps.append(label or name)
             if len(steps) - 1 == kill_at:
-                if name == "save":  # torch.save dies with a partial file written
-                    open(a[1], "wb").write(b"partial")
-                raise Killed(name)
+                halfway(label or name, a if arg is None else (*a, k.get(arg, a[-1] if a else None)))
+                raise Killed(label or name)
             return orig(*a, **k)
         monkeypatch.setattr(owner, name, step)
-    for owner, name in ((os, "replace"), (os, "link"), (os, "listdir"), (shutil, "rmtree"), (shutil, "copy2"),
-                        (shutil, "copytree"), (torch, "save")):
+    for owner, name in ((os, "replace"), (os, "remove"), (os, "makedirs"), (shutil, "rmtree"), (torch, "save")):
         wrap(owner, name)
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-    for cls in (PreTrainedModel, PreTrainedTokenizerBase):
-        orig = cls.save_pretrained
-        def save_pretrained(self, path, *a, _orig=orig, **k):
-            steps.append("save_pretrained")
-            if len(steps) - 1 == kill_at:
-                os.makedirs(path, exist_ok=True)
-                open(os.path.join(path, "model.safetensors"), "wb").write(b"partial")
-                raise Killed("save_pretrained")
-            return _orig(self, path, *a, **k)
-        monkeypatch.setattr(cls, "save_pretrained", save_pretrained)
+    wrap(dcp, "save", "dcp.save", "checkpoint_id")
+    for cls in (PreTrainedModel, PreTrainedTokenizerBase, GenerationConfig):
+        wrap(cls, "save_pretrained", arg="save_directory")
     return steps
 
 def metric_steps(out):
     return [r["step"] for r in trb.read_metrics(os.path.join(out, "metrics.jsonl"))]
 
-@pytest.fixture(scope="module")
-def one_step_run(tiny, tmp_path_factory):
-    """A finished 1-step run (its checkpoint and metrics), copied afresh by each fault scenario."""
-    return run_cli(tiny, tmp_path_factory.mktemp("base") / "run", "--max_steps", "1")
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
-@pytest.mark.parametrize("first", [True, False], ids=["first save", "later save"])
-def test_a_kill_at_any_point_of_a_save_loses_nothing(tiny, one_step_run, tmp_path, monkeypatch, first):
-    """Kill a save at each of its steps, then its recovery at each of its steps: a complete checkpoint remains,
-    metrics.jsonl keeps every line, and the next save works (no stale .old or .tmp in its way)."""
-    m, tok = load(tiny["student"]), tiny["tok"]
-    state = lambda s: {"step": s, "optimizer": {}, "config": {}, "world": 1, "rng": {}}  # noqa: E731
-    tried = survived = rec_tried = 0
+SAVE_PATHS = {"plain": [], "lora": ["--lora_r", "4", "--lr", "1e-2"], "fsdp": ["--fsdp"]}
+
+@pytest.mark.parametrize("path", list(SAVE_PATHS))
+def test_a_kill_at_each_step_of_a_save_resumes_exactly(tiny, tmp_path, monkeypatch, path):
+    """Kill the step-2 save at each of its filesystem steps (a write or removal cut halfway): a complete checkpoint
+    remains, and --resume ends at the weights and metrics of an unbroken run; in the plain, LoRA and FSDP2 (gloo,
+    one rank, in this process) paths."""
+    def main(argv):
+        if path == "fsdp": monkeypatch.setenv("MASTER_PORT", free_port())
+        trb.main(argv)
+    if path == "fsdp":
+        for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+            monkeypatch.setenv(k, v)
+    w = adapters if path == "lora" else weights
+    base = tmp_path / "base"
+    for d, n in ((tmp_path / "a", "3"), (base, "1")): main(cli_args(tiny, d, *SAVE_PATHS[path], "--save_every", "1",
+                                                                   "--max_steps", n))
+    orig, tried = trb.save, 0
     for kill_at in range(100):
-        out = str(tmp_path / f"k{kill_at}" / "run")
-        shutil.copytree(one_step_run, out)
-        if first:  # before the first save, out_dir holds metrics.jsonl only
-            for f in os.listdir(out):
-                if f != "metrics.jsonl": os.remove(os.path.join(out, f))
-        with open(os.path.join(out, "metrics.jsonl"), "a") as f: f.write(json.dumps({"step": 2}) + "\n")
-        with monkeypatch.context() as mp:
-            steps = fault_injector(mp, kill_at)
-            try:
-                trb.save_checkpoint(out, m, tok, state(2))
-            except Killed:
-                pass
-        if kill_at >= len(steps): break  # the save ran to the end: every step has been killed once
-        for rec_kill in range(20):  # and a kill during the recovery, at each of its steps, then a clean one
+        out, steps = tmp_path / f"k{kill_at}", []
+        shutil.copytree(base, out)
+        def dying_save(R):
+            if R.step != 2: return orig(R)
             with monkeypatch.context() as mp:
-                rsteps = fault_injector(mp, rec_kill)
+                s = fault_injector(mp, kill_at)
                 try:
-                    trb.recover_checkpoint(out)
-                except Killed:
-                    pass
-            if rec_kill >= len(rsteps): break
-            rec_tried += 1
-        trb.recover_checkpoint(out)
+                    orig(R)
+                finally:
+                    steps[:] = s
+        monkeypatch.setattr(trb, "save", dying_save)
+        try:
+            main(["--out_dir", str(out), "--resume", "--max_steps", "3"])
+        except Killed:
+            pass
+        monkeypatch.setattr(trb, "save", orig)
+        if kill_at >= len(steps): break  # the save ran to its end: every step has been killed once
         tried += 1
-        st = trb.load_state(out)["step"] if trb._complete(out) else None  # None: the first save never finished
-        assert st == 2 or st == (None if first else 1), f"kill at step {kill_at} ({steps[-1]}): recovered step {st}"
-        if st is not None: assert load(out) is not None and os.path.isfile(os.path.join(out, "tokenizer.json"))
-        assert metric_steps(out) == [1, 2], f"kill at {kill_at} ({steps[-1]}): metrics {metric_steps(out)}"
-        trb.save_checkpoint(out, m, tok, state(3))
-        assert trb.load_state(out)["step"] == 3 and metric_steps(out) == [1, 2], f"the save after kill {kill_at}"
-        survived += 1
-    assert tried >= 8 and survived == tried
-    print(f"faults ({'first' if first else 'later'} save): {survived} of {tried} kill points survived, and "
-          f"{rec_tried} kills during the recoveries")
-
-@pytest.mark.parametrize("kill_at", [0, 4, 7, 10])
-def test_a_killed_save_resumes_exactly(tiny, tmp_path, monkeypatch, kill_at):
-    """A run killed in the middle of its step-2 save resumes to the same weights and metrics as an unbroken one."""
-    a = run_cli(tiny, tmp_path / "a", "--max_steps", "3", "--save_every", "1")
-    orig = trb.save_checkpoint
-    def save_dying_at_step_2(out_dir, model, tok, state, *a, **k):
-        if state["step"] != 2: return orig(out_dir, model, tok, state, *a, **k)
-        with monkeypatch.context() as mp:
-            fault_injector(mp, kill_at)
-            orig(out_dir, model, tok, state, *a, **k)
-    monkeypatch.setattr(trb, "save_checkpoint", save_dying_at_step_2)
-    with pytest.raises(Killed):
-        run_cli(tiny, tmp_path / "b", "--max_steps", "3", "--save_every", "1")
-    monkeypatch.setattr(trb, "save_checkpoint", orig)
-    trb.main(["--out_dir", str(tmp_path / "b"), "--resume"])
-    wa, wb = weights(a), weights(tmp_path / "b")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa), f"kill at save step {kill_at}: the resumed run differs"
-    assert metric_steps(tmp_path / "b") == [1, 2, 3]
+        left = trb.checkpoints(str(out))
+        assert left and left[-1][0] in (1, 2), f"kill at {kill_at} ({steps[-1]}): {os.listdir(out)}"
+        main(["--out_dir", str(out), "--resume", "--max_steps", "3"])
+        wa, wb = w(tmp_path / "a"), w(out)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f"kill at {kill_at} ({steps[-1]}): other weights"
+        assert metric_steps(out) == [1, 2, 3], f"kill at {kill_at} ({steps[-1]}): metrics {metric_steps(out)}"
+        assert not [f for f in os.listdir(out) if f.endswith(".tmp")], os.listdir(out)
+    assert tried >= 8, f"only {tried} kill points in a save"
+    print(f"{path}: {tried} kill points, each resumed exactly")
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_signals_stop_with_one_line_and_an_intact_checkpoint(tiny, tmp_path, sig):
-    """Ctrl-C or SIGTERM: one line naming the step and the intact checkpoint, no traceback; --resume goes on."""
+    """Ctrl-C or SIGTERM: one line naming the step and the newest checkpoint, no traceback; --resume goes on."""
     import signal
     out = tmp_path / "run"
     args = [sys.executable, os.path.join(HERE, "trb.py"), "--student", tiny["student"], "--teacher", tiny["teacher"],
@@ -1441,10 +1444,31 @@ def test_signals_stop_with_one_line_and_an_intact_checkpoint(tiny, tmp_path, sig
     rest, err = p.communicate(timeout=300)
     last = err.strip().splitlines()[-1]
     assert p.returncode != 0 and "Traceback" not in err, err[-2000:]
-    assert last.startswith("trb: interrupted after step ") and "is intact" in last, last
-    saved = int(last.split("checkpoint of step ")[1].split()[0])
-    assert trb.load_state(str(out))["step"] == saved >= 1
+    assert last.startswith("trb: interrupted after step ") and "the newest checkpoint is" in last, last
+    assert last.endswith(ckpt(out)), f"the line names another checkpoint than the newest: {last}"
+    assert trb.load_state(ckpt(out))["step"] >= 1
     assert "\r" not in line + rest, "no progress-bar escapes in a pipe"
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_save_leaves_the_previous_checkpoint(tiny, tmp_path, monkeypatch, sig):
+    """A signal while checkpoint-2, the last, is being written: one line naming checkpoint-1, no folder of the cut-off
+    save taken for a checkpoint, and --resume ends at the weights of an unbroken run."""
+    import signal
+    a = run_cli(tiny, tmp_path / "a", "--max_steps", "2", "--save_every", "1")
+    orig = torch.save
+    def save_with_signal(obj, f, *x, **k):
+        if "checkpoint-2" in str(f) and "trainer_state" in str(f): os.kill(os.getpid(), getattr(signal, sig))
+        return orig(obj, f, *x, **k)
+    monkeypatch.setattr(torch, "save", save_with_signal)
+    with pytest.raises(SystemExit) as e:
+        run_cli(tiny, tmp_path / "b", "--max_steps", "2", "--save_every", "1")
+    monkeypatch.undo()
+    msg = str(e.value)
+    assert msg.startswith("trb: interrupted after step 2;") and msg.endswith(f"is {tmp_path / 'b' / 'checkpoint-1'}"), msg
+    assert [s for s, _ in trb.checkpoints(str(tmp_path / "b"))] == [1]
+    trb.main(["--out_dir", str(tmp_path / "b"), "--resume"])
+    wa, wb = weights(a), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and metric_steps(tmp_path / "b") == [1, 2]
 
 def test_kill_9_mid_run_resumes_exactly(tiny, tmp_path):
     """kill -9 right after a step's log line (its save follows), twice: --resume ends bit-exact, metrics whole."""
@@ -1464,33 +1488,33 @@ def test_kill_9_mid_run_resumes_exactly(tiny, tmp_path):
     assert metric_steps(tmp_path / "b") == [1, 2, 3, 4, 5, 6]
 
 def test_a_second_run_on_the_same_out_dir_is_refused(tiny, tmp_path):
-    """The out_dir lock: a second run stops at once, naming the holder's pid."""
+    """The out_dir lock: a second run stops at once, naming the holder's pid; the lock file stays, free."""
     import fcntl
     out = tmp_path / "run"
     out.mkdir()
-    with open(str(out) + ".lock", "a+") as f:
+    with open(out / "trb.lock", "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         f.write("4242\n")
         f.flush()
         assert "in use by another trb.py run (pid 4242)" in cli_error(tiny, tmp_path, "--out_dir", str(out))
     run_cli(tiny, out, "--max_steps", "1")  # released: the next run goes ahead
-    assert not os.path.exists(str(out) + ".lock"), "the lock file is removed at exit"
+    assert (out / "trb.lock").read_text() == f"{os.getpid()}\n", "the lock file names the last holder"
 
 def test_disk_full_during_a_save(tiny, tmp_path, monkeypatch):
-    """A failed save: one line, the previous checkpoint intact, no partial .tmp left taking space."""
-    orig, calls = torch.save, []
+    """A failed save: one line, the previous checkpoint intact, no partial folder left taking space."""
+    orig = torch.save
     def full_disk(obj, path, *a, **k):
-        calls.append(path)
-        if len(calls) == 2:
+        if "checkpoint-2" in str(path):
             open(path, "wb").write(b"partial")
             raise RuntimeError("basic_ios::clear: iostream error")
         return orig(obj, path, *a, **k)
     monkeypatch.setattr(torch, "save", full_disk)
-    msg = cli_error(tiny, tmp_path, "--out_dir", str(tmp_path / "run"), "--max_steps", "2", "--save_every", "1",
-                    "--n_samples", "2")
-    assert "step 2: saving the checkpoint failed (basic_ios::clear" in msg and "step 1" in msg and "intact" in msg, msg
+    out = tmp_path / "run"
+    msg = cli_error(tiny, tmp_path, "--out_dir", str(out), "--max_steps", "2", "--save_every", "1", "--n_samples", "2")
+    assert "step 2: saving the checkpoint failed (basic_ios::clear" in msg and msg.endswith(
+        f"the newest checkpoint is {out / 'checkpoint-1'}; stopping"), msg
     monkeypatch.setattr(torch, "save", orig)
-    assert trb.load_state(str(tmp_path / "run"))["step"] == 1 and not os.path.exists(str(tmp_path / "run") + ".tmp")
+    assert sorted(os.listdir(out)) == ["checkpoint-1", "metrics.jsonl", "trb.lock"], os.listdir(out)
 
 @pytest.mark.parametrize("what", ["weights", "gradient"])
 def test_a_non_finite_update_stops_without_saving(tiny, tmp_path, monkeypatch, what):
@@ -1507,21 +1531,22 @@ def test_a_non_finite_update_stops_without_saving(tiny, tmp_path, monkeypatch, w
     msg = cli_error(tiny, tmp_path, "--out_dir", str(out), "--save_every", "1")
     want = "non-finite weights" if what == "weights" else "gradient norm (inf)"
     assert want in msg and "without saving" in msg, msg
-    assert not (out / "trainer_state.pt").exists() and not (out / "model.safetensors").exists()
+    assert not trb.checkpoints(str(out)) and not list(out.glob("checkpoint-*")), list(out.iterdir())
 
 def test_truncated_metrics_line_is_dropped_on_resume(tiny, tmp_path):
-    """What a full disk leaves at the end of metrics.jsonl does not stop --resume."""
+    """What a full disk leaves at the end of metrics.jsonl does not stop --resume, nor stay in the file."""
     out = run_cli(tiny, tmp_path / "run", "--max_steps", "1")
     with open(out / "metrics.jsonl", "a") as f: f.write('{"step": 2, "lo')
     trb.main(["--out_dir", str(out), "--resume", "--max_steps", "2"])
-    assert metric_steps(out) == [1, 2]
+    assert metric_steps(out) == [1, 2] and '"lo' not in (out / "metrics.jsonl").read_text().replace('"loss', "")
 
 # -----------------------------------------------------------------------------
-# hardening, round two: runs started in the wrong place, wrong weights, odd signals, failing writes
+# the run directory: checkpoint-N folders, rotation, --overwrite, the layout before them, the user's files
 
-def files_of(out):
-    """Every file under out, with its bytes: what must still be there, unchanged."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+def files_of(out, skip=("trb.lock",)):
+    """Every file under out, with its bytes, but the lock (it names each run's pid): what must still be there,
+    unchanged."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name not in skip}
 
 @pytest.fixture(scope="module")
 def finished_run(tiny, tmp_path_factory):
@@ -1529,80 +1554,159 @@ def finished_run(tiny, tmp_path_factory):
     return run_cli(tiny, tmp_path_factory.mktemp("fin") / "run", "--max_steps", "2", "--eval_data", tiny["data"],
                    "--eval_prompts", "2", "--eval_every", "2")
 
-@pytest.mark.parametrize("what", ["checkpoint", "metrics only"])
-def test_a_fresh_run_into_a_run_is_refused_and_loses_nothing(tiny, finished_run, tmp_path, what):
-    """Re-running into an out_dir that holds a run: one line naming --resume and --overwrite; every file unchanged."""
+@pytest.mark.parametrize("limit,kept", [(1, [4]), (2, [3, 4]), (0, [1, 2, 3, 4])])
+def test_save_total_limit_keeps_the_newest_and_only_it_resumable(tiny, tmp_path, limit, kept):
+    """--save_total_limit N keeps the newest N checkpoints (0: all); only the newest holds the optimizer state, the
+    older ones load and evaluate, --resume takes the newest, and one left with weights only is refused in one line."""
+    out = run_cli(tiny, tmp_path / "run", "--max_steps", "4", "--save_every", "1", "--save_total_limit", str(limit))
+    cks = trb.checkpoints(str(out))
+    assert [s for s, _ in cks] == kept, os.listdir(out)
+    assert [os.path.isfile(os.path.join(p, "optimizer.pt")) for _, p in cks] == [False] * (len(kept) - 1) + [True]
+    assert ev.main(["--model", cks[0][1], "--data_file", tiny["data"], "--limit", "2", "--max_new_tokens", "2"])[
+        "n"] == 2, "an older checkpoint (weights only) evaluates"
+    trb.main(["--out_dir", str(out), "--resume", "--max_steps", "5"])
+    assert [s for s, _ in trb.checkpoints(str(out))][-1] == 5 and metric_steps(out) == [1, 2, 3, 4, 5]
+    if limit == 1: return
+    shutil.rmtree(ckpt(out))  # the newest, removed by hand
+    msg = cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--max_steps", "6", base=False, early=True)
+    assert "checkpoint-4, the newest checkpoint, holds weights only" in msg and "--student" in msg, msg
+
+def test_a_fresh_run_into_a_run_is_refused_and_loses_nothing(tiny, finished_run, tmp_path):
+    """Re-running into an out_dir that holds a run, or the metrics of one that never saved: one line naming --resume
+    and --overwrite; every file unchanged."""
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
-    if what == "metrics only":  # a run killed before its first save
-        for f in out.iterdir():
-            if f.name != "metrics.jsonl": f.unlink()
-    before = files_of(out)
-    msg = cli_error(tiny, tmp_path, "--out_dir", str(out), early=True)
-    want = "holds a checkpoint: pass --resume" if what == "checkpoint" else "holds the metrics of a run without a"
-    assert want in msg and "--overwrite" in msg, msg
-    assert files_of(out) == before, "a refused run changed the out_dir"
+    for what in ("checkpoints and metrics.jsonl", "metrics.jsonl"):
+        if what == "metrics.jsonl": shutil.rmtree(ckpt(out))  # a run killed before its first save
+        before = files_of(out)
+        msg = cli_error(tiny, tmp_path, "--out_dir", str(out), early=True)
+        assert f"holds a run ({what}): pass --resume" in msg and "--overwrite" in msg, msg
+        assert files_of(out) == before, "a refused run changed the out_dir"
 
 def test_overwrite_replaces_the_run_only_at_its_first_save(tiny, finished_run, tmp_path, monkeypatch):
-    """--overwrite: the old checkpoint and metrics stay until the new checkpoint is written; the new run inherits no
-    record (no old step-0 eval_kl); the user's own files stay; a kill before the first save leaves the old run."""
+    """--overwrite: the old checkpoints and metrics stay untouched until the new run's first checkpoint is in place, a
+    kill before it leaves the old run as it was; then the old run goes (its checkpoint-2 too, a name the new run
+    reuses), the user's files stay, and the new run inherits no record (no old step-0 eval_kl)."""
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     (out / "notes.txt").write_text("mine")
     before = files_of(out)
-    orig, saves = trb.save_checkpoint, []
-    def first_save_sees_the_old_run(*a, **k):
-        if not saves: assert files_of(out) == before, "the old run changed before the new checkpoint was in place"
-        saves.append(1)
-        return orig(*a, **k)
-    monkeypatch.setattr(trb, "save_checkpoint", first_save_sees_the_old_run)
     def killed(*a, **k): raise Killed("kill -9 during the rollout")
     with monkeypatch.context() as mp:
         mp.setattr(trb, "rollout_rows", killed)
         with pytest.raises(Killed):
             run_cli(tiny, out, "--max_steps", "2", "--overwrite")
     assert files_of(out) == before, "a kill before the first save changed the old run"
-    run_cli(tiny, out, "--max_steps", "3", "--save_every", "2", "--overwrite")
+    old_run = trb.load_state(ckpt(out))["run"]
+    run_cli(tiny, out, "--max_steps", "3", "--save_every", "2", "--overwrite", "--seed", "7")
     recs = trb.read_metrics(str(out / "metrics.jsonl"))
     assert [r["step"] for r in recs] == [1, 2, 3] and not any("eval_kl" in r for r in recs), recs
-    assert trb.load_state(str(out))["step"] == 3 and (out / "notes.txt").read_text() == "mine"
-    assert not os.path.exists(str(out) + ".old") and not os.path.exists(str(out) + ".tmp")
+    assert [s for s, _ in trb.checkpoints(str(out))] == [2, 3] and trb.load_state(ckpt(out))["run"] != old_run
+    assert trb.load_state(os.path.join(out, "checkpoint-2"))["run"] != old_run, "the old run's checkpoint-2 stayed"
+    assert (out / "notes.txt").read_text() == "mine"
 
-OUT_DIR_REFUSALS = [  # (what out_dir is, extra flags, words of the one-line error)
-    ("model", [], "holds a model that is not a trb.py run"), ("cwd", [], "holds the current directory"),
-    ("empty", ["--resume", "--overwrite"], "pass one of them"),
-]
+def test_a_kill_during_the_first_save_of_an_overwrite_leaves_one_whole_run(tiny, tmp_path, monkeypatch):
+    """Kill --overwrite's first save (checkpoint-2, the name of the old run's last) at each of its filesystem steps:
+    until the new checkpoint is complete the old run is as it was; after, the old run is whole or gone; and --resume
+    continues whichever run the directory holds to the weights and metrics of that run unbroken."""
+    old, new = ["--max_steps", "2", "--save_every", "1"], ["--max_steps", "2", "--save_every", "2", "--seed", "7"]
+    finished_run, refs = run_cli(tiny, tmp_path / "old", *old), {}
+    for name, flags in (("old", old), ("new", new)):
+        d = run_cli(tiny, tmp_path / f"ref-{name}", *flags)
+        trb.main(["--out_dir", str(d), "--resume", "--max_steps", "3"])
+        refs[name] = (weights(d), [r.get("loss") for r in trb.read_metrics(str(d / "metrics.jsonl"))])
+    old_run = trb.load_state(ckpt(finished_run))["run"]
+    orig, outcomes = trb.save, set()
+    for kill_at in range(100):
+        out, steps = tmp_path / f"k{kill_at}", []
+        shutil.copytree(finished_run, out)
+        before = files_of(out)
+        def dying_save(R):
+            with monkeypatch.context() as mp:
+                s = fault_injector(mp, kill_at)
+                try:
+                    orig(R)
+                finally:
+                    steps[:] = s
+        monkeypatch.setattr(trb, "save", dying_save)
+        try:
+            run_cli(tiny, out, *new, "--overwrite")
+        except Killed:
+            pass
+        monkeypatch.setattr(trb, "save", orig)
+        if kill_at >= len(steps): break
+        complete = [p for p in out.glob("checkpoint-2*") if trb._complete(str(p)) and
+                    trb.load_state(str(p))["run"] != old_run]
+        if not complete:
+            assert {k: v for k, v in files_of(out).items() if not k.startswith("checkpoint-2.tmp")} == before, \
+                f"kill at {kill_at} ({steps[-1]}): the old run changed before the new checkpoint was complete"
+        trb.main(["--out_dir", str(out), "--resume", "--max_steps", "3"])
+        which = "new" if trb.load_state(ckpt(out))["run"] != old_run else "old"
+        outcomes.add(which)
+        w, losses = refs[which]
+        assert all(torch.equal(w[k], weights(out)[k]) for k in w), f"kill at {kill_at} ({steps[-1]}): {which} run"
+        assert [r.get("loss") for r in trb.read_metrics(str(out / "metrics.jsonl"))] == losses, f"kill at {kill_at}"
+    assert outcomes == {"old", "new"} and kill_at >= 8, (outcomes, kill_at)
 
-@pytest.mark.parametrize("kind,flags,words", OUT_DIR_REFUSALS, ids=[k for k, _, _ in OUT_DIR_REFUSALS])
-def test_out_dirs_a_run_must_not_use(tiny, tmp_path, monkeypatch, kind, flags, words):
-    """A model directory (the student's own, say), the current directory, --resume with --overwrite: one line each."""
-    out = tmp_path / "o"
-    if kind == "model": shutil.copytree(tiny["student"], out)
-    else: out.mkdir()
-    if kind == "cwd": monkeypatch.chdir(out / "..")
-    before = files_of(out)
-    assert words in cli_error(tiny, tmp_path, "--out_dir", str(out) if kind != "cwd" else ".", *flags, early=True)
-    assert files_of(out) == before
+def test_a_users_files_in_the_run_directory_survive_everything(tiny, tmp_path, monkeypatch):
+    """Files and folders of the user's in the run directory, names like trb's included (checkpoint-best, checkpoint-7.bak),
+    outlive a run, a kill mid-save, a resume, an overwrite and a failed start."""
+    out = tmp_path / "run"
+    for f in ("notes.txt", "plots/a.png", "checkpoint-best/config.json", "checkpoint-7.bak/x"):
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        (out / f).write_text(f)
+    mine = files_of(out)
+    run_cli(tiny, out, "--max_steps", "2", "--save_every", "1")
+    with monkeypatch.context() as mp:
+        fault_injector(mp, 3)
+        with pytest.raises(Killed):
+            trb.main(["--out_dir", str(out), "--resume", "--max_steps", "3"])
+    trb.main(["--out_dir", str(out), "--resume", "--max_steps", "3"])
+    run_cli(tiny, out, "--max_steps", "1", "--overwrite")
+    cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--max_steps", "2", "--data", str(tmp_path))
+    assert {k: v for k, v in files_of(out).items() if k in mine} == mine and [s for s, _ in trb.checkpoints(
+        str(out))] == [1]
+
+def test_a_run_in_the_layout_before_checkpoint_folders_is_moved_then_resumed(tiny, tmp_path):
+    """A run saved with its checkpoint at the top of out_dir (before checkpoint-N folders): --resume, a fresh run and
+    --overwrite stop with one line giving the commands that move it into checkpoint-N; after them, --resume
+    continues it exactly."""
+    a = run_cli(tiny, tmp_path / "a", "--max_steps", "3", "--save_every", "1")
+    b = run_cli(tiny, tmp_path / "b", "--max_steps", "2")
+    c = pathlib.Path(ckpt(b))
+    state = torch.load(c / "trainer_state.pt", weights_only=True)
+    old = dict({k: state[k] for k in ("step", "config", "world", "run", "rng")}, files=sorted(
+        [f for f in os.listdir(c) if f != "optimizer.pt"]), optimizer=torch.load(c / "optimizer.pt", weights_only=True))
+    for f in os.listdir(c):
+        if f not in ("optimizer.pt", "trainer_state.pt"): os.replace(c / f, b / f)
+    shutil.rmtree(c)
+    torch.save(old, b / "trainer_state.pt")
+    for flags in (["--resume"], [], ["--overwrite"]):
+        msg = cli_error(tiny, tmp_path, "--out_dir", str(b), *flags, base=not flags or flags == ["--overwrite"],
+                        early=True)
+        assert "saved before runs kept checkpoint-N folders: move it into one, then --resume: cd " in msg, msg
+    cmd = msg.split("then --resume: ", 1)[1]
+    subprocess.run(cmd, shell=True, check=True)
+    trb.main(["--out_dir", str(b), "--resume", "--max_steps", "3"])
+    wa, wb = weights(a), weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and metric_steps(b) == [1, 2, 3]
 
 def test_symlinked_out_dir_saves_resumes_and_locks_where_it_points(tiny, tmp_path):
-    """out_dir -> real: three saves keep the link and the real checkpoint; the same directory by either path, or
-    with its lock file removed, cannot be taken by a second run."""
+    """out_dir -> real: saves go where the link points and the link stays; the same directory by either path cannot
+    be taken by a second run."""
     real, link = tmp_path / "scratch" / "real", tmp_path / "out"
     real.mkdir(parents=True)
     link.symlink_to(real)
     run_cli(tiny, link, "--max_steps", "3", "--save_every", "1")
     assert link.is_symlink() and os.path.realpath(link) == str(real), "the link was replaced"
-    assert trb.load_state(str(real))["step"] == 3 and sorted(os.listdir(tmp_path / "scratch")) == ["real"]
-    assert not os.path.lexists(str(link) + ".old") and not os.path.lexists(str(link) + ".tmp")
+    assert trb.load_state(ckpt(real))["step"] == 3 and sorted(os.listdir(tmp_path / "scratch")) == ["real"]
     trb.main(["--out_dir", str(link), "--resume", "--max_steps", "4"])
-    assert trb.load_state(str(real))["step"] == 4 and metric_steps(real) == [1, 2, 3, 4]
+    assert trb.load_state(ckpt(real))["step"] == 4 and metric_steps(real) == [1, 2, 3, 4]
     lock = trb.lock_out_dir(str(real))
     try:
         for path in (link, real):
             assert f"in use by another trb.py run (pid {os.getpid()})" in cli_error(tiny, tmp_path, "--out_dir",
                                                                                   str(path), "--resume")
-        os.remove(str(real) + ".lock")  # a user's rm: the socket still holds the directory
-        assert f"(pid {os.getpid()})" in cli_error(tiny, tmp_path, "--out_dir", str(link), "--resume")
     finally:
         trb.unlock(lock)
 
@@ -1613,8 +1717,9 @@ def test_weights_that_do_not_match_the_model_are_refused(tiny, tmp_path, who, ca
     from safetensors.torch import save_file
     if who == "resume":
         bad = run_cli(tiny, tmp_path / "ck", "--max_steps", "1")
-        cfg = json.loads((bad / "config.json").read_text())
-        (bad / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+        c = pathlib.Path(ckpt(bad))
+        cfg = json.loads((c / "config.json").read_text())
+        (c / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
         msg = cli_error(tiny, tmp_path, "--out_dir", str(bad), "--resume", "--max_steps", "2", base=False)
         assert "student" in msg and "unexpected (model.layers.1." in msg, msg
         return
@@ -1637,7 +1742,7 @@ def test_resume_refuses_another_student_and_applies_another_teacher(tiny, tmp_pa
     capsys.readouterr()
     trb.main(["--out_dir", str(out), "--resume", "--max_steps", "2", "--teacher", str(t2)])
     assert f"--teacher {tiny['teacher']} -> {t2}" in capsys.readouterr().out
-    assert trb.load_state(str(out))["config"]["teacher"] == str(t2)
+    assert trb.load_state(ckpt(out))["config"]["teacher"] == str(t2)
     msg = cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--max_steps", "3", "--teacher",
                     str(tmp_path / "gone"), base=False, early=True)
     assert "gone" in msg and "no such directory" in msg, msg
@@ -1703,9 +1808,9 @@ def test_a_failing_metrics_write_stops_with_one_line(tiny, tmp_path, monkeypatch
     msg = cli_error(tiny, tmp_path, *cli_args(tiny, out, "--max_steps", "3", "--save_every", "1"), base=False)
     assert "step 2: cannot write metrics.jsonl" in msg, msg
     if how == "out_dir removed":
-        assert "holds no checkpoint" in msg and "is intact" not in msg, msg
+        assert "holds no checkpoint" in msg and "newest" not in msg, msg
         return
-    assert "its checkpoint of step 1 is intact" in msg, msg
+    assert msg.endswith(f"the newest checkpoint is {out / 'checkpoint-1'}; stopping"), msg
     monkeypatch.undo()
     trb.main(["--out_dir", str(out), "--resume"])
     wa, wb = weights(a), weights(out)
@@ -1717,7 +1822,7 @@ def test_resume_on_a_full_disk_is_one_line(tiny, tmp_path, monkeypatch):
     before = files_of(out)
     monkeypatch.setattr(trb, "open", no_space("metrics.jsonl.part", "w"), raising=False)
     msg = cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--max_steps", "2", base=False)
-    assert "--resume: cannot rewrite" in msg and "No space left" in msg, msg
+    assert "cannot write" in msg and "metrics.jsonl (No space left" in msg, msg
     assert files_of(out) == before
     monkeypatch.undo()
     trb.main(["--out_dir", str(out), "--resume", "--max_steps", "2"])
@@ -1728,40 +1833,32 @@ BAD_STATE = {  # name -> (a change to trainer_state.pt, words of the one-line er
     "step text": (lambda s: s.update(step="two"), "'step' is 'two', not a valid step"),
     "negative step": (lambda s: s.update(step=-1), "'step' is '-1'"),
     "no config": (lambda s: s.pop("config"), "lacks its 'config' entry"),
-    "optimizer int": (lambda s: s.update(optimizer=5), "'optimizer' is '5'"),
+    "optimizer int": (lambda s: s.update(optimizer=5), "its optimizer or history entry is mistyped"),
+    "history text": (lambda s: s.update(history="step 1"), "its optimizer or history entry is mistyped"),
     "config lr text": (lambda s: s["config"].update(lr="fast"), "config: lr is 'fast', not of type float"),
     "config seed float": (lambda s: s["config"].update(seed=1.5), "config: seed is 1.5, not of type int"),
     "rng missing torch": (lambda s: s["rng"].pop("torch"), "optimizer or RNG state does not fit"),
-    "other optimizer": (lambda s: s.update(optimizer=torch.optim.AdamW([torch.zeros(2, requires_grad=True)])
-                                           .state_dict()), "optimizer or RNG state does not fit"),
-    "moments of another model": (lambda s: s["optimizer"]["state"][0].update(exp_avg=torch.zeros(48, 48)),
+    "other optimizer": (lambda s, o: o.clear() or o.update(torch.optim.AdamW([torch.zeros(2, requires_grad=True)])
+                                                         .state_dict()), "optimizer or RNG state does not fit"),
+    "moments of another model": (lambda s, o: o["state"][0].update(exp_avg=torch.zeros(48, 48)),
                                  "exp_avg (48, 48) for a"),
-    "NaN moments": (lambda s: s["optimizer"]["state"][1]["exp_avg_sq"].fill_(float("nan")), "non-finite exp_avg_sq"),
+    "NaN moments": (lambda s, o: o["state"][1]["exp_avg_sq"].fill_(float("nan")), "non-finite exp_avg_sq"),
+    "no optimizer.pt": (lambda s, o: o.clear(), "holds weights only"),
 }
 
 @pytest.mark.parametrize("case", list(BAD_STATE))
 def test_bad_trainer_state_is_one_line(tiny, tmp_path, case):
-    """trainer_state.pt with a missing or mistyped entry: one line each."""
+    """trainer_state.pt or optimizer.pt with a missing, mistyped or foreign entry: one line each."""
     out = run_cli(tiny, tmp_path / "run", "--max_steps", "1")
-    state = torch.load(out / "trainer_state.pt", weights_only=True)
+    c = pathlib.Path(ckpt(out))
+    state, opt = (torch.load(c / f, weights_only=True) for f in ("trainer_state.pt", "optimizer.pt"))
     change, words = BAD_STATE[case]
-    change(state)
-    torch.save(state, out / "trainer_state.pt")
+    if change.__code__.co_argcount == 2: change(state, opt)
+    else: change(state)
+    torch.save(state, c / "trainer_state.pt")
+    if opt: torch.save(opt, c / "optimizer.pt")
+    else: os.remove(c / "optimizer.pt")
     assert words in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--max_steps", "2", base=False)
-
-def test_sigterm_during_the_final_save_completes_the_run(tiny, tmp_path, monkeypatch, capsys):
-    """SIGTERM while the last checkpoint is written: the save finishes, the run is complete (exit 0), and the line
-    names the final step."""
-    import signal
-    orig = trb.save_checkpoint
-    def save_with_sigterm(out_dir, model, tok, state, *a, **k):
-        if state["step"] == 2: os.kill(os.getpid(), signal.SIGTERM)  # deferred until the save is done
-        return orig(out_dir, model, tok, state, *a, **k)
-    monkeypatch.setattr(trb, "save_checkpoint", save_with_sigterm)
-    run_cli(tiny, tmp_path / "run", "--max_steps", "2", "--save_every", "1")
-    out = capsys.readouterr().out
-    assert "the run is complete" in out and "checkpoint of step 2 is intact" in out, out
-    assert trb.load_state(str(tmp_path / "run"))["step"] == 2
 
 def test_a_second_sigint_while_stopping_keeps_the_line(tiny, tmp_path, monkeypatch):
     """Two SIGINTs in a row: the second, arriving while the first stops the run, changes nothing in its line."""
@@ -1778,8 +1875,8 @@ def test_a_second_sigint_while_stopping_keeps_the_line(tiny, tmp_path, monkeypat
     before = signal.getsignal(signal.SIGINT)                 # SIG_IGN in a background job, else Python's own
     with pytest.raises(SystemExit) as e:
         run_cli(tiny, tmp_path / "run", "--max_steps", "3", "--save_every", "1")
-    assert str(e.value).startswith("trb: interrupted after step 1;") and "checkpoint of step 1 is intact" in str(
-        e.value), e.value
+    assert str(e.value) == f"trb: interrupted after step 1; the newest checkpoint is {tmp_path / 'run' / 'checkpoint-1'}", \
+        e.value
     assert signal.getsignal(signal.SIGINT) is before, "main restores the handlers"
 
 def test_bom_files_files_for_models_and_a_run_that_created_its_out_dir(tiny, tmp_path):
@@ -1792,7 +1889,7 @@ def test_bom_files_files_for_models_and_a_run_that_created_its_out_dir(tiny, tmp
     out = tmp_path / "new-out"
     msg = cli_error(tiny, tmp_path, "--student", str(bom), "--out_dir", str(out), early=True)
     assert "is a file: expected a model directory" in msg, msg
-    assert not out.exists() and not os.path.exists(str(out) + ".lock"), "the failed run left its out_dir behind"
+    assert not out.exists(), "the failed run left its out_dir behind"
 
 def test_no_progress_bars_in_a_pipe(tiny, tmp_path):
     """trb.py and eval.py into a pipe: no bar of ours, of transformers (loading or writing weights) or of datasets
@@ -1809,45 +1906,23 @@ def test_no_progress_bars_in_a_pipe(tiny, tmp_path):
         for bar in ("\r", "Loading weights", "Writing model shards", "it/s]", "examples/s", "Generating train"):
             assert bar not in text, f"{cmd[0]}: {bar!r} in its output: {text[-800:]!r}"
 
-def test_a_users_old_and_tmp_directories_are_never_taken(tiny, finished_run, tmp_path):
-    """`mv run run.old` (or .tmp) is the user's: a new run into `run`, with --overwrite too, neither takes nor
-    deletes it; trb's own swap siblings are run.trb-tmp and run.trb-old."""
-    out = tmp_path / "run"
-    for name in ("run.old", "run.tmp"): shutil.copytree(finished_run, tmp_path / name)
-    before = {n: files_of(tmp_path / n) for n in ("run.old", "run.tmp")}
-    run_cli(tiny, out, "--max_steps", "2", "--save_every", "1")
-    run_cli(tiny, out, "--max_steps", "1", "--overwrite")
-    assert {n: files_of(tmp_path / n) for n in before} == before, "the user's directories changed"
-    assert trb.load_state(str(out))["step"] == 1 and sorted(os.listdir(tmp_path)) == ["run", "run.old", "run.tmp"]
-
-def test_a_stale_old_never_replaces_a_newer_out_dir(tiny, finished_run, tmp_path):
-    """A kill right after the final swap leaves a complete .trb-old; the user then deletes trainer_state.pt (the
-    weights stay loadable): no later run rolls the final weights back to the older checkpoint."""
-    out = tmp_path / "run"
-    shutil.copytree(finished_run, out)
-    old = run_cli(tiny, tmp_path / "older", "--max_steps", "1")
-    os.replace(old, str(out) + trb.OLD)
-    (out / "trainer_state.pt").unlink()
-    final = (out / "model.safetensors").read_bytes()
-    assert "--overwrite" in cli_error(tiny, tmp_path, "--out_dir", str(out), early=True)
-    assert (out / "model.safetensors").read_bytes() == final, "the final weights were rolled back"
-
-def test_a_failed_final_rename_keeps_the_checkpoint_and_resumes_exactly(tiny, tmp_path, monkeypatch):
-    """The rename that puts .trb-tmp in place fails (EIO), also on retry: the line says where the complete
-    checkpoint is, nothing is deleted, and --resume takes it and ends at the weights of an unbroken run."""
+def test_a_failed_rename_keeps_the_previous_checkpoint_and_resumes_exactly(tiny, tmp_path, monkeypatch):
+    """The rename that puts checkpoint-2 in place fails (EIO): one line naming checkpoint-1, no partial folder
+    left, and --resume ends at the weights of an unbroken run."""
     import errno
     a = run_cli(tiny, tmp_path / "a", "--max_steps", "3", "--save_every", "1")
     out, orig, calls = tmp_path / "b", os.replace, []
     def failing(src, dst, *x, **k):
-        if str(src).endswith(trb.TMP) and trb.load_state(str(src), mmap=True)["step"] == 2:
+        if str(dst).endswith("checkpoint-2"):
             calls.append(src)
             raise OSError(errno.EIO, "Input/output error")
         return orig(src, dst, *x, **k)
     monkeypatch.setattr(os, "replace", failing)
     msg = cli_error(tiny, tmp_path, *cli_args(tiny, out, "--max_steps", "3", "--save_every", "1"), base=False)
     monkeypatch.undo()
-    assert "step 2: saving the checkpoint failed ([Errno 5] Input/output error)" in msg and len(calls) == 2, msg
-    assert f"{trb.TMP} holds one (step 2): --resume takes it" in msg, msg
+    assert "step 2: saving the checkpoint failed ([Errno 5] Input/output error)" in msg and len(calls) == 1, msg
+    assert msg.endswith(f"the newest checkpoint is {out / 'checkpoint-1'}; stopping"), msg
+    assert sorted(os.listdir(out)) == ["checkpoint-1", "metrics.jsonl", "trb.lock"], os.listdir(out)
     trb.main(["--out_dir", str(out), "--resume"])
     wa, wb = weights(a), weights(out)
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and metric_steps(out) == [1, 2, 3]
@@ -1862,7 +1937,7 @@ def test_late_signals_cannot_change_the_end_of_a_run(tiny, tmp_path, monkeypatch
         orig(lock)
     monkeypatch.setattr(trb, "unlock", unlock_with_sigint)
     run_cli(tiny, tmp_path / "run", "--max_steps", "2")
-    assert trb.load_state(str(tmp_path / "run"))["step"] == 2
+    assert trb.load_state(ckpt(tmp_path / "run"))["step"] == 2
     monkeypatch.undo()
     def oom(*a, **k): raise RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory")
     monkeypatch.setattr(trb, "rollout_rows", oom)
@@ -1871,7 +1946,7 @@ def test_late_signals_cannot_change_the_end_of_a_run(tiny, tmp_path, monkeypatch
 
 def test_a_lock_that_cannot_be_written_leaves_no_out_dir(tiny, tmp_path, monkeypatch):
     """The lock file cannot be created (a full disk): one line, and the out_dir this run made is gone again."""
-    monkeypatch.setattr(trb, "open", no_space("new-out.lock", "a"), raising=False)
+    monkeypatch.setattr(trb, "open", no_space("trb.lock", "a"), raising=False)
     assert "is not writable: No space left" in cli_error(tiny, tmp_path, "--out_dir", str(tmp_path / "new-out"),
                                                          early=True)
     assert not (tmp_path / "new-out").exists()
@@ -1907,7 +1982,7 @@ def test_resume_with_nothing_to_do_says_so(tiny, finished_run, tmp_path, monkeyp
     before = files_of(out)
     capsys.readouterr()
     if how == "models passed in":
-        cfg = dataclasses.replace(trb.Config(**trb.load_state(str(out))["config"]), resume=True, out_dir=str(out))
+        cfg = dataclasses.replace(trb.Config(**trb.load_state(ckpt(out))["config"]), resume=True, out_dir=str(out))
         s = trb.train(cfg, student=load(tiny["student"]), teacher=load(tiny["teacher"]), tokenizer=tiny["tok"])
         w = weights(out)
         assert all(torch.equal(p, w[k]) for k, p in s.state_dict().items() if k in w), "not the checkpoint's weights"
@@ -1942,16 +2017,16 @@ def test_resume_accepts_the_same_student_by_another_path_and_symlinks_stay_links
     out = run_cli(tiny, tmp_path / "run", "--max_steps", "1")
     (out / "data-link").symlink_to(tmp_path)
     trb.main(["--out_dir", str(out), "--resume", "--max_steps", "2", "--student", tiny["student"] + "/"])
-    assert trb.load_state(str(out))["step"] == 2 and (out / "data-link").is_symlink()
+    assert trb.load_state(ckpt(out))["step"] == 2 and (out / "data-link").is_symlink()
 
-def test_eval_hints_at_an_interrupted_save_and_writes_out_after_the_summary(tiny, tmp_path, monkeypatch, capsys):
-    """eval.py --model on a run whose save was killed names the checkpoint waiting in .trb-tmp; a failing --out
-    write comes after the printed summary, as one line."""
+def test_eval_on_a_run_without_a_checkpoint_and_writes_out_after_the_summary(tiny, tmp_path, monkeypatch, capsys):
+    """eval.py --model on a run directory that holds no complete checkpoint is one line; a failing --out write comes
+    after the printed summary, as one line."""
     out = run_cli(tiny, tmp_path / "run", "--max_steps", "1")
-    os.replace(out, str(out) + trb.TMP)
+    os.replace(ckpt(out), out / "checkpoint-1.tmp")
     msg = eval_error("--model", str(out), "--data_file", tiny["data"])
-    assert f"{trb.TMP} holds a checkpoint: trb.py --out_dir" in msg and "--resume" in msg, msg
-    os.replace(str(out) + trb.TMP, out)
+    assert f"{out} holds no complete checkpoint" in msg, msg
+    os.replace(out / "checkpoint-1.tmp", out / "checkpoint-1")
     monkeypatch.setattr(ev, "open", no_space("res.jsonl", "w"), raising=False)
     msg = eval_error("--model", str(out), "--data_file", tiny["data"], "--limit", "2", "--max_new_tokens", "2", "--out",
                      str(tmp_path / "res.jsonl"))
@@ -2217,7 +2292,7 @@ def test_train_with_models_in_memory_equals_paths(tiny, tmp_path):
     keys = ("loss", "eps", "beta", "kl_mu_s", "teacher_logp", "resp_len")
     ra, rb = (trb.read_metrics(str(d / "metrics.jsonl")) for d in (a, tmp_path / "b"))
     assert [[r[k] for k in keys] for r in ra] == [[r[k] for k in keys] for r in rb], "models passed in train alike"
-    assert trb.load_state(str(tmp_path / "b"))["config"]["student"] == "mine"
+    assert trb.load_state(ckpt(tmp_path / "b"))["config"]["student"] == "mine"
     train(dataclasses.replace(cfg, resume=True, max_steps=3))
     trb.main(["--out_dir", str(a), "--resume", "--max_steps", "3"])
     wa, wb = weights(a), weights(tmp_path / "b")
@@ -2244,7 +2319,7 @@ def test_lora_trains_only_adapters_and_starts_as_the_student(tiny, tmp_path):
     rl, rp = (trb.read_metrics(str(d / "metrics.jsonl"))[0] for d in (tmp_path / "lora", plain))
     assert [rl[k] for k in keys] == [rp[k] for k in keys], "zero-initialised adapters: the plain student's step"
     n_adapters = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    st = trb.load_state(str(tmp_path / "lora"))["optimizer"]["state"]
+    st = torch.load(os.path.join(ckpt(tmp_path / "lora"), "optimizer.pt"), weights_only=True)["state"]
     assert sum(s["exp_avg"].numel() for s in st.values()) == n_adapters < sum(v.numel() for v in w0.values()) / 5
 
 def test_lora_resume_is_exact(tiny, tmp_path):
@@ -2262,7 +2337,7 @@ def test_lora_checkpoint_loads_in_eval_and_from_pretrained(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
     cfg, _ = trb.parse_config(trb.Config, cli_args(tiny, tmp_path / "run", "--max_steps", "2", "--lora_r", "4",
                                                    "--lr", "3e-2", "--lora_merge"))
-    student, out = trb.train(cfg).eval(), str(tmp_path / "run")
+    student, out = trb.train(cfg).eval(), ckpt(tmp_path / "run")
     tok = tiny["tok"]
     ids, attn = prompt_batch(tok, QS)
     eos = trb.eos_ids_of((tok, student))
@@ -2361,7 +2436,7 @@ def test_train_with_peft_students_and_lora_checkpoints_that_load(tiny, tmp_path)
     with pytest.raises(trb.UserError, match="is a PEFT model already"):
         run(cfg("c", 1, lora_r=4), peft_student())
     run(cfg("d", 1, lora_r=4, student="my-label"), load(tiny["student"]))
-    assert trb._adapter_base(str(tmp_path / "d")) == tiny["student"]
+    assert trb._adapter_base(ckpt(tmp_path / "d")) == tiny["student"]
     assert ev.main(["--model", str(tmp_path / "d"), "--data_file", tiny["data"], "--limit", "2",
                     "--max_new_tokens", "2"])["n"] == 2
 
@@ -2379,8 +2454,8 @@ def test_lora_targets_each_name_and_flags_need_r(tiny, tmp_path, flags, words):
     assert words in cli_error(tiny, tmp_path, *flags, early=True)
 
 def test_lora_targets_with_spaces_moved_base_and_the_users_files(tiny, tmp_path, capsys):
-    """'q_proj, v_proj' adapts both; the user's README.md survives LoRA saves; adapter files of the user's are not
-    a place for a fresh run; a moved base is named as such, and --resume --student NEW continues the run."""
+    """'q_proj, v_proj' adapts both; the user's README.md survives LoRA saves; a moved base is named as such, and
+    --resume --student NEW continues the run."""
     base = tmp_path / "base"
     shutil.copytree(tiny["student"], base)
     out = tmp_path / "run"
@@ -2396,23 +2471,17 @@ def test_lora_targets_with_spaces_moved_base_and_the_users_files(tiny, tmp_path,
     assert "holds LoRA adapters whose base model" in msg and "is not there (moved?)" in msg, msg
     capsys.readouterr()
     trb.main(["--out_dir", str(out), "--resume", "--max_steps", "2", "--student", str(moved)])
-    assert f"--student {base} -> {moved}" in capsys.readouterr().out and trb._adapter_base(str(out)) == str(moved)
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    shutil.copy(out / "adapter_config.json", foreign)
-    assert "holds a model that is not a trb.py run" in cli_error(tiny, tmp_path, "--out_dir", str(foreign), early=True)
+    assert f"--student {base} -> {moved}" in capsys.readouterr().out and trb._adapter_base(ckpt(out)) == str(moved)
 
-def test_relative_paths_resume_from_another_directory_and_stale_old_goes(tiny, tmp_path, monkeypatch):
-    """Local paths are kept absolute, so a run started with relative ones resumes from another working directory;
-    a .trb-old older than a complete out_dir is removed."""
+def test_relative_paths_resume_from_another_directory(tiny, tmp_path, monkeypatch):
+    """Local paths are kept absolute, so a run started with relative ones resumes from another working directory."""
     shutil.copytree(tiny["root"], tmp_path / "models", ignore=shutil.ignore_patterns("*.lock"))
     monkeypatch.chdir(tmp_path)
     run_cli(dict(tiny, student="models/student", teacher="models/teacher", data="models/train.jsonl"),
             tmp_path / "run", "--max_steps", "1", "--lora_r", "4")
-    shutil.copytree(tmp_path / "run", str(tmp_path / "run") + trb.OLD)
     monkeypatch.chdir("/")
     trb.main(["--out_dir", str(tmp_path / "run"), "--resume", "--max_steps", "2"])
-    assert metric_steps(tmp_path / "run") == [1, 2] and not os.path.exists(str(tmp_path / "run") + trb.OLD)
+    assert metric_steps(tmp_path / "run") == [1, 2]
 
 # -----------------------------------------------------------------------------
 # eval.py: grading, and the CLI end to end
@@ -3154,8 +3223,6 @@ def test_toy_check_rebuilds_and_compares_with_the_shipped_build(toy_ship, tmp_pa
 TOY_FOREIGN = [  # (what the user has under --out where a run goes, its files, words of the one line)
     ("a trb run of the user's", {"runs/opd-s0/model.safetensors": "w", "runs/opd-s0/notes.txt": "n"},
      "runs/opd-s0 was not made by toy.py"),
-    ("a checkpoint a killed save left", {"runs/opd-s0.trb-old/trainer_state.pt": "s"},
-     "opd-s0.trb-old was not made by toy.py"),
     ("a log of the user's", {"runs/opd-s0.log": "mine"}, "opd-s0.log was not made by toy.py"),
     ("a JSON file of the user's", {"opd-s0.json": "{}"}, "opd-s0.json is not a toy.py result"),
     ("a file named runs", {"runs": "mine"}, "cannot make the run's folder"),

@@ -12,8 +12,8 @@ teacher is that base after SFT on the chat-formatted train split (answer + '####
 itself: it knows the arithmetic but not the format, so at step 0 it solves a problem and then writes the next one,
 the way a base model runs on past an instruct model's answer. OPD has to teach it to close with '#### N' and stop.
 
-Every method runs through trb.py (trb.main with its flags, resumed from one evaluation point to the next: trb's
-resume is bit-exact); every accuracy is eval.py's (generate + score, greedy, held-out). toy.py adds no method code.
+Every method runs through trb.py (trb.main with its flags, one run that keeps a checkpoint at each evaluation point);
+every accuracy is eval.py's (generate + score, greedy, held-out) on those checkpoints. toy.py adds no method code.
 The protocol (lr, steps, K) was fixed on vanilla OPD alone: docs/toy.md has the pilots and the results.
 
   python toy.py --quick          # OPD and TRB, 1 seed: ~2 min on 2 cores
@@ -454,13 +454,14 @@ def method_flags(cfg, method):
     return flags[method]
 
 def common_flags(cfg, root):
-    """The flags every method shares: the cached models and data, the protocol, no checkpoints between points."""
+    """The flags every method shares: the cached models and data, the protocol, a checkpoint at each point."""
     p = lambda *a: os.path.join(root, *a)  # noqa: E731
     return ["--student", p("base"), "--teacher", p("teacher"), "--data", p("train.jsonl"), "--eval_data",
             p("test.jsonl"), "--eval_prompts", "64", "--eval_every", str(cfg.every), "--warmup_steps",
             str(cfg.warmup_steps), "--batch_size", str(cfg.batch_size), "--n_samples", str(cfg.n_samples),
             "--micro_batch_size", str(cfg.batch_size * cfg.n_samples), "--max_new_tokens", str(cfg.max_new_tokens),
-            "--lr", str(cfg.lr), "--lr_warmup_steps", "5", "--loss_topk", str(cfg.loss_topk), "--save_every", "0",
+            "--lr", str(cfg.lr), "--lr_warmup_steps", "5", "--loss_topk", str(cfg.loss_topk), "--save_every",
+            str(math.gcd(cfg.every, cfg.warmup_steps)), "--max_steps", str(cfg.steps),
             "--device", "cpu", "--dtype", "float32", "--spec_tokens", "0"]  # the lock-step sampler the protocol
                                                                               # and its tables were made with
 
@@ -482,17 +483,16 @@ def plan(cfg, root, names, seeds):
 
 def run_one(spec, acc0):
     """
-    One method and seed, in the fresh out_dir claim() made: trb.main to the first point, then --resume to each next
-    one (bit-exact), the checkpoint's greedy accuracy at each point. Writes and returns the result: per point step,
+    One method and seed, in the fresh out_dir claim() made: one trb.main run, a checkpoint at every point (--save_every
+    divides them), then each point's checkpoint's greedy accuracy. Writes and returns the result: per point step,
     accuracy and eval_kl, and the per-step training records.
     """
     d, t0 = spec["out_dir"], time.time()
     problems = ev.load_problems("gsm8k", spec["test"], spec["eval_n"])
     tok, rows = trb.load_tokenizer(spec["argv"][spec["argv"].index("--student") + 1]), [dict(step=0, acc=acc0)]
-    for i, step in enumerate(spec["points"]):
-        more = ["--max_steps", str(step)]
-        trb.main(spec["argv"] + ["--out_dir", d] + more if i == 0 else ["--out_dir", d, "--resume"] + more)
-        model = trb.load_model(d, torch.float32, torch.device("cpu")).eval()
+    trb.main(spec["argv"] + ["--out_dir", d])
+    for step in spec["points"]:
+        model = trb.load_model(os.path.join(d, f"checkpoint-{step}"), torch.float32, torch.device("cpu")).eval()
         rows.append(dict(step=step, acc=accuracy(model, tok, problems, spec["max_new_tokens"])[0]))
     recs = trb.read_metrics(os.path.join(d, "metrics.jsonl"))
     kl = {r["step"]: r["eval_kl"] for r in recs if "eval_kl" in r}
@@ -506,12 +506,12 @@ def run_one(spec, acc0):
 
 def claim(spec, make=True):
     """
-    A fresh out_dir for a run, marked as toy.py's (MARK, which trb's checkpoint swaps carry along). What toy.py made
-    before under its name (the folder, its swap siblings, its log) goes; anything else there, or a result file of
-    that name that is not a run's result, stops the call with one line: nothing of the user's is removed.
+    A fresh out_dir for a run, marked as toy.py's (MARK, a file of its own there, which trb leaves alone). What
+    toy.py made before under its name (the folder, its log) goes; anything else there, or a result file of that name
+    that is not a run's result, stops the call with one line: nothing of the user's is removed.
     """
     d, res = spec["out_dir"], spec["result"]
-    there = [p for p in (d, d + trb.TMP, d + trb.OLD, d + ".log") if os.path.lexists(p)]
+    there = [p for p in (d, d + ".log") if os.path.lexists(p)]
     if there and not any(os.path.isfile(os.path.join(p, MARK)) for p in there if os.path.isdir(p)):
         raise trb.UserError(f"{there[0]} was not made by toy.py (it has no {MARK} file): move it away or choose "
                             f"another --out")
@@ -775,7 +775,7 @@ def check(cfg, given):
     for m in names:
         if m in off and not getattr(cfg, off[m]) > 0:  # at 0 the method would be plain OPD under its name
             raise trb.UserError(f"--{off[m]} must be > 0 for {m}, got {getattr(cfg, off[m])}")
-        argv = common_flags(cfg, "") + method_flags(cfg, m) + ["--seed", "0", "--max_steps", str(cfg.steps)]
+        argv = common_flags(cfg, "") + method_flags(cfg, m) + ["--seed", "0"]
         trb.check_config(trb.parse_args(argv)[0])            # trb.py's own checks of each run's flags
 
 def runs_of(cfg):

@@ -41,9 +41,11 @@ Design choices
 10. A step's rows decode as one batch (--rollout_batch_size 0), both models with KV caches; once a quarter of the
     batch has ended, finished rows leave it (caches and per-row state compacted), so the work follows the sum of
     the lengths. One host sync per decoding step (plus one per solver iteration); blend and sampler in float32.
-11. Checkpoints are written to out_dir.trb-tmp and swapped in by rename, metrics hard-linked along: a kill at any
-    point leaves a complete checkpoint. A lock keeps a second run off the out_dir; SIGINT/SIGTERM stop with one
-    line; a non-finite loss, gradient or weight stops the run before it saves.
+11. A run directory holds checkpoint-N folders, each loadable by from_pretrained, and metrics.jsonl. A save writes
+    checkpoint-N.tmp with trainer_state.pt last and renames it into place, so a kill at any point leaves the previous
+    checkpoint intact and the run resumable. Only the newest checkpoint keeps the optimizer state (the older ones:
+    weights only); --save_total_limit rotates them. A lock keeps a second run off the directory; SIGINT/SIGTERM stop
+    with one line; a non-finite loss, gradient or weight stops the run before it saves.
 12. Multi-GPU: DDP, or FSDP2 (--fsdp) for students beyond one GPU: the student is sharded by layer, gathered
     whole once per rollout for decoding, saved as full weights plus DCP-sharded AdamW state. The teacher is
     replicated; one too large for a GPU is not built in (see the README).
@@ -72,6 +74,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -157,22 +160,29 @@ class Config:
     # multi-GPU (under torchrun; DDP by default)
     fsdp: bool = False                     # shard the student, its gradients and AdamW state with FSDP2
     # system
-    out_dir: str = "out-trb"               # checkpoint and metrics.jsonl; locked while a run uses it
+    out_dir: str = "out-trb"               # the run directory: checkpoint-N folders and metrics.jsonl; locked while
+                                           # a run uses it
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     dtype: str = "auto"                    # autocast and teacher dtype: auto (bf16 on CUDA, fp32 on CPU) |
                                            # bfloat16 (on a CPU too) | float32
     seed: int = 1337                       # seeds the data order and every step's sampling; 0 <= seed < 2^32
     resume: bool = False                   # continue the run in out_dir; flags given again override its own
-    overwrite: bool = False                # start over in an out_dir that holds a run: its checkpoint and
+    overwrite: bool = False                # start over in an out_dir that holds a run: its checkpoints and
                                            # metrics go once this run's first checkpoint is in place
-    save_every: int = 50                   # steps between checkpoints (0 = only at the end)
+    save_every: int = 50                   # steps between checkpoints (0 = only at the end); the last step is
+                                           # always saved
+    save_total_limit: int = 0              # keep the newest N checkpoints (0 = all: the paper reports each run's
+                                           # best checkpoint, and all but the newest hold weights only)
     wandb_project: str = ""                # "" = no wandb
 
 class UserError(Exception):
     """Bad input: reported as one line, never as a traceback."""
 
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
 # ---------------------------------------------------------------------------------------------------------------------
-# the policies: temperature, EOS folding (design choices 3, 5)
+# the policies: temperature, EOS folding, the shared vocabulary (design choices 3, 5, 6)
 
 def policy_logits(logits, eos_ids, tau=1.0):
     """
@@ -194,6 +204,26 @@ def token_logp(logits, tokens):
     """log softmax(logits)[tokens] in float32, with no (..., V) log-softmax made. (..., V), (...) -> (...)"""
     x = logits.float()
     return x.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - x.logsumexp(-1)
+
+def shared_vocab(s_tok, t_tok):
+    """V of the shared tokenizer vocab; refuses tokenizers that map it differently (design choice 6)."""
+    V = min(len(s_tok), len(t_tok))
+    s_ids, t_ids = s_tok.convert_ids_to_tokens(list(range(V))), t_tok.convert_ids_to_tokens(list(range(V)))
+    for i, (a, b) in enumerate(zip(s_ids, t_ids)):
+        if a != b:
+            raise UserError(f"incompatible tokenizers: token id {i} is {a!r} for the student but {b!r} for the teacher")
+    return V
+
+def eos_ids_of(*pairs):
+    """Union of EOS ids of (tokenizer, model) pairs; the first is canonical (the student's)."""
+    ids = []
+    for tok, model in pairs:
+        gen = getattr(model, "generation_config", None)
+        for e in [tok.eos_token_id, getattr(gen, "eos_token_id", None)]:
+            for i in (e if isinstance(e, (list, tuple)) else [e]):
+                if i is not None and i not in ids: ids.append(int(i))
+    if not ids: raise UserError("the student tokenizer has no EOS token")
+    return ids
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the trust-region blend, eq. 1-2 (design choices 1, 2, 4)
@@ -361,6 +391,29 @@ def sample(logits, gen=None, u=None):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # rollout: one KV-cached decoding batch, finished rows leaving it (design choices 9, 10)
+
+def format_prompt(tok, question, system=SYSTEM_PROMPT):
+    """Token ids of one prompt: the chat template if the tokenizer has one (system "": no system message), else
+    plain text."""
+    if getattr(tok, "chat_template", None):
+        msgs = [{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": question}]
+        try:
+            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # the template's own refusal (e.g. no system role), or a broken template
+            raise UserError(f"the student's chat template fails: {_first_line(e)}" + (
+                "; --system_prompt '' leaves the system message out" if system else "")) from None
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return tok(f"{system}\n\n{question}\n")["input_ids"]
+
+def left_pad(seqs, pad_id, device):
+    """Left-pads lists of token ids into (B, P) ids and attention mask."""
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)  # (B, P)
+    attn = torch.zeros(len(seqs), P, dtype=torch.long)          # (B, P)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
+        attn[i, P - len(s):] = 1
+    return ids.to(device), attn.to(device)
 
 @torch.inference_mode()
 def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tokens, temperature=1.0, gen=None,
@@ -621,6 +674,39 @@ class TRBLogitsProcessor:
                                          "min_new_tokens, bad_words_ids or suppress_tokens: tokens would not be "
                                          "drawn from mu")
 
+def processor_args(teacher, eps, attn, eos_ids, V, tau):
+    """TRBLogitsProcessor's inputs, checked: one line each. Returns eps (float32 on the mask's device, () or (B,)), the
+    EOS ids as a list (given as generate() takes them: int, list or tensor) and the temperature as a number."""
+    where = "TRBLogitsProcessor:"
+    if not is_lm(teacher): raise UserError(f"{where} the teacher must be a causal LM, got {type(teacher).__name__}")
+    if not (torch.is_tensor(attn) and attn.dim() == 2): raise UserError(f"{where} attention_mask is not (B, P)")
+    try:
+        eps = torch.as_tensor(eps, dtype=torch.float32, device=attn.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise UserError(f"{where} eps must be a float or a tensor, got {eps!r:.40}") from None
+    if eps.dim() > 1 or eps.numel() not in (1, attn.shape[0]):
+        raise UserError(f"{where} eps has shape {tuple(eps.shape)} for {attn.shape[0]} rows: a float or one per row "
+                        f"(expanded like the prompts, for num_return_sequences)")
+    if not bool(((eps >= 0) & eps.isfinite()).all()): raise UserError(f"{where} eps must be finite and >= 0, got "
+                                                                      f"{eps.tolist()}")
+    tau = tau.item() if torch.is_tensor(tau) and tau.numel() == 1 else tau
+    if not (isinstance(tau, (int, float)) and MIN_TAU <= tau < math.inf):
+        raise UserError(f"{where} temperature must be a float >= {MIN_TAU}, got {tau!r} (greedy: do_sample=False)")
+    n = teacher.get_output_embeddings().weight.shape[0]
+    if V is not None and not (type(V) is int and 0 < V <= n):
+        raise UserError(f"{where} V must be an int in [1, {n}], the teacher's logits, got {V!r}")
+    eos = eos_ids.reshape(-1).tolist() if torch.is_tensor(eos_ids) else [eos_ids] if type(eos_ids) is int else eos_ids
+    if not (isinstance(eos, (list, tuple)) and all(type(i) is int and 0 <= i < (V or n) for i in eos)):
+        raise UserError(f"{where} eos_ids {eos_ids!r:.60} must be token ids below V = {V or n}: an int, a list or "
+                        f"a tensor")
+    eos = list(dict.fromkeys(eos))                           # once each: a repeat would fold its mass in twice
+    return eps.reshape(-1) if eps.numel() > 1 else eps.reshape(()), eos, tau
+
+def is_lm(m):
+    """A torch model with an output layer (a causal LM): what the rollout, the loss and the processor take logits of."""
+    out = m.get_output_embeddings() if isinstance(m, torch.nn.Module) and hasattr(m, "get_output_embeddings") else None
+    return getattr(out, "weight", None) is not None
+
 # ---------------------------------------------------------------------------------------------------------------------
 # loss: the reverse KL, fused with the output heads (design choices 7, 8)
 
@@ -751,23 +837,23 @@ def train(cfg, given=None, *, student=None, teacher=None, tokenizer=None):
             log(R, rec)
             if R.step == cfg.max_steps or (cfg.save_every and R.step % cfg.save_every == 0): save(R)
         if cfg.lora_merge and R.master: save_merged(R)      # plain weights beside the adapters, for servers
+        if R.master: R.bar.write(f"trb | done at step {R.step}: {on_disk(R)}, which from_pretrained and eval.py load")
     except Done as e:
         if rank == 0: print(f"trb: {e.args[0]}", flush=True)
         return e.args[1]
     except KeyboardInterrupt:
         if R is None: raise Stopped("interrupted before training started") from None
-        if R.saved != cfg.max_steps: raise Stopped(f"interrupted after step {R.step}; {on_disk(R)}") from None
-        if R.master: print(f"trb: a signal came during the final save; the run is complete: {on_disk(R)}")
+        raise Stopped(f"interrupted after step {R.step}; {on_disk(R)}") from None
     except (MemoryError, RuntimeError) as e:  # torch's out-of-memory errors, CUDA's and the CPU allocator's
         if not isinstance(e, MemoryError) and not re.search("out of memory|can't allocate memory", str(e)): raise
         where = f"in step {R.step + 1}; {on_disk(R)}" if R is not None else "while loading"
         raise UserError(f"out of memory {where}: lower --rollout_batch_size, --micro_batch_size or --batch_size"
                         ) from None
     finally:
-        with deferred_signals(drop=True):                    # the cleanup runs whole
-            if R is not None: R.bar.close()
-            if lock is not None: unlock(lock)
-            if world > 1: torch.distributed.destroy_process_group()
+        if signal.getsignal(signal.SIGINT) is _interrupt: _ignore_signals()  # over: a late signal changes nothing
+        if R is not None: R.bar.close()
+        if lock is not None: unlock(lock)
+        if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
     return R.student
 
 STATS = ("loss", "beta", "kl_mu_s", "teacher_logp", "frac_teacher", "tokens", "skd_replaced", "accepted",
@@ -895,33 +981,46 @@ def log_line(rec):
     return f"step {rec['step']:5d} | " + " | ".join(f"{k} {rec[k]:{f}}" for k, f in LOG_FMT.items() if k in rec)
 
 def log(R, rec):
-    """One line on stdout and one JSON line in metrics.jsonl (and wandb), from the master."""
+    """One line on stdout and one JSON line in metrics.jsonl (and wandb), from the master; each checkpoint keeps the
+    lines up to its step (a replaced run's metrics.jsonl stays until this run's first checkpoint is in place)."""
     if not R.master: return
     if rec["step"] > R.bar.n: R.bar.update(rec["step"] - R.bar.n)
     R.bar.write(log_line(rec))
-    append_metrics(R, rec)
+    R.history.append(json.dumps(rec) + "\n")
+    try:
+        if not R.replacing:
+            with open(os.path.join(R.cfg.out_dir, METRICS), "a") as f: f.write(R.history[-1])
+    except OSError as e:  # out_dir removed, a read-only file, a full disk
+        raise UserError(f"step {rec['step']}: cannot write {METRICS} ({e.strerror}); {on_disk(R)}; stopping") from None
     if R.wandb: R.wandb.log(rec, step=rec["step"])
 
 def save(R):
-    """Checkpoints the current step, with the full EOS set, after checking the weights; nothing is lost on failure."""
+    """
+    Checkpoints the step to out_dir/checkpoint-N with the full EOS set, after checking the weights (design choice
+    11); then the older checkpoints keep their weights only, at most --save_total_limit of them. A failed save
+    leaves the previous checkpoint as it was.
+    """
     sd = gathered_weights(R.student) if R.cfg.fsdp else None  # FSDP2: the full weights, on the master's CPU
+    d = os.path.join(R.cfg.out_dir, f"checkpoint-{R.step}")
     if R.master:
         params = sd.values() if sd is not None else R.student.parameters()
         if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
             raise UserError(f"step {R.step}: non-finite weights after the update; stopping without saving")
-        state = dict(step=R.step, optimizer=None if R.cfg.fsdp else R.opt.state_dict(),
-                     config=dataclasses.asdict(R.cfg), world=R.world, run=R.run,
-                     rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
         if R.student.generation_config is not None:  # eval.py, generate() and vLLM stop where training did
             R.student.generation_config.eos_token_id = list(R.eos_ids)
+        shutil.rmtree(d + TMP, ignore_errors=True)
     try:
-        with deferred_signals():
-            if R.cfg.fsdp: save_sharded_optimizer(R)        # every rank writes its shard into out_dir.trb-tmp
-            if R.master: save_checkpoint(R.cfg.out_dir, R.student, R.tok, state, sd, fresh=not R.cfg.fsdp,
-                                         metrics=R.pending, drop=R.replaces)
-            R.saved, R.pending, R.replaces = R.step, None, ()  # before a deferred signal stops the run
-    except Exception as e:  # a full disk, a quota, a failed rename: a complete checkpoint is put back in place
-        settle(R.cfg.out_dir)
+        if R.cfg.fsdp: save_sharded_optimizer(R, d + TMP)    # every rank writes its shard of AdamW
+        if R.master:
+            state = dict(step=R.step, config=dataclasses.asdict(R.cfg), world=R.world, run=R.run, history=R.history,
+                         rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
+            old = [p for _, p in checkpoints(R.cfg.out_dir)] if R.replacing else []  # the run this one replaces
+            save_checkpoint(d, R.student, R.tok, state, None if R.cfg.fsdp else R.opt.state_dict(), sd, old)
+            R.replacing = False
+            if old: write_lines(os.path.join(R.cfg.out_dir, METRICS), R.history)  # the replaced run's metrics go
+            prune(R.cfg.out_dir, R.cfg.save_total_limit, [p for p in old if p != d])
+    except Exception as e:  # a full disk, a quota, a failed rename
+        shutil.rmtree(d + TMP, ignore_errors=True)
         raise UserError(f"step {R.step}: saving the checkpoint failed ({_first_line(e)}); {on_disk(R)}; "
                         f"stopping") from None
     barrier(R.world)
@@ -1037,7 +1136,7 @@ def check_config(c):
     for name in ("eps0", "warmup_steps", "temperature", "lr", "lr_warmup_steps", "loss_topk", "eval_every",
                  "save_every", "eval_prompts", "skd_topk", "skd_steps", "veto_beta", "temp_warmup", "sft_warmup_steps",
                  "loss_chunk", "weight_decay", "grad_clip", "rollout_batch_size", "lora_r", "lora_alpha",
-                 "spec_tokens"):
+                 "spec_tokens", "save_total_limit"):
         x = getattr(c, name)
         if not x >= 0: raise UserError(f"--{name} must be >= 0, got {x}")  # `not >=` also catches NaN
         if isinstance(x, float) and not math.isfinite(x): raise UserError(f"--{name} must be finite, got {x}")
@@ -1109,11 +1208,12 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     Checkpoint, tokenizers, data, models and optimizer, the cheap checks first: no model loads before the flags,
     out_dir and data are known to be good. models: the student, teacher and tokenizer passed to train().
     """
-    master, state, changed, done = rank == 0, None, [], False
-    replaces = claim_out_dir(cfg) if master else ()         # recovers a killed save; refuses a run in the way
+    master, state, changed, done, ckpt = rank == 0, None, [], False, None
+    replacing = claim_out_dir(cfg) if master else False      # tidies what a kill left; refuses a run in the way
     barrier(world)
     if cfg.resume:
-        state = load_state(cfg.out_dir)
+        ckpt = resume_checkpoint(cfg.out_dir)
+        state = load_state(ckpt)
         given = given if given is not None else {f.name for f in dataclasses.fields(Config)
                                                  if getattr(cfg, f.name) != getattr(Config(), f.name)}
         cfg, changed = resume_config(cfg, given, state)
@@ -1122,7 +1222,7 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
             f"nothing to do: the run in {cfg.out_dir} is at step {state['step']} and --max_steps is "
             f"{cfg.max_steps}; pass --max_steps above {state['step']} to continue it")
         if done and not models: raise Done(done, None)       # no model to load (a student passed in gets its weights)
-        if master: keep_metrics(cfg.out_dir, state["step"])  # before the models load: a failing write is quick
+        if master: write_lines(os.path.join(cfg.out_dir, METRICS), history(state, cfg.out_dir))  # before loading
     if cfg.batch_size % world: raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks")
     if state is not None and bool(state["config"].get("fsdp")) != cfg.fsdp:
         raise UserError("--resume: --fsdp must stay as the run began (its optimizer state is saved differently)")
@@ -1130,7 +1230,7 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
         raise UserError("this run used --fsdp: resume it under torchrun")
     if models: tok, t_tok = models.tok, models.t_tok
     else: tok, t_tok = (load_tokenizer(p, cfg.trust_remote_code, w) for p, w in (
-        (cfg.out_dir if state is not None else cfg.student, "student"), (cfg.teacher, "teacher")))
+        (ckpt or cfg.student, "student"), (cfg.teacher, "teacher")))
     V = shared_vocab(tok, t_tok)
     for name in ("loss_topk", "skd_topk"):
         if getattr(cfg, name) > V: raise UserError(f"--{name} {getattr(cfg, name)} is larger than the {V}-token vocab")
@@ -1141,7 +1241,7 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     if (top := max(map(max, prompts + evals))) >= V:         # the teacher reads the same ids
         raise UserError(f"the prompts hold token id {top} ({tok.convert_ids_to_tokens(top)}), beyond the shared "
                         f"{V}-token vocabulary: the teacher's tokenizer lacks it (a chat token of the student's only?)")
-    student, teacher = load_pair(cfg, state, models, device, amp_dtype, n)
+    student, teacher = load_pair(cfg, ckpt, models, device, amp_dtype, n)
     if done: raise Done(done, student)
     check_logits(V, student=student, teacher=teacher)
     eos_all = eos_ids_of((tok, student), (t_tok, teacher))
@@ -1154,7 +1254,7 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     if not trained: raise UserError("the student has no weight that requires grad: nothing would train")
     opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                             fused=device.type in ("cpu", "cuda"))  # one kernel for all
-    if state is not None: load_trainer_state(student, opt, state, cfg)
+    if state is not None: load_trainer_state(student, opt, state, cfg, ckpt)
     step = state["step"] if state is not None else 0
     run = state.get("run") if state is not None else os.urandom(6).hex()  # tells this run's checkpoints apart
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()  # CPU too
@@ -1162,8 +1262,7 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     R = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=master, device=device, amp=amp, tok=tok, V=V,
                         eos_ids=eos_ids, pad_id=pad, prompts=prompts, eval_prompts=evals[:cfg.eval_prompts],
                         student=student, teacher=teacher, model=model, opt=opt, step=step, bar=None, wandb=None,
-                        saved=state["step"] if state is not None else None, replaces=replaces,
-                        pending=[] if replaces else None, run=run)
+                        replacing=replacing, run=run, history=history(state, cfg.out_dir) if state else [])
     if master:
         ev = f" eval_prompts={len(R.eval_prompts)} eval_skipped_long={e_skipped}" if cfg.eval_data else ""
         print(f"trb | V={V} eos={eos_ids} prompts={len(prompts)} skipped_long={skipped}{ev} world={world} "
@@ -1171,7 +1270,7 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
         for i in [i for i in eos_all if i >= V]:             # a stop id the models cannot emit: said, not silent
             print(f"trb | EOS id {i} ({max(tok, t_tok, key=len).convert_ids_to_tokens(i)}) is beyond the shared "
                   f"{V}-token vocabulary: dropped from the EOS set, never sampled")
-        if replaces: print(f"trb | --overwrite: the run in {cfg.out_dir} is replaced at this run's first save")
+        if replacing: print(f"trb | --overwrite: the run in {cfg.out_dir} is replaced at this run's first save")
         if changed: print(f"trb | resume from step {step}: " + ", ".join(changed), flush=True)
         if cfg.wandb_project:
             import wandb
@@ -1181,13 +1280,13 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     R.bar = tqdm(total=cfg.max_steps, initial=step, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True)
     return R
 
-def load_pair(cfg, state, models, device, amp_dtype, n):
+def load_pair(cfg, ckpt, models, device, amp_dtype, n):
     """
     The student (fp32 master weights; with --lora_r, wrapped with fresh adapters or the checkpoint's) and the frozen
-    teacher, from their paths (on --resume, a full student from out_dir) or the models passed to train(). The
-    longest rollout's n positions must fit both, and --lora_targets must name modules: checked before loading.
+    teacher, from their paths (on --resume, a full student from the checkpoint ckpt) or the models passed to train().
+    The longest rollout's n positions must fit both, and --lora_targets must name modules: checked before loading.
     """
-    s_path = cfg.out_dir if state is not None and not cfg.lora_r else cfg.student  # LoRA: out_dir holds adapters
+    s_path = ckpt if ckpt and not cfg.lora_r else cfg.student  # LoRA: the checkpoint holds adapters
     student, teacher = (models.student, models.teacher) if models else (s_path, cfg.teacher)
     check_positions(n, cfg, head=True, student=student, teacher=teacher)
     if cfg.lora_r: check_lora_targets(cfg, student)
@@ -1196,9 +1295,9 @@ def load_pair(cfg, state, models, device, amp_dtype, n):
         student = load_model(s_path, torch.float32, device, cfg.trust_remote_code, "student")
         teacher = load_model(cfg.teacher, amp_dtype, device, cfg.trust_remote_code, "teacher")
     teacher.eval().requires_grad_(False)
-    if models and state is not None and not cfg.lora_r: load_weights(student, cfg)  # --resume: in place
+    if models and ckpt and not cfg.lora_r: load_weights(student, ckpt, cfg)  # --resume: in place
     if cfg.grad_ckpt: enable_grad_ckpt(student)
-    if cfg.lora_r: student = with_lora(student, cfg, cfg.out_dir if state is not None else None)
+    if cfg.lora_r: student = with_lora(student, cfg, ckpt)
     return student, teacher
 
 def with_lora(student, cfg, resume_from=None):
@@ -1244,6 +1343,20 @@ def check_lora_targets(cfg, student):
 def lora_targets(cfg):
     """PEFT's target_modules: "all-linear", or the comma-separated names."""
     return cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+
+def save_merged(R):
+    """--lora_merge: the student with its adapters merged in, as plain weights, in the last checkpoint's merged/."""
+    d = os.path.join(R.cfg.out_dir, f"checkpoint-{R.step}", "merged")
+    merged = copy.deepcopy(R.student).merge_and_unload()
+    merged.generation_config.eos_token_id = list(R.eos_ids)
+    try:
+        shutil.rmtree(d + TMP, ignore_errors=True)
+        merged.save_pretrained(d + TMP, safe_serialization=True)
+        R.tok.save_pretrained(d + TMP)
+        os.replace(d + TMP, d)
+    except OSError as e:
+        shutil.rmtree(d + TMP, ignore_errors=True)
+        raise UserError(f"--lora_merge: writing {d} failed ({e.strerror}); {on_disk(R)}") from None
 
 def enable_grad_ckpt(m):
     kw = {"use_reentrant": False}
@@ -1305,11 +1418,11 @@ def progress(R, **kw):
 
 def _check_path(path, what="model"):
     """A local directory, or something shaped like a hub name (owner/model) while the hub is in reach."""
+    model = any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json"))
+    if os.path.isdir(path) and not model and (cks := checkpoints(path)):
+        raise UserError(f"{what} {path!r} is a run directory: pass one of its checkpoints, such as {cks[-1][1]}")
     if os.path.isdir(path): return
     if os.path.exists(path): raise UserError(f"{what} {path!r} is a file: expected a model directory or a hub name")
-    waits = next((path + x for x in (TMP, OLD) if _complete(path + x)), None)  # a save that a kill interrupted
-    if waits: raise UserError(f"{what} {path!r}: no such directory, but {waits} holds a checkpoint: trb.py "
-                              f"--out_dir {path} --resume puts it in place")
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) or path.startswith("."):
         raise UserError(f"{what} {path!r}: no such directory, and not a hub name owner/model")
     need_hub(path, what)
@@ -1339,9 +1452,6 @@ def quiet_progress_bars():
     import transformers.utils.logging
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
-
-def _first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 def load_model(path, dtype, device, trust_remote_code=False, what="model"):
     """from_pretrained, refusing weights that do not match the model (they would be left at random init)."""
@@ -1402,93 +1512,27 @@ def load_tokenizer(path, trust_remote_code=False, what="model"):
     except Exception as e:
         raise UserError(f"cannot load tokenizer {path!r}: {_first_line(e)}") from None
 
-def shared_vocab(s_tok, t_tok):
-    """V of the shared tokenizer vocab; refuses tokenizers that map it differently (design choice 6)."""
-    V = min(len(s_tok), len(t_tok))
-    s_ids, t_ids = s_tok.convert_ids_to_tokens(list(range(V))), t_tok.convert_ids_to_tokens(list(range(V)))
-    for i, (a, b) in enumerate(zip(s_ids, t_ids)):
-        if a != b:
-            raise UserError(f"incompatible tokenizers: token id {i} is {a!r} for the student but {b!r} for the teacher")
-    return V
-
-def processor_args(teacher, eps, attn, eos_ids, V, tau):
-    """TRBLogitsProcessor's inputs, checked: one line each. Returns eps (float32 on the mask's device, () or (B,)), the
-    EOS ids as a list (given as generate() takes them: int, list or tensor) and the temperature as a number."""
-    where = "TRBLogitsProcessor:"
-    if not is_lm(teacher): raise UserError(f"{where} the teacher must be a causal LM, got {type(teacher).__name__}")
-    if not (torch.is_tensor(attn) and attn.dim() == 2): raise UserError(f"{where} attention_mask is not (B, P)")
-    try:
-        eps = torch.as_tensor(eps, dtype=torch.float32, device=attn.device)
-    except (TypeError, ValueError, RuntimeError):
-        raise UserError(f"{where} eps must be a float or a tensor, got {eps!r:.40}") from None
-    if eps.dim() > 1 or eps.numel() not in (1, attn.shape[0]):
-        raise UserError(f"{where} eps has shape {tuple(eps.shape)} for {attn.shape[0]} rows: a float or one per row "
-                        f"(expanded like the prompts, for num_return_sequences)")
-    if not bool(((eps >= 0) & eps.isfinite()).all()): raise UserError(f"{where} eps must be finite and >= 0, got "
-                                                                      f"{eps.tolist()}")
-    tau = tau.item() if torch.is_tensor(tau) and tau.numel() == 1 else tau
-    if not (isinstance(tau, (int, float)) and MIN_TAU <= tau < math.inf):
-        raise UserError(f"{where} temperature must be a float >= {MIN_TAU}, got {tau!r} (greedy: do_sample=False)")
-    n = teacher.get_output_embeddings().weight.shape[0]
-    if V is not None and not (type(V) is int and 0 < V <= n):
-        raise UserError(f"{where} V must be an int in [1, {n}], the teacher's logits, got {V!r}")
-    eos = eos_ids.reshape(-1).tolist() if torch.is_tensor(eos_ids) else [eos_ids] if type(eos_ids) is int else eos_ids
-    if not (isinstance(eos, (list, tuple)) and all(type(i) is int and 0 <= i < (V or n) for i in eos)):
-        raise UserError(f"{where} eos_ids {eos_ids!r:.60} must be token ids below V = {V or n}: an int, a list or "
-                        f"a tensor")
-    eos = list(dict.fromkeys(eos))                           # once each: a repeat would fold its mass in twice
-    return eps.reshape(-1) if eps.numel() > 1 else eps.reshape(()), eos, tau
-
-def load_weights(student, cfg):
-    """--resume of a student passed to train(): the checkpoint's weights (a PEFT student's: its adapters), loaded
-    into it in place."""
+def load_weights(student, ckpt, cfg):
+    """--resume of a student passed to train(): the weights of the checkpoint ckpt (a PEFT student's: its adapters),
+    loaded into it in place."""
     if hasattr(student, "peft_config"):
         import peft
         from safetensors.torch import load_file
-        path = os.path.join(cfg.out_dir, "adapter_model.safetensors")
+        path = os.path.join(ckpt, "adapter_model.safetensors")
         saved = load_file(path) if os.path.isfile(path) else {}
         res = peft.set_peft_model_state_dict(student, saved)
         missing, unexpected = set(peft.get_peft_model_state_dict(student)) - set(saved), res.unexpected_keys
     else:
-        ckpt = load_model(cfg.out_dir, torch.float32, "cpu", cfg.trust_remote_code, "checkpoint")
-        missing, unexpected = student.load_state_dict(ckpt.state_dict(), strict=False)
+        m = load_model(ckpt, torch.float32, "cpu", cfg.trust_remote_code, "checkpoint")
+        missing, unexpected = student.load_state_dict(m.state_dict(), strict=False)
     if missing or unexpected:
-        raise UserError(f"--resume: the checkpoint in {cfg.out_dir} does not fit the student passed in "
+        raise UserError(f"--resume: the checkpoint {ckpt} does not fit the student passed in "
                         f"({len(missing)} missing, {len(unexpected)} unexpected weights)")
-
-def is_lm(m):
-    """A torch model with an output layer (a causal LM): what the rollout, the loss and the processor take logits of."""
-    out = m.get_output_embeddings() if isinstance(m, torch.nn.Module) and hasattr(m, "get_output_embeddings") else None
-    return getattr(out, "weight", None) is not None
 
 def check_logits(V, **models):
     for name, m in models.items():
         n = m.get_output_embeddings().weight.shape[0]
         if n < V: raise UserError(f"{name} has {n} output logits, fewer than the {V}-token vocabulary")
-
-def eos_ids_of(*pairs):
-    """Union of EOS ids of (tokenizer, model) pairs; the first is canonical (the student's)."""
-    ids = []
-    for tok, model in pairs:
-        gen = getattr(model, "generation_config", None)
-        for e in [tok.eos_token_id, getattr(gen, "eos_token_id", None)]:
-            for i in (e if isinstance(e, (list, tuple)) else [e]):
-                if i is not None and i not in ids: ids.append(int(i))
-    if not ids: raise UserError("the student tokenizer has no EOS token")
-    return ids
-
-def format_prompt(tok, question, system=SYSTEM_PROMPT):
-    """Token ids of one prompt: the chat template if the tokenizer has one (system "": no system message), else
-    plain text."""
-    if getattr(tok, "chat_template", None):
-        msgs = [{"role": "system", "content": system}] * bool(system) + [{"role": "user", "content": question}]
-        try:
-            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        except Exception as e:  # the template's own refusal (e.g. no system role), or a broken template
-            raise UserError(f"the student's chat template fails: {_first_line(e)}" + (
-                "; --system_prompt '' leaves the system message out" if system else "")) from None
-        return tok(text, add_special_tokens=False)["input_ids"]
-    return tok(f"{system}\n\n{question}\n")["input_ids"]
 
 def encode_prompts(tok, prompts, cfg, what="--data"):
     """Token ids of the prompts within --max_prompt_len, and how many were skipped; all skipped is an error."""
@@ -1499,16 +1543,6 @@ def encode_prompts(tok, prompts, cfg, what="--data"):
         else: enc.append(ids)
     if not enc: raise UserError(f"{what}: all {skipped} prompts are longer than --max_prompt_len {cfg.max_prompt_len}")
     return enc, skipped
-
-def left_pad(seqs, pad_id, device):
-    """Left-pads lists of token ids into (B, P) ids and attention mask."""
-    P = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)  # (B, P)
-    attn = torch.zeros(len(seqs), P, dtype=torch.long)          # (B, P)
-    for i, s in enumerate(seqs):
-        ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
-        attn[i, P - len(s):] = 1
-    return ids.to(device), attn.to(device)
 
 HUB_DATA = {  # name -> (load_dataset args, prompt field)
     "gsm8k": (("openai/gsm8k", "main"), "question"),
@@ -1587,141 +1621,105 @@ def check_text(q, where):
         raise UserError(f"{where} is not valid Unicode (a lone surrogate at character {e.start})") from None
 
 # ---------------------------------------------------------------------------------------------------------------------
-# plumbing: checkpoints, metrics, the out_dir lock (design choice 11)
+# plumbing: the run directory: checkpoint-N folders, metrics.jsonl, the lock (design choice 11)
 
-TMP, OLD = ".trb-tmp", ".trb-old"  # out_dir's swap siblings (design choice 11): names of trb's own, not a user's
+TMP, METRICS, LOCK = ".tmp", "metrics.jsonl", "trb.lock"  # with checkpoint-N, the only names trb writes in out_dir
 
-def save_checkpoint(out_dir, model, tok, state, state_dict=None, fresh=True, metrics=None, drop=()):
+def save_checkpoint(d, model, tok, state, optimizer=None, state_dict=None, unmark=()):
     """
-    Writes out_dir.trb-tmp completely, then swaps it in by rename (design choice 11). A kill at any point leaves a
-    complete checkpoint that recover_checkpoint() finds: out_dir, or a complete .trb-tmp, or .trb-old. Files that
-    are not part of the checkpoint (metrics.jsonl, the user's) are hard-linked into .trb-tmp, not moved, so out_dir
-    never lacks them, and symlinks are copied as links; but the names in `drop` (a replaced run's files, under
-    --overwrite), for which `metrics` (lines) is the new metrics.jsonl. fresh=False keeps what is already in
-    .trb-tmp (FSDP2's optimizer shards). A symlinked out_dir is resolved: the swap happens where it points.
+    Writes the checkpoint folder d (out_dir/checkpoint-N): all of it into d.tmp, trainer_state.pt last, then renamed
+    to d (design choice 11). optimizer: the AdamW state, to optimizer.pt (FSDP2's shards are in d.tmp/optimizer
+    already). unmark: the checkpoints of a run this one replaces, unmarked (oldest first, so that a cut-off unmarking
+    leaves the old run resumable) once d.tmp is complete; and so is a folder d already there.
     """
-    out_dir = os.path.realpath(out_dir)
-    tmp, old = out_dir + TMP, out_dir + OLD
-    if fresh: shutil.rmtree(tmp, ignore_errors=True)
+    tmp = d + TMP
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    if hasattr(model, "peft_config"):  # PEFT writes the adapters only, and a model card that is not ours to add
-        model.generation_config.save_pretrained(tmp)
-        _remove(os.path.join(tmp, "README.md"))
+    if hasattr(model, "peft_config"): model.generation_config.save_pretrained(tmp)  # PEFT writes the adapters only
     tok.save_pretrained(tmp)
-    if metrics is not None:
-        with open(os.path.join(tmp, "metrics.jsonl"), "w") as f: f.writelines(metrics)
-    state = dict(state, files=sorted(os.listdir(tmp)) + ["trainer_state.pt"])  # what --overwrite will replace
-    torch.save(state, os.path.join(tmp, "trainer_state.pt.part"))
-    os.replace(os.path.join(tmp, "trainer_state.pt.part"), os.path.join(tmp, "trainer_state.pt"))  # completeness marker
-    if os.path.isdir(out_dir):
-        for f in os.listdir(out_dir):
-            src, dst = os.path.join(out_dir, f), os.path.join(tmp, f)
-            if os.path.lexists(dst) or f in drop: continue
-            if os.path.islink(src): os.symlink(os.readlink(src), dst)
-            elif os.path.isdir(src): shutil.copytree(src, dst, copy_function=_link, symlinks=True)
-            else: _link(src, dst)
-        shutil.rmtree(old, ignore_errors=True)              # a stale .trb-old left by an earlier kill
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    if optimizer is not None: torch.save(optimizer, os.path.join(tmp, "optimizer.pt"))
+    torch.save(state, os.path.join(tmp, "trainer_state.part"))
+    os.replace(os.path.join(tmp, "trainer_state.part"), os.path.join(tmp, "trainer_state.pt"))  # last: complete
+    for p in [*unmark, d]: _remove(os.path.join(p, "trainer_state.pt"))
+    shutil.rmtree(d, ignore_errors=True)
+    os.replace(tmp, d)
 
-def append_metrics(R, rec):
-    """One JSON line in out_dir/metrics.jsonl; under --overwrite the lines wait in R.pending until the first save,
-    so the run being replaced keeps its metrics until then. A failed write stops the run with one line."""
-    if R.pending is not None: return R.pending.append(json.dumps(rec) + "\n")
-    try:
-        with open(os.path.join(R.cfg.out_dir, "metrics.jsonl"), "a") as f: f.write(json.dumps(rec) + "\n")
-    except OSError as e:  # out_dir removed, a read-only file, a full disk
-        raise UserError(f"step {rec['step']}: cannot write metrics.jsonl ({e.strerror}); {on_disk(R)}; "
-                        f"stopping") from None
+def checkpoints(d):
+    """The complete checkpoints in the run directory d, oldest first: [(step, path)], the folders checkpoint-N that
+    hold a trainer_state.pt."""
+    found = [(int(f[11:]), os.path.join(d, f)) for f in (os.listdir(d) if os.path.isdir(d) else [])
+             if re.fullmatch(r"checkpoint-\d+", f)]
+    return sorted((n, p) for n, p in found if _complete(p))
 
-def on_disk(R):
-    """What out_dir holds now, read from the disk (step and run of its trainer_state.pt), for a stopped run's line."""
-    d, out = os.path.realpath(R.cfg.out_dir), R.cfg.out_dir
-    for where in (d, d + TMP, d + OLD):
-        if not _complete(where): continue
-        st = torch.load(os.path.join(where, "trainer_state.pt"), map_location="cpu", weights_only=True, mmap=True)
-        if where != d: return f"{out} holds no checkpoint; {where} holds one (step {st['step']}): --resume takes it"
-        if st.get("run") == R.run: return f"{out}: its checkpoint of step {st['step']} is intact"
-        if R.replaces: return f"this run saved nothing; the run it was to replace in {out} is untouched"
-        return f"{out} holds another run's checkpoint (step {st['step']})"
-    return f"{out} holds no checkpoint"
-
-def settle(out_dir):
-    """After a failed save: recover what the swap left (recover_checkpoint), then drop the failed .trb-tmp unless
-    it is the only complete checkpoint left."""
-    d = os.path.realpath(out_dir)
-    with suppress(OSError): recover_checkpoint(d)           # the same failure again: the checkpoint stays where it is
-    if _complete(d) or not _complete(d + TMP): shutil.rmtree(d + TMP, ignore_errors=True)
-
-def save_merged(R):
-    """--lora_merge: the student with its adapters merged in, as plain weights, in out_dir/merged (swapped in)."""
-    d = os.path.join(os.path.realpath(R.cfg.out_dir), "merged")
-    merged = copy.deepcopy(R.student).merge_and_unload()
-    merged.generation_config.eos_token_id = list(R.eos_ids)
-    try:
-        with deferred_signals():
-            shutil.rmtree(d + TMP, ignore_errors=True)
-            merged.save_pretrained(d + TMP, safe_serialization=True)
-            R.tok.save_pretrained(d + TMP)
-            if os.path.isdir(d): os.replace(d, d + OLD)
-            os.replace(d + TMP, d)
-            shutil.rmtree(d + OLD, ignore_errors=True)
-    except OSError as e:
-        shutil.rmtree(d + TMP, ignore_errors=True)
-        raise UserError(f"--lora_merge: writing {d} failed ({e.strerror}); {on_disk(R)}") from None
-
-def _link(src, dst):
-    try:
-        os.link(src, dst)
-    except OSError:  # no hard links on this filesystem
-        shutil.copy2(src, dst)
+def prune(d, limit, drop=()):
+    """After a save: the folders in drop (a replaced run's, unmarked) go, and the older checkpoints keep their weights
+    only, at most `limit` in all (0: every one); a removal starts by unmarking."""
+    cks = checkpoints(d)
+    for p in [*drop, *(p for _, p in cks[:max(0, len(cks) - limit) if limit else 0])]:
+        _remove(os.path.join(p, "trainer_state.pt"))
+        shutil.rmtree(p, ignore_errors=True)
+    for _, p in checkpoints(d)[:-1]:
+        _remove(os.path.join(p, "optimizer.pt"))
+        shutil.rmtree(os.path.join(p, "optimizer"), ignore_errors=True)  # FSDP2's shards
 
 def _complete(d):
     return os.path.isfile(os.path.join(d, "trainer_state.pt"))
 
-def recover_checkpoint(out_dir):
-    """
-    Finishes what a kill interrupted (design choice 11): a complete out_dir stays. Otherwise a complete .trb-tmp
-    (the newest) takes its place, with the files of out_dir that it lacks (metrics.jsonl) moved over first; where
-    out_dir is gone, a complete .trb-old does if no .trb-tmp is complete. A .trb-old never replaces an out_dir that
-    exists: that out_dir is newer (its trainer_state.pt may have been deleted on purpose).
-    """
-    out_dir = os.path.realpath(out_dir)
-    if _complete(out_dir): return shutil.rmtree(out_dir + OLD, ignore_errors=True)  # older than out_dir
-    for cand in (out_dir + TMP, out_dir + OLD):
-        if not _complete(cand) or (cand.endswith(OLD) and os.path.exists(out_dir)): continue
-        if os.path.isdir(out_dir):
-            for f in os.listdir(out_dir):
-                if not os.path.lexists(os.path.join(cand, f)):
-                    os.replace(os.path.join(out_dir, f), os.path.join(cand, f))
-            shutil.rmtree(out_dir)
-        os.replace(cand, out_dir)
-        return
+def on_disk(R):
+    """The newest checkpoint on disk, for a stopped run's line."""
+    if R.replacing: return f"the run it was to replace in {R.cfg.out_dir} is untouched"
+    cks = checkpoints(R.cfg.out_dir)
+    return f"the newest checkpoint is {cks[-1][1]}" if cks else f"{R.cfg.out_dir} holds no checkpoint"
 
-STATE = dict(step=int, optimizer=(dict, type(None)), config=dict, world=int, rng=dict)  # trainer_state.pt's entries
+def resume_checkpoint(out_dir):
+    """The checkpoint --resume continues from: the newest, which alone holds the optimizer state."""
+    p = (checkpoints(out_dir) or [(0, None)])[-1][1]
+    if p is None: raise UserError(f"--resume: no checkpoint in {out_dir}")
+    if not any(os.path.exists(os.path.join(p, f)) for f in ("optimizer.pt", "optimizer")) and \
+            not load_state(p, mmap=True).get("optimizer"):
+        raise UserError(f"--resume: {p}, the newest checkpoint, holds weights only (the optimizer state is kept in "
+                        f"the newest, and that one was removed): start a new run with --student {p}")
+    return p
 
-def load_state(out_dir, mmap=False):
-    """trainer_state.pt, its entries and the config's types checked; bad content is one line."""
-    path = os.path.join(out_dir, "trainer_state.pt")
-    if not os.path.isfile(path): raise UserError(f"--resume: no checkpoint at {path}")
+def history(state, out_dir):
+    """The metrics lines up to the checkpoint's step: its own record, or (saved before it kept one) metrics.jsonl's."""
+    if "history" in state: return list(state["history"])
+    return [json.dumps(r) + "\n" for r in read_metrics(os.path.join(out_dir, METRICS)) if r["step"] <= state["step"]]
+
+def write_lines(path, lines):
+    """Replaces the file at path by these lines, atomically; a failure (a full disk) is one line, the file as it was."""
+    try:
+        with open(path + ".part", "w") as f: f.writelines(lines)
+        os.replace(path + ".part", path)
+    except OSError as e:
+        _remove(path + ".part")
+        raise UserError(f"cannot write {path} ({e.strerror})") from None
+
+STATE = dict(step=int, config=dict, world=int, rng=dict)  # trainer_state.pt's entries
+
+def load_state(d, mmap=False):
+    """The trainer_state.pt of the checkpoint folder d, its entries and the config's types checked; bad content is one
+    line."""
+    path = os.path.join(d, "trainer_state.pt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)  # data only, never code
     except Exception as e:
-        raise UserError(f"--resume: corrupt checkpoint state {path} ({_first_line(e)[:80]})") from None
-    if not isinstance(state, dict): raise UserError(f"--resume: corrupt checkpoint state {path} (not a dict)")
+        raise UserError(f"corrupt checkpoint state {path} ({_first_line(e)[:80]})") from None
+    if not isinstance(state, dict): raise UserError(f"corrupt checkpoint state {path} (not a dict)")
     for k, t in STATE.items():
-        if k not in state: raise UserError(f"--resume: {path} lacks its {k!r} entry")
+        if k not in state: raise UserError(f"{path} lacks its {k!r} entry")
         if not isinstance(state[k], t) or isinstance(state[k], bool) or (t is int and state[k] < 0):
-            raise UserError(f"--resume: {path}: {k!r} is {str(state[k])[:40]!r}, not a valid {k}")
-    check_types(state["config"], f"--resume: {path}: config")
+            raise UserError(f"{path}: {k!r} is {str(state[k])[:40]!r}, not a valid {k}")
+    if not isinstance(state.get("optimizer"), (dict, type(None))) or not isinstance(state.get("history", []), list):
+        raise UserError(f"{path}: its optimizer or history entry is mistyped")
+    check_types(state["config"], f"{path}: config")
     return state
 
-def load_trainer_state(student, opt, state, cfg):
+def load_trainer_state(student, opt, state, cfg, ckpt):
     """The optimizer and RNG states of --resume; a state that does not fit this student is one line."""
     try:
-        if cfg.fsdp: load_sharded_optimizer(student, opt, cfg.out_dir)
-        else: opt.load_state_dict(state["optimizer"])
+        if cfg.fsdp: load_sharded_optimizer(student, opt, ckpt)
+        else: opt.load_state_dict(state.get("optimizer") or torch.load(os.path.join(ckpt, "optimizer.pt"),
+                                                                      map_location="cpu", weights_only=True))
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         for p, st in opt.state.items() if not cfg.fsdp else ():  # another model's moments: read out of bounds
@@ -1745,96 +1743,68 @@ def read_metrics(path):
                 if isinstance(r, dict) and isinstance(r.get("step"), int): recs.append(r)
     return recs
 
-def keep_metrics(out_dir, step):
-    """Drops the records past `step` (the checkpoint we resume from), atomically."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path): return
-    keep = [json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= step]
-    try:
-        with open(path + ".part", "w") as f: f.writelines(keep)
-        os.replace(path + ".part", path)
-    except OSError as e:  # a full disk: metrics.jsonl is untouched
-        shutil.rmtree(path + ".part", ignore_errors=True) if os.path.isdir(path + ".part") else _remove(path + ".part")
-        raise UserError(f"--resume: cannot rewrite {path} ({e.strerror})") from None
-
 def _remove(path):
     with suppress(OSError): os.remove(path)
 
 def claim_out_dir(cfg):
     """
-    What this run may do with out_dir, once recover_checkpoint() has finished a killed save: --resume needs its
-    checkpoint (load_state); a fresh run starts where there is no run and no model, or, with --overwrite, replaces
-    a run. Returns the names the replaced run's checkpoint and metrics have: they go at the first save, and other
-    files stay.
+    Readies out_dir for this run, each change in one line: folders of trb's names that hold no complete checkpoint go,
+    but a complete checkpoint-N.tmp where no checkpoint is (--overwrite's first save, cut off after it unmarked the
+    old run) is put in place. --resume needs a checkpoint; a fresh run starts where no run is, or with --overwrite
+    replaces it at its first save (and returns True).
     """
-    d = os.path.realpath(cfg.out_dir)
-    if os.path.commonpath([d, os.path.realpath(os.getcwd())]) == d:
-        raise UserError(f"--out_dir {cfg.out_dir!r} holds the current directory, which every save would move: "
-                        f"use a subdirectory")
-    recover_checkpoint(d)
-    ckpt, metrics = _complete(d), os.path.isfile(os.path.join(d, "metrics.jsonl"))
-    if cfg.resume: return ()
-    if not (ckpt or metrics):
-        if any(os.path.isfile(os.path.join(d, f)) for f in ("config.json", "adapter_config.json")):
-            raise UserError(f"--out_dir {cfg.out_dir!r} holds a model that is not a trb.py run, and saves would "
-                            f"overwrite it: choose another directory")
-        return ()
-    if not cfg.overwrite and ckpt:
-        raise UserError(f"--out_dir {cfg.out_dir!r} holds a checkpoint: pass --resume to continue that run, or "
-                        f"--overwrite to start over (it is replaced at this run's first save)")
-    if not cfg.overwrite:
-        raise UserError(f"--out_dir {cfg.out_dir!r} holds the metrics of a run without a checkpoint to resume "
-                        f"(trainer_state.pt): pass --overwrite to start over, or choose another directory")
-    try:
-        files = load_state(d, mmap=True).get("files", []) if ckpt else []
-    except UserError:  # a corrupt state: replaced all the same
-        files = []
-    return {*files, "trainer_state.pt", "metrics.jsonl", "optimizer", "merged"}
+    d, has = cfg.out_dir, bool(checkpoints(cfg.out_dir))
+    check_layout(d)
+    for f in sorted(os.listdir(d)):
+        p, m = os.path.join(d, f), re.fullmatch(r"(checkpoint-\d+)(\.tmp)?", f)
+        if not m or not os.path.isdir(p) or (not m[2] and _complete(p)): continue
+        if m[2] and _complete(p) and not has and not os.path.lexists(os.path.join(d, m[1])):
+            os.replace(p, os.path.join(d, m[1]))
+            print(f"trb | {p}: a complete checkpoint whose rename was cut off, put in place as {m[1]}")
+            has = True
+        else:
+            shutil.rmtree(p)
+            print(f"trb | {p}: removed, an incomplete checkpoint that a cut-off save or removal left")
+    ran = checkpoints(d) or os.path.isfile(os.path.join(d, METRICS))
+    if cfg.resume or not ran: return False
+    if cfg.overwrite: return True
+    raise UserError(f"--out_dir {cfg.out_dir!r} holds a run ({'checkpoints and ' * bool(checkpoints(d))}"
+                    f"{METRICS}): pass --resume to continue it, or --overwrite to start over (its checkpoints and "
+                    f"metrics go at this run's first save)")
+
+def check_layout(d):
+    """A run saved before checkpoint-N folders (its checkpoint in out_dir itself) is refused, saying how to move it."""
+    if not _complete(d): return
+    st = load_state(d, mmap=True)
+    n, files = f"checkpoint-{st['step']}", [f for f in st.get("files", []) if f != METRICS]
+    raise UserError(f"--out_dir {d!r} holds a checkpoint saved before runs kept checkpoint-N folders: move it into "
+                    f"one, then --resume: cd {shlex.quote(d)} && mkdir {n} && mv " +
+                    (" ".join(map(shlex.quote, files)) if files else "FILES") + f" {n}/")
 
 def lock_out_dir(out_dir):
     """
-    Checks that out_dir is a writable directory (a symlink: where it points), then holds it for the run: an
-    exclusive fcntl lock on <resolved out_dir>.lock, which names the holder's pid, and, on Linux, an abstract socket
-    named after the resolved path, which a removed lock file does not free. A second run on the same directory,
-    by any path to it, stops at once.
+    Makes out_dir if needed and holds it for the run: an exclusive fcntl lock on out_dir/trb.lock, which names the
+    holder's pid, so that a second run on the same directory, by any path to it, stops at once (only removing the lock
+    file of a live run defeats it). Returns the lock: its open file and the directories made for it.
     """
-    import errno
     import fcntl
-    import hashlib
-    import socket
-    real = os.path.realpath(out_dir)
-    if os.path.exists(real) and not os.path.isdir(real): raise UserError(f"--out_dir {out_dir!r} is a file")
-    made, d = [], real                                       # the directories this run makes, innermost first
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir): raise UserError(f"--out_dir {out_dir!r} is a file")
+    made, d = [], os.path.abspath(out_dir)                   # the directories this run makes, innermost first
     while not os.path.exists(d): made, d = made + [d], os.path.dirname(d)
     try:
-        os.makedirs(real, exist_ok=True)
-        probe = os.path.join(real, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-        f = open(real + ".lock", "a+")
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(os.path.join(out_dir, LOCK), "a+")
     except OSError as e:
-        if made: shutil.rmtree(made[-1], ignore_errors=True)  # empty: only the probe can be in it
+        if made: shutil.rmtree(made[-1], ignore_errors=True)
         raise UserError(f"--out_dir {out_dir!r} is not writable: {e.strerror}") from None
-    sock, name, holder = socket.socket(socket.AF_UNIX), b"\0trb:" + hashlib.sha256(real.encode()).digest()[:16], None
+    lock = SimpleNamespace(file=f, made=made)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.seek(0)
         holder = f.read().strip() or "?"
-    if holder is None:
-        try:
-            sock.bind(name)
-            sock.listen(1)
-        except OSError as e:
-            if e.errno != errno.EADDRINUSE: sock = sock.close()  # no abstract sockets (not Linux): the file alone
-            else:                                            # held, though someone removed the lock file
-                holder = _peer_pid(name)
-                _remove(f.name)
-    if holder is not None:                                   # the holder's lock file stays
-        f.close()
-        if sock is not None: sock.close()
-        raise UserError(f"--out_dir {out_dir!r} is in use by another trb.py run (pid {holder})")
-    lock = SimpleNamespace(file=f, sock=sock, dir=real, made=made)
+        unlock(lock)
+        raise UserError(f"--out_dir {out_dir!r} is in use by another trb.py run (pid {holder})") from None
     try:
         f.seek(0)
         f.truncate()
@@ -1845,27 +1815,14 @@ def lock_out_dir(out_dir):
         raise UserError(f"--out_dir {out_dir!r}: cannot write its lock file ({e.strerror})") from None
     return lock
 
-def _peer_pid(name):
-    """The pid of the process listening on an abstract socket (SO_PEERCRED), or '?'."""
-    import socket
-    import struct
-    c = socket.socket(socket.AF_UNIX)
-    try:
-        c.connect(name)
-        return struct.unpack("3i", c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-    except OSError:
-        return "?"
-    finally:
-        c.close()
-
 def unlock(lock):
-    """Releases the out_dir; one this run created and left empty (it failed before writing anything) goes too, with
-    the parents it created."""
-    _remove(lock.file.name)
+    """Releases the out_dir (its lock file stays: removing it would free it for a second process that opened it);
+    one this run made that holds nothing else (it failed before writing anything) goes, with the parents it made."""
     with suppress(OSError): lock.file.close()               # a full disk fails its flush; it is closed all the same
-    if lock.sock is not None: lock.sock.close()
-    with suppress(OSError):                                  # stops at one not empty: the run's metrics or checkpoint
-        for d in lock.made: os.rmdir(d)
+    with suppress(OSError):
+        if lock.made and os.listdir(lock.made[0]) == [LOCK]:
+            os.remove(lock.file.name)
+            for d in lock.made: os.rmdir(d)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # plumbing: FSDP2 (--fsdp, design choice 12)
@@ -1903,24 +1860,22 @@ def gathered_weights(student):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-def save_sharded_optimizer(R):
-    """Every rank writes its AdamW shard to out_dir.trb-tmp/optimizer with torch.distributed.checkpoint."""
+def save_sharded_optimizer(R, tmp):
+    """Every rank writes its AdamW shard to tmp/optimizer (the checkpoint being written) with
+    torch.distributed.checkpoint."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    tmp = os.path.realpath(R.cfg.out_dir) + TMP
-    if R.master:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+    if R.master: os.makedirs(tmp)
     barrier(R.world)
     dcp.save(get_optimizer_state_dict(R.student, R.opt), checkpoint_id=os.path.join(tmp, "optimizer"))
     barrier(R.world)
 
-def load_sharded_optimizer(student, opt, out_dir):
-    """The AdamW state of out_dir/optimizer, resharded by DCP onto this run's ranks (any world size)."""
+def load_sharded_optimizer(student, opt, ckpt):
+    """The AdamW state of ckpt/optimizer, resharded by DCP onto this run's ranks (any world size)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     osd = get_optimizer_state_dict(student, opt)             # the layout to load into
-    dcp.load(osd, checkpoint_id=os.path.join(out_dir, "optimizer"))
+    dcp.load(osd, checkpoint_id=os.path.join(ckpt, "optimizer"))
     set_optimizer_state_dict(student, opt, optim_state_dict=osd)
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1934,29 +1889,15 @@ class Done(Exception):
 
 def _interrupt(signum=None, frame=None):
     """The first SIGINT or SIGTERM stops the run; later ones are ignored, so that the stop's line comes out whole."""
-    for s in (signal.SIGINT, signal.SIGTERM): signal.signal(s, signal.SIG_IGN)
+    _ignore_signals()
     raise KeyboardInterrupt
 
-@contextmanager
-def deferred_signals(drop=False):
-    """SIGINT and SIGTERM wait for the block (a save) to finish, then stop the run as usual; drop=True: they are
-    dropped (the run's cleanup, once it has stopped or finished)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got = []
-    old = {s: signal.signal(s, lambda n, f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items(): signal.signal(s, h)
-    h = old[got[0]] if got and not drop else signal.SIG_IGN
-    if callable(h): h(got[0], None)                         # main's _interrupt, or Python's KeyboardInterrupt
-    elif h != signal.SIG_IGN: raise KeyboardInterrupt        # SIG_DFL of SIGTERM: stop as for SIGINT
+def _ignore_signals():
+    for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
     try:
         main()
     finally:  # the process is ending: a late signal must not replace its exit status (1, or 0) with its own
-        for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, signal.SIG_IGN)
+        _ignore_signals()
