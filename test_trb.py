@@ -3247,12 +3247,11 @@ def test_toy_never_removes_what_it_did_not_make(tmp_path, monkeypatch, what, fil
     assert not (out / "runs" / "trb-s0").exists(), f"{what}: another run's folder was made before the refusal"
 
 def test_toy_clears_the_run_folders_it_made(tmp_path):
-    """A run folder toy.py made (its mark), cut off with a swap sibling and a log beside it, is cleared and marked
-    again for the run."""
+    """A run folder toy.py made (its mark), cut off with a checkpoint and a log, is cleared and marked again for the
+    run."""
     runs = tmp_path / "runs"
-    (runs / "opd-s0").mkdir(parents=True)
-    for f in ("opd-s0/" + toy.MARK, "opd-s0/model.safetensors", "opd-s0.log"): (runs / f).write_text("old")
-    (runs / "opd-s0.trb-tmp").mkdir()
+    (runs / "opd-s0" / "checkpoint-10").mkdir(parents=True)
+    for f in ("opd-s0/" + toy.MARK, "opd-s0/checkpoint-10/model.safetensors", "opd-s0.log"): (runs / f).write_text("o")
     toy.claim(dict(out_dir=str(runs / "opd-s0"), result=str(tmp_path / "opd-s0.json")))
     assert sorted(os.listdir(runs)) == ["opd-s0"] and os.listdir(runs / "opd-s0") == [toy.MARK], \
         sorted(os.listdir(runs))
