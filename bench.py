@@ -273,7 +273,7 @@ def real_rows(s, t, ids, attn, V, N, device):
     """(rows, V) student and teacher logits at the prefixes of a student rollout."""
     r = trb.rollout(s, None, ids.to(device), attn.to(device), 0.0, V=V, eos_ids=[-1], pad_id=0, max_new_tokens=N,
                     temperature=1.0, gen=torch.Generator(device=device).manual_seed(1))
-    seq, a = trb.build_sequences((ids.to(device), attn.to(device)), r, 0)
+    seq, a = torch.cat([ids.to(device), r["tokens"]], 1), torch.cat([attn.to(device), r["mask"].long()], 1)
     T = r["tokens"].shape[1]
     return tuple(trb.response_logits(m, seq, a, T, V).reshape(-1, V).float() for m in (s, t))
 

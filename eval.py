@@ -479,7 +479,7 @@ def main(argv=None):
             raise trb.UserError("--plot needs the run folders to draw: --plot DIR ... (or --checkpoints all)")
         if a.plot and not every: return print(plot_runs(a.plot, a.plot_out))
         check_args(a)
-        if every and a.plot: raise trb.UserError("--checkpoints all --plot draws its own figure: give --plot no folders")
+        if every and a.plot: raise trb.UserError("--checkpoints all --plot draws its own figure: give no folders")
         if every and "plot" in given: pyplot(a.plot_out)     # checked before anything runs
         cks = run_checkpoints(a.model)
         if every and not cks: raise trb.UserError(f"--checkpoints all needs a trb.py run directory as --model, not "

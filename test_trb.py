@@ -268,20 +268,11 @@ def test_reverse_kl_topk_renormalised():
     assert not torch.allclose(got, trb.reverse_kl(s, t)), "top-k differs from the full-vocab value"
     assert torch.allclose(trb.reverse_kl(s, t, topk=300), trb.reverse_kl(s, t), atol=1e-5), "k = V is the full KL"
 
-def test_reverse_kl_zero_when_equal_and_sampled_estimator():
-    """Zero for equal policies; the single-sample estimator and its score-function gradient."""
+def test_reverse_kl_zero_when_equal():
+    """Zero for equal policies, over the full vocabulary and the top-k."""
     s = torch.randn(4, 7, 50)
     assert trb.reverse_kl(s, s.clone()).abs().max() < 1e-6 and trb.reverse_kl(s, s.clone(), topk=16).abs().max() < 1e-6
-    t = torch.randn(4, 7, 50)
-    y = torch.randint(0, 50, (4, 7))
-    sp = s.clone().requires_grad_()
-    est = trb.reverse_kl(sp, t, tokens=y)
-    ref = F.log_softmax(s, -1).gather(-1, y[..., None])[..., 0] - F.log_softmax(t, -1).gather(-1, y[..., None])[..., 0]
-    assert torch.allclose(est, ref, atol=1e-6), "single-sample value is log pi_S(y) - log pi_T(y)"
-    est.sum().backward()
-    s2 = s.clone().requires_grad_()
-    ((ref.detach()) * F.log_softmax(s2, -1).gather(-1, y[..., None])[..., 0]).sum().backward()
-    assert torch.allclose(sp.grad, s2.grad, atol=1e-6), "single-sample gradient is the score-function one"
+    assert trb.reverse_kl(s, torch.randn(4, 7, 50)).min() > 0, "and positive where they differ"
 
 def head(H, rows, seed, bias=True):
     """An output head with rows >= V (padded) and large enough logits to make the loss non-trivial."""
@@ -406,7 +397,7 @@ def test_fused_step_equals_materialised_on_models(tiny, case):
     ids, attn = prompt_batch(tok, QS)
     r = trb.rollout(s, None, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=12,
                     gen=torch.Generator().manual_seed(0))
-    seq, a = trb.build_sequences((ids, attn), r, tok.pad_token_id)
+    seq, a = sequences(ids, attn, r)
     T, y = r["tokens"].shape[1], r["tokens"].clone()      # out of inference mode
     m = r["mask"] & (torch.arange(T) % 4 != 2)              # holes as well as the rows' ends
     topk, prep, amp = (0 if case == "bf16" else 16), trb.loss_prep(eos), (
@@ -595,6 +586,10 @@ def load(path):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
+def sequences(ids, attn, r):
+    """Prompts (B, P) + a rollout's responses (B, T) -> ids and attention mask (B, P+T), as trb.micro_batches makes."""
+    return torch.cat([ids, r["tokens"]], 1), torch.cat([attn, r["mask"].long()], 1)
+
 def prompt_batch(tok, qs):
     return trb.left_pad([trb.format_prompt(tok, q) for q in qs], tok.pad_token_id, "cpu")
 
@@ -662,7 +657,7 @@ def test_rollout_records_and_budget(tiny):
         assert m[i, :n].all() and not m[i, n:].any()
         if n < m.shape[1]: assert r["tokens"][i, n - 1] == eos[0] and (r["tokens"][i, n:] == tok.pad_token_id).all()
     # the recorded teacher log-prob is the teacher's folded log-prob of the sampled token, from a full forward
-    seq, a = trb.build_sequences((ids, attn), r, tok.pad_token_id)
+    seq, a = sequences(ids, attn, r)
     with torch.no_grad():
         tl = trb.fold_eos(trb.response_logits(t, seq, a, m.shape[1], V), eos).log_softmax(-1)
     ref = tl.gather(-1, r["tokens"][..., None])[..., 0]
@@ -896,9 +891,11 @@ def test_train_cli_end_to_end(tiny, tmp_path):
     assert any(not torch.equal(v, before[k]) for k, v in m.state_dict().items()), "training changed the student"
     assert not any(k.startswith("_orig_mod") or k.startswith("module.") for k in weights(out)), "clean checkpoint keys"
 
-@pytest.mark.parametrize("extra", [("--spec_tokens", "0"), ()], ids=["lock-step", "speculative (the default)"])
-def test_resume_is_exact(tiny, tmp_path, extra):
-    """4 steps equal 2 steps + --resume + 2 steps, bit for bit, also from a moved checkpoint."""
+@pytest.mark.parametrize("extra", [("--spec_tokens", "0"), ("--spec_tokens", "4"), ()],
+                         ids=["lock-step", "speculative", "default (auto)"])
+def test_resume_is_exact(tiny, tmp_path, extra, capsys):
+    """4 steps equal 2 steps + --resume + 2 steps, bit for bit, also from a moved checkpoint; the default sampler is
+    speculative on CUDA and the lock-step loop on a CPU, said on the first line and kept by the checkpoint."""
     a = run_cli(tiny, tmp_path / "a", "--max_steps", "4", *extra)
     b = run_cli(tiny, tmp_path / "b0", "--max_steps", "2", *extra)
     b = tmp_path / "b"
@@ -910,9 +907,12 @@ def test_resume_is_exact(tiny, tmp_path, extra):
     ra, rb = [json.loads(l) for l in open(a / "metrics.jsonl")], [json.loads(l) for l in open(b / "metrics.jsonl")]
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
     assert [(r["eps"], r["loss"]) for r in ra] == [(r["eps"], r["loss"]) for r in rb], "same batches, same eps schedule"
-    if not extra:  # speculation while eps > 0 (steps 1-3): fewer teacher forwards than tokens; none after
+    g = int(extra[1]) if extra else 4 if torch.cuda.is_available() else 0
+    assert f"spec_tokens={g}" in capsys.readouterr().out and trb.load_state(ckpt(b))["config"]["spec_tokens"] == g
+    if g:  # speculation while eps > 0 (steps 1-3): fewer teacher forwards than tokens; none after
         assert all(0 < r["accept"] <= 1 and 0 < r["t_fwd"] < 1 for r in ra[:3]), ra
         assert "accept" not in ra[3] and ra[3]["t_fwd"] == 0, ra[3]
+    else: assert not any("accept" in r or "t_fwd" in r for r in ra), ra[0]
 
 def test_micro_batching_does_not_change_the_update(tiny, tmp_path):
     """Micro-batch size 1 gives the update of micro-batch size 4."""
@@ -976,7 +976,7 @@ def test_two_processes_equal_one(tiny, tmp_path, shard):
         "metrics are all-reduced"
     assert load(ckpt(tmp_path / "two")) is not None, "the checkpoint is a plain from_pretrained folder"
     if shard == "fsdp":
-        assert os.path.isdir(os.path.join(ckpt(tmp_path / "two"), "optimizer")), "FSDP2's AdamW shards in the checkpoint"
+        assert os.path.isdir(os.path.join(ckpt(tmp_path / "two"), "optimizer")), "FSDP2's AdamW shards are in it"
 
 def test_fsdp_resume_is_exact_and_changes_world_size(tiny, tmp_path):
     """--fsdp: 2 steps + resume + 2 equals 4 steps bit for bit at 2 ranks; resuming at 1 rank (DCP reshards) agrees."""
@@ -1101,8 +1101,9 @@ BAD_FLAGS = [  # (flags, words of the one-line error); every one refused before 
     (["--eps0", "0", "--temp_warmup", "1e-9"], "--temp_warmup must be 0 or >= 0.001"),
     (["--n_samples", str(10**12)], "rows a step; at most 2^20"), (["--batch_size", str(10**12)], "at most 2^20"),
     (["--save_every", str(10**400), "--batch_size", "0"], "--batch_size must be >= 1"),
-    (["--spec_tokens", "-1"], "--spec_tokens must be >= 0"),
-    (["--save_total_limit", "-1"], "--save_total_limit must be >= 0"), (["--resume", "--overwrite"], "pass one of them"),
+    (["--spec_tokens", "-2"], "--spec_tokens must be -1 (auto) or >= 0"),
+    (["--save_total_limit", "-1"], "--save_total_limit must be >= 0"),
+    (["--resume", "--overwrite"], "pass one of them"),
     (["--eps0", "0", "--skd_topk", "5", "--skd_steps", "2", "--spec_tokens", "2"], "SKD keeps the lock-step"),
     (["--system_prompt", "a\udcffb"], "--system_prompt is not valid Unicode"),  # argv's undecodable bytes
     (["--out_dir", "out-\udcff"], "--out_dir is not valid Unicode"),
@@ -1464,7 +1465,7 @@ def test_a_signal_during_a_save_leaves_the_previous_checkpoint(tiny, tmp_path, m
         run_cli(tiny, tmp_path / "b", "--max_steps", "2", "--save_every", "1")
     monkeypatch.undo()
     msg = str(e.value)
-    assert msg.startswith("trb: interrupted after step 2;") and msg.endswith(f"is {tmp_path / 'b' / 'checkpoint-1'}"), msg
+    assert msg == f"trb: interrupted after step 2; the newest checkpoint is {tmp_path / 'b' / 'checkpoint-1'}", msg
     assert [s for s, _ in trb.checkpoints(str(tmp_path / "b"))] == [1]
     trb.main(["--out_dir", str(tmp_path / "b"), "--resume"])
     wa, wb = weights(a), weights(tmp_path / "b")
@@ -1546,7 +1547,8 @@ def test_truncated_metrics_line_is_dropped_on_resume(tiny, tmp_path):
 def files_of(out, skip=("trb.lock",)):
     """Every file under out, with its bytes, but the lock (it names each run's pid): what must still be there,
     unchanged."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name not in skip}
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name not in skip}
 
 @pytest.fixture(scope="module")
 def finished_run(tiny, tmp_path_factory):
@@ -1649,8 +1651,8 @@ def test_a_kill_during_the_first_save_of_an_overwrite_leaves_one_whole_run(tiny,
     assert outcomes == {"old", "new"} and kill_at >= 8, (outcomes, kill_at)
 
 def test_a_users_files_in_the_run_directory_survive_everything(tiny, tmp_path, monkeypatch):
-    """Files and folders of the user's in the run directory, names like trb's included (checkpoint-best, checkpoint-7.bak),
-    outlive a run, a kill mid-save, a resume, an overwrite and a failed start."""
+    """Files and folders of the user's in the run directory, names like trb's included (checkpoint-best,
+    checkpoint-7.bak), outlive a run, a kill mid-save, a resume, an overwrite and a failed start."""
     out = tmp_path / "run"
     for f in ("notes.txt", "plots/a.png", "checkpoint-best/config.json", "checkpoint-7.bak/x"):
         (out / f).parent.mkdir(parents=True, exist_ok=True)
@@ -1875,8 +1877,8 @@ def test_a_second_sigint_while_stopping_keeps_the_line(tiny, tmp_path, monkeypat
     before = signal.getsignal(signal.SIGINT)                 # SIG_IGN in a background job, else Python's own
     with pytest.raises(SystemExit) as e:
         run_cli(tiny, tmp_path / "run", "--max_steps", "3", "--save_every", "1")
-    assert str(e.value) == f"trb: interrupted after step 1; the newest checkpoint is {tmp_path / 'run' / 'checkpoint-1'}", \
-        e.value
+    want = f"trb: interrupted after step 1; the newest checkpoint is {tmp_path / 'run' / 'checkpoint-1'}"
+    assert str(e.value) == want, e.value
     assert signal.getsignal(signal.SIGINT) is before, "main restores the handlers"
 
 def test_bom_files_files_for_models_and_a_run_that_created_its_out_dir(tiny, tmp_path):
@@ -1951,23 +1953,14 @@ def test_a_lock_that_cannot_be_written_leaves_no_out_dir(tiny, tmp_path, monkeyp
                                                          early=True)
     assert not (tmp_path / "new-out").exists()
 
-class _FullDisk(__import__("io").FileIO):
-    """A file on a full disk: every write fails with ENOSPC (what a buffered flush then meets, at close too)."""
-    def write(self, b):
-        import errno
-        raise OSError(errno.ENOSPC, "No space left on device")
-
 @pytest.mark.parametrize("how", ["the lock's pid line on a full disk", "a bad --data"])
 def test_a_failed_start_removes_the_directories_it_made(tiny, tmp_path, monkeypatch, how):
     """A run that fails before writing anything, into new/sub/out: one line, and new/ (every directory it made) goes
-    again; the lock's pid line failing its flush on a full disk (at write and again at close) is one line too."""
-    import builtins
-    import io
-    def lock_on_full_disk(path, mode="r", *a, **k):
-        if str(path).endswith(".lock"): return io.TextIOWrapper(io.BufferedRandom(_FullDisk(path, "a+")))
-        return builtins.open(path, mode, *a, **k)
+    again, the lock file with it; the lock's pid line failing on a full disk is one line too."""
+    import errno
+    def full_disk(*a): raise OSError(errno.ENOSPC, "No space left on device")
     flags = ["--data", str(tmp_path)] if how == "a bad --data" else []
-    if how != "a bad --data": monkeypatch.setattr(trb, "open", lock_on_full_disk, raising=False)
+    if how != "a bad --data": monkeypatch.setattr(os, "pwrite", full_disk)
     msg = cli_error(tiny, tmp_path, "--out_dir", str(tmp_path / "new" / "sub" / "out"), *flags, early=True)
     assert ("cannot write its lock file (No space left" if not flags else "not a file") in msg, msg
     assert sorted(os.listdir(tmp_path)) == [], f"left behind: {os.listdir(tmp_path)}"
@@ -3267,7 +3260,7 @@ def test_skd_replaces_only_outside_teacher_topk(tiny):
     K = 3
     r = trb.rollout(s, t, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=16, temperature=0,
                     skd_topk=K)
-    seq, a = trb.build_sequences((ids, attn), r, tok.pad_token_id)
+    seq, a = sequences(ids, attn, r)
     T, m = r["tokens"].shape[1], r["mask"]
     with torch.no_grad():
         sl, tl = trb.response_logits(s, seq, a, T, V), trb.response_logits(t, seq, a, T, V)
@@ -3373,7 +3366,7 @@ def test_real_pair_parity_and_budget():
             "greedy rollout equals generate() on the real model"
     r = trb.rollout(s, None, ids, attn, 0.0, V=V, eos_ids=eos, pad_id=tok.pad_token_id, max_new_tokens=16,
                     temperature=1.0, gen=torch.Generator().manual_seed(0))
-    seq, a = trb.build_sequences((ids, attn), r, tok.pad_token_id)
+    seq, a = sequences(ids, attn, r)
     with torch.no_grad():
         T = r["tokens"].shape[1]
         sl, tl = trb.response_logits(s, seq, a, T, V).reshape(-1, V), trb.response_logits(t, seq, a, T, V).reshape(-1,

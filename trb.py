@@ -14,47 +14,35 @@ mu = pi_S; KL(pi_T || pi_S) <= eps gives mu = pi_T; in between, d/dbeta KL(mu_be
 log pi_S] >= 0, so beta* is the root of a monotone function. After K steps the run is plain OPD: the teacher no
 longer runs while decoding.
 
-Design choices
- 1. beta* by safeguarded Newton on sqrt(KL(beta)) - sqrt(eps) (near-linear in beta: 2-4 iterations), started at
-    App. E's beta0 = sqrt(2 eps / Var_S[log pi_T - log pi_S]), falling back to bisection when a step leaves the
-    bracket; the feasible end of the bracket is returned.
- 2. KL(mu_beta || pi_S) comes from three sums over the row with terms >= 0 where it can (the fast path), else in
-    the log domain (the reference; huge logit gaps). The solver aims at [1 - 2e-4, 1 - 5e-5] * eps: the margin
-    absorbs the float32 rounding of the returned log-probs, so the float64 KL of the sampled mu stays within
-    eps (1 + 1e-5) (test_budget_never_exceeded). Masks are float, not bool: a bool-mask kernel costs ~15 float
-    ops on a CPU.
- 3. Both policies are tempered, then EOS-folded, then blended: a sampler stops on any EOS of the tempered policy,
-    and at tau != 1 the budget is measured against the tempered student that would otherwise be sampled.
- 4. Tokens impossible under the student (-inf, vocab padding, folded EOS) stay impossible under mu; tokens
-    impossible under the teacher are too, for every beta > 0, at a cost of -log pi_S(allowed) of budget.
+Design choices (docs/design.md has each in full)
+ 1. beta* by safeguarded Newton on sqrt(KL(beta)) - sqrt(eps) (near-linear in beta: 2-4 iterations), started at App.
+    E's beta0 = sqrt(2 eps / Var_S[log pi_T - log pi_S]), bisecting when a step leaves the bracket.
+ 2. KL(mu_beta || pi_S) from three sums of terms >= 0 (the fast path), else in the log domain (the reference). The
+    solver aims just below eps, so the float64 KL of the sampled mu stays within eps (1 + 1e-5).
+ 3. Both policies are tempered, then EOS-folded, then blended: the budget is against the student a sampler would use.
+ 4. Tokens impossible under either policy stay impossible under mu, for every beta > 0.
  5. The EOS ids of student and teacher are folded into the student's (logsumexp; paper App. G), before the blend
     and the loss; the checkpoint's generation_config lists them all, so eval.py, generate() and vLLM stop alike.
  6. Both models work on the shared tokenizer vocabulary: logits are sliced to V (checkpoints pad differently).
  7. The loss is the reverse KL over the full vocab or the student's renormalised top-k (paper: k=16), summed over
     response positions (EOS included) and divided by the step's global response-token count, so micro-batching,
-    DDP and FSDP give one process's gradient. The loss is fused with the output heads: both models' final hidden
-    states at the response positions are projected a tile at a time and recomputed in backward, so beyond the
-    activations it keeps only O(tile * V) and the head's weight gradient, never (B, T, V) logits or their gradient.
+    DDP and FSDP give one process's gradient. It is fused with the output heads, a tile of positions at a time and
+    recomputed in backward: never (B, T, V) logits or their gradient.
  8. The teacher re-scores the finished sequences in one forward, which returns hidden states (B, T, H), not logits.
  9. Tokens are drawn by inverse CDF from one uniform per original row and step, from a generator seeded by (seed,
-    step, rank): --resume replays exactly, and the tokens do not depend on which rows are still decoding.
-10. A step's rows decode as one batch (--rollout_batch_size 0), both models with KV caches; once a quarter of the
-    batch has ended, finished rows leave it (caches and per-row state compacted), so the work follows the sum of
-    the lengths. One host sync per decoding step (plus one per solver iteration); blend and sampler in float32.
-11. A run directory holds checkpoint-N folders, each loadable by from_pretrained, and metrics.jsonl. A save writes
-    checkpoint-N.tmp with trainer_state.pt last and renames it into place, so a kill at any point leaves the previous
-    checkpoint intact and the run resumable. Only the newest checkpoint keeps the optimizer state (the older ones:
-    weights only); --save_total_limit rotates them. A lock keeps a second run off the directory; SIGINT/SIGTERM stop
-    with one line; a non-finite loss, gradient or weight stops the run before it saves.
-12. Multi-GPU: DDP, or FSDP2 (--fsdp) for students beyond one GPU: the student is sharded by layer, gathered
-    whole once per rollout for decoding, saved as full weights plus DCP-sharded AdamW state. The teacher is
-    replicated; one too large for a GPU is not built in (see the README).
-13. Speculative sampling from mu (--spec_tokens g): while the teacher blends, the student drafts g tokens from pi_S
-    and the teacher scores them in one forward; a draft x is kept with probability min(1, mu(x)/pi_S(x)), and the
-    first rejected one is replaced by a draw from norm(max(0, mu - pi_S)), so every token is exactly a draw from mu.
-    A draft is kept with probability 1 - TV(mu, pi_S) >= 1 - sqrt(eps/2) (Pinsker; 0.9 at eps = 0.02): the trust
-    region bounds the rejections. At acceptance a, a block emits (1 - a^g) / (1 - a) tokens (3.4 at a = 0.9, g = 4)
-    for one teacher forward of g tokens, which on a GPU costs about one decoding step.
+    step, rank): --resume replays exactly, whichever rows are still decoding.
+10. A step's rows decode as one batch, both models with KV caches; once a quarter has ended, finished rows leave it.
+    One host sync per decoding step (plus one per solver iteration); blend and sampler in float32.
+11. A run directory holds checkpoint-N folders (from_pretrained loads each) and metrics.jsonl. A save writes
+    checkpoint-N.tmp, trainer_state.pt last, and renames it: a kill at any point leaves the previous checkpoint
+    intact. Only the newest keeps the optimizer state. A lock keeps a second run off the directory; a non-finite
+    loss, gradient or weight stops the run before it saves.
+12. Multi-GPU: DDP, or FSDP2 (--fsdp) for students beyond one GPU, gathered whole once per rollout for decoding. The
+    teacher is replicated; one too large for a GPU is not built in.
+13. Speculative sampling from mu (--spec_tokens g): the student drafts g tokens and the teacher scores them in one
+    forward; a draft is kept with probability min(1, mu/pi_S), the first rejected one replaced by a draw from
+    norm(max(0, mu - pi_S)). Every token is exactly a draw from mu, and a draft is kept with probability
+    1 - TV(mu, pi_S) >= 1 - sqrt(eps/2) (Pinsker): the trust region bounds the rejections.
 
 Usage
   python trb.py --student Qwen/Qwen3-0.6B-Base --teacher Qwen/Qwen3-4B --data gsm8k        # one GPU
@@ -92,6 +80,7 @@ if __name__ == "__main__":  # Ctrl-C while torch imports: one line, not a traceb
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------------------------------------
 # config
@@ -120,22 +109,18 @@ class Config:
     warmup_steps: int = 50                 # K: steps 1..K (as logged) sample from mu, eps = 0 from step K+1
     schedule: str = "linear"               # linear (eq. 3) | constant: fixed-eps blending, never annealed
     # the paper's other warmups, one at a time and with --eps0 0; the defaults are plain TRB
-    skd_topk: int = 0                      # SKD: a student token outside the teacher's top-K is replaced
-                                           # by a teacher sample...
-    skd_steps: int = 0                     # ... during the first N steps
-    veto_beta: float = 0.0                 # Veto: loss target Q ~ pi_T * pi_S^B (pi_S detached), B annealed
-                                           # to 0 over K
-    temp_warmup: float = 0.0               # sampling temperature rises linearly from this to --temperature
-                                           # over K (0 = off)
+    skd_topk: int = 0                      # SKD: a student token outside the teacher's top-K is resampled...
+    skd_steps: int = 0                     # ... from the teacher, during the first N steps
+    veto_beta: float = 0.0                 # Veto: target Q ~ pi_T * pi_S^B (pi_S detached), B annealed to 0 over K
+    temp_warmup: float = 0.0               # sampling temperature from this to --temperature over K (0 = off)
     sft_warmup_steps: int = 0              # the first N steps are NLL on teacher samples
     # rollout
     n_samples: int = 4                     # rollouts per prompt
     temperature: float = 1.0               # sampling temperature; 0 = greedy
     max_new_tokens: int = 1024             # response length limit
     rollout_batch_size: int = 0            # rows decoded together; 0 = all of this rank's rows of the step
-    spec_tokens: int = 4                   # while the teacher blends: the student drafts this many tokens and the
-                                           # teacher checks them in one forward, exact in distribution (0 = the
-                                           # lock-step loop; 4 was fastest in bench.py's R13)
+    spec_tokens: int = -1                  # g draft tokens per teacher forward while it blends (exact); 0 = the
+                                           # lock-step loop; -1 = auto: 4 on CUDA, 0 on a CPU
     # optimisation
     max_steps: int = 200                   # training steps (on --resume, where the run ends)
     batch_size: int = 8                    # prompts per step, across all ranks
@@ -147,32 +132,25 @@ class Config:
     beta2: float = 0.999                   # AdamW beta2
     grad_clip: float = 1.0                 # gradient-norm clipping; 0 = off
     loss_topk: int = 16                    # reverse KL on the student's top-k, renormalised; 0 = full vocab
-    loss_chunk: int = 0                    # positions per tile of the fused head + loss; 0 = auto (1024 on
-                                           # GPU, ~8 MiB of (tile, V) float32 on CPU)
+    loss_chunk: int = 0                    # positions per tile of the fused head + loss; 0 = auto
     grad_ckpt: bool = False                # gradient checkpointing of the student
     # LoRA (peft): low-rank adapters train, the student's own weights stay frozen
     lora_r: int = 0                        # adapter rank; 0 = full fine-tuning
     lora_alpha: float = 32.0               # adapter scale alpha (the update is scaled by alpha / r)
     lora_dropout: float = 0.0              # dropout on the adapters' input (training forward only)
-    lora_targets: str = "all-linear"       # modules to adapt: all-linear (every linear layer of the decoder) or
-                                           # comma-separated names, e.g. q_proj,v_proj
-    lora_merge: bool = False               # also write student + adapters merged to out_dir/merged at the end
+    lora_targets: str = "all-linear"       # modules to adapt: all-linear, or comma-separated names (q_proj,v_proj)
+    lora_merge: bool = False               # also write student + adapters merged to the last checkpoint's merged/
     # multi-GPU (under torchrun; DDP by default)
     fsdp: bool = False                     # shard the student, its gradients and AdamW state with FSDP2
     # system
-    out_dir: str = "out-trb"               # the run directory: checkpoint-N folders and metrics.jsonl; locked while
-                                           # a run uses it
+    out_dir: str = "out-trb"               # the run directory: checkpoint-N folders and metrics.jsonl
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"                    # autocast and teacher dtype: auto (bf16 on CUDA, fp32 on CPU) |
-                                           # bfloat16 (on a CPU too) | float32
+    dtype: str = "auto"                    # autocast and teacher dtype: auto (bf16 on CUDA) | bfloat16 | float32
     seed: int = 1337                       # seeds the data order and every step's sampling; 0 <= seed < 2^32
     resume: bool = False                   # continue the run in out_dir; flags given again override its own
-    overwrite: bool = False                # start over in an out_dir that holds a run: its checkpoints and
-                                           # metrics go once this run's first checkpoint is in place
-    save_every: int = 50                   # steps between checkpoints (0 = only at the end); the last step is
-                                           # always saved
-    save_total_limit: int = 0              # keep the newest N checkpoints (0 = all: the paper reports each run's
-                                           # best checkpoint, and all but the newest hold weights only)
+    overwrite: bool = False                # start over where a run is; the old one goes at this run's first save
+    save_every: int = 50                   # steps between checkpoints (0 = only the last, which is always saved)
+    save_total_limit: int = 0              # keep the newest N checkpoints; 0 = all (the paper reports a run's best)
     wandb_project: str = ""                # "" = no wandb
 
 class UserError(Exception):
@@ -185,10 +163,8 @@ def _first_line(e):
 # the policies: temperature, EOS folding, the shared vocabulary (design choices 3, 5, 6)
 
 def policy_logits(logits, eos_ids, tau=1.0):
-    """
-    Logits of the policy a sampler draws from at temperature tau: tempered first, then EOS folded, since a sampler
-    stops on any EOS id of the tempered distribution: P(stop) = sum_i p_tau(eos_i) (design choice 3). (..., V)
-    """
+    """Logits of the policy a sampler draws from at temperature tau: tempered first, then EOS folded, since a sampler
+    stops on any EOS id of the tempered distribution: P(stop) = sum_i p_tau(eos_i) (design choice 3). (..., V)"""
     x = logits.float()
     return fold_eos(x / tau if tau != 1 else x, eos_ids)
 
@@ -229,12 +205,9 @@ def eos_ids_of(*pairs):
 # the trust-region blend, eq. 1-2 (design choices 1, 2, 4)
 
 def trust_region_blend(s_logits, t_logits, eps):
-    """
-    Behavior policy of eq. 1-2: mu = pi_S^(1-beta*) pi_T^beta*, with the largest beta* in [0,1]
-    such that KL(mu || pi_S) <= eps. s_logits, t_logits: (..., V), any float dtype, already divided
-    by the sampling temperature. eps: float or tensor broadcasting to (...).
-    Returns logp_mu (..., V) float32 log-probabilities and beta (...) float32.
-    """
+    """Behavior policy of eq. 1-2: mu = pi_S^(1-beta*) pi_T^beta*, with the largest beta* in [0,1] such that
+    KL(mu || pi_S) <= eps. s_logits, t_logits: (..., V), any float dtype, already divided by the sampling temperature.
+    eps: float or tensor broadcasting to (...). Returns logp_mu (..., V) float32 log-probabilities and beta (...)."""
     logp_mu, beta, _, _ = _blend(s_logits, t_logits, eps)
     return logp_mu, beta
 
@@ -255,12 +228,10 @@ def _blend(s_logits, t_logits, eps, tol=1e-4, max_iter=60, newton=True):
     return logp_mu.reshape(*shape, V), beta.reshape(shape), kl.reshape(shape), it
 
 def _support(ls, lt):
-    """
-    Where mu_beta lives and what the solver needs (design choice 4). For beta > 0, mu_beta is supported on A, the
+    """Where mu_beta lives and what the solver needs (design choice 4). For beta > 0, mu_beta is supported on A, the
     tokens finite under both policies, and KL(mu_beta||pi_S) = KL(mu_beta||p) + c with p = pi_S renormalised on A
     and c = -log pi_S(A) >= 0. Returns p, log p (finite, <= -1e30 off A), dc = log pi_T - log pi_S centred under p
-    (0 off A), c (N,) and off (0 on A, -1e30 off A). ls, lt: (N, V) log-probabilities.
-    """
+    (0 off A), c (N,) and off (0 on A, -1e30 off A). ls, lt: (N, V) log-probabilities."""
     d = lt - ls                                              # (N, V) inf or nan off A
     inA = torch.nan_to_num(d * 0 + 1, nan=0.0)               # (N, V) 1 on A, 0 off A: a float mask, not a bool one
     off = (inA - 1) * 1e30                                   # (N, V) 0 on A, -1e30 off A
@@ -278,12 +249,10 @@ def _support(ls, lt):
     return p, logp, dc, c, off
 
 def _solve_beta(p, logp, dc, target, tol=1e-4, max_iter=60, newton=True):
-    """
-    The largest beta in [0, 1] with KL(mu_beta||p) <= target, per row, by safeguarded Newton (design choice 1).
+    """The largest beta in [0, 1] with KL(mu_beta||p) <= target, per row, by safeguarded Newton (design choice 1).
     Accepted band: target * [1 - 2 tol, 1 - tol/2]; the margin below target absorbs the float32 rounding of the
     returned log-probs (design choice 2). Returns the feasible end of the bracket, its KL and the iterations used.
-    newton=False: plain bisection, for bench.py.
-    """
+    newton=False: plain bisection, for bench.py."""
     # App. E: KL(mu_beta||pi_S) ~ beta^2 sigma^2 / 2  =>  beta0 = sqrt(2 eps / sigma^2). The next cumulant,
     # KL ~ sigma^2 beta^2 / 2 + kappa3 beta^3 / 3, corrects it to beta0 (1 - kappa3 beta0 / (3 sigma^2)).
     # A start at 1 tries the closed form (mu = pi_T) first.
@@ -315,12 +284,10 @@ def _solve_beta(p, logp, dc, target, tol=1e-4, max_iter=60, newton=True):
     return lo, kl_lo, it
 
 def _kl_and_slope_sums(p, dc, sig2, beta):
-    """
-    KL(mu_beta || p) and its derivative from three sums, with no (N, V) log mu: for x = beta*dc and E_p[dc] = 0,
+    """KL(mu_beta || p) and its derivative from three sums, with no (N, V) log mu: for x = beta*dc and E_p[dc] = 0,
     Z = E_p[e^x] = 1 + S0, S0 = E_p[e^x - 1 - x] (terms >= 0), KL = beta E_mu[dc] - log Z, E_mu[dc] = S1/Z,
     E_mu[dc^2] = (sigma^2 + S2)/Z, S_k = E_p[(e^x - 1) dc^k] (S1's terms >= 0). A third of _kl_and_slope's passes.
-    Only while e^x cannot overflow (beta * max dc <= 50).
-    """
+    Only while e^x cannot overflow (beta * max dc <= 50)."""
     x = dc * beta[:, None]                                  # (N, V)
     e = torch.expm1(x)                                      # (N, V)
     S0 = ((e - x).mul_(p)).sum(-1)                          # (N,)
@@ -367,11 +334,9 @@ def lr_at(step, cfg):
 Knobs = namedtuple("Knobs", "sft skd_topk veto tau")
 
 def warmup_knobs(step, cfg):
-    """
-    The paper's other warmups at this step, all inert at their defaults: sft (the teacher samples, the loss is NLL),
+    """The paper's other warmups at this step, all inert at their defaults: sft (the teacher samples, the loss is NLL),
     skd_topk (SKD's replacement), veto (Veto's exponent B, annealed like eps) and tau (the sampling temperature,
-    rising from --temp_warmup to --temperature over K).
-    """
+    rising from --temp_warmup to --temperature over K)."""
     tau = cfg.temperature
     if cfg.temp_warmup:
         tau = cfg.temp_warmup + (tau - cfg.temp_warmup) * min(1.0, step / cfg.warmup_steps if cfg.warmup_steps else 1.0)
@@ -379,11 +344,9 @@ def warmup_knobs(step, cfg):
                  veto=kl_budget(step, cfg.veto_beta, cfg.warmup_steps), tau=tau)
 
 def sample(logits, gen=None, u=None):
-    """
-    One draw per row from softmax(logits) by inverse CDF: the first i with cumsum(p)_i >= u * sum(p), u ~ U(0, 1]
+    """One draw per row from softmax(logits) by inverse CDF: the first i with cumsum(p)_i >= u * sum(p), u ~ U(0, 1]
     (design choice 9). u: (B, 1) float64 in (0, 1], else drawn from gen. The cumsum is float64, so the drawn
-    distribution is the float32 softmax itself, and a token with p_i = 0 is never drawn. (B, V) -> (B,)
-    """
+    distribution is the float32 softmax itself, and a token with p_i = 0 is never drawn. (B, V) -> (B,)"""
     c = torch.cumsum(F.softmax(logits.float(), -1), -1, dtype=torch.float64)  # (B, V)
     if u is None: u = 1 - torch.rand(c.shape[0], 1, dtype=torch.float64, device=c.device, generator=gen)  # (B, 1)
     tok = torch.searchsorted(c, u * c[:, -1:]).squeeze(-1)  # (B,) u * total <= total: always in range
@@ -418,20 +381,14 @@ def left_pad(seqs, pad_id, device):
 @torch.inference_mode()
 def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tokens, temperature=1.0, gen=None,
             skd_topk=0, compact=0.25, bar=None, spec_tokens=0):
-    """
-    Samples B responses token by token from mu (eq. 1-2), decoding with both models' KV caches in one batch.
+    """Samples B responses token by token from mu (eq. 1-2), decoding with both models' KV caches in one batch.
     ids, attn: (B, P) left-padded prompts. eps: float or (B,) per-row budgets; where every row has eps <= 0 the
     teacher never runs. temperature 0 = greedy. skd_topk: see _next_token. bar: a progress bar, one tick per step.
-    Finished rows leave the batch: once a fraction `compact` of it has emitted EOS (0 = never), both caches and the
-    per-row state keep only the live rows, so the work follows the sum of the lengths, not B * the longest. Each
-    step draws one uniform per original row, so the tokens are the same with and without compaction.
+    Once a fraction `compact` of the batch has emitted EOS (0 = never), finished rows leave it (design choice 10).
     spec_tokens=g > 0: the same distribution by speculative sampling while the teacher blends (spec_rollout).
-    Returns tokens, mask (response incl. EOS), beta, kl (realised KL(mu||pi_S)), replaced (SKD), t_logp
-    (teacher log-prob of each token, None when the teacher did not run), accepted (a kept draft) and t_fwd (a
-    teacher forward began at this token), all (B, T).
-    Host syncs: one per decoding step (the done count and the NaN flags, read together), one per solver iteration
-    of the blend, a nonzero() at each compaction, and one per rollout (whether any row has eps > 0).
-    """
+    Returns tokens, mask (response incl. EOS), beta, kl (realised KL(mu||pi_S)), replaced (SKD), t_logp (teacher
+    log-prob of each token, None when the teacher did not run), accepted (a kept draft) and t_fwd (a teacher
+    forward began at this token), all (B, T)."""
     B, N, dev = ids.shape[0], max_new_tokens, ids.device
     eps = torch.as_tensor(eps, dtype=torch.float32, device=dev).expand(B)  # (B,)
     use_t = teacher is not None and (skd_topk > 0 or bool((eps > 0).any()))
@@ -489,16 +446,11 @@ def _outputs(B, N, pad_id, dev):
 @torch.inference_mode()
 def spec_rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tokens, g, temperature=1.0,
                  gen=None, compact=0.25):
-    """
-    rollout()'s distribution, by speculative sampling with pi_S as the draft and mu as the target (design choice
-    13). Per block, the student drafts g tokens x_j ~ pi_S; the teacher scores the g positions in one forward;
-    x_j is kept with probability min(1, mu(x_j)/pi_S(x_j)); at the first rejection a token is drawn from the
-    residual norm(max(0, mu - pi_S)) and the block ends: each token is then exactly distributed as mu. A draft is
-    kept with probability 1 - TV(mu, pi_S) >= 1 - sqrt(eps/2) (Pinsker). Greedy: a draft is kept iff it is mu's
-    argmax, else mu's argmax is emitted. Rejected drafts stay in both caches as masked columns; each row's
-    positions continue from its own length. Uniforms (draft, keep, residual) are drawn once, (B, N + g, 3): the
-    token at position n is a function of its prefix and u[row, n], so compaction and g leave the tokens alone.
-    """
+    """rollout()'s distribution, by speculative sampling with pi_S as the draft and mu as the target (design choice
+    13): a block's g drafts, one teacher forward, the first rejection replaced from the residual. Greedy: a draft is
+    kept iff it is mu's argmax. Rejected drafts stay in both caches as masked columns; each row's positions continue
+    from its own length. Uniforms (draft, keep, residual) are drawn once, (B, N + g, 3): the token at position n is
+    a function of its prefix and u[row, n], so compaction and g leave the tokens alone."""
     B, N, dev = ids.shape[0], max_new_tokens, ids.device
     tau, greedy, jj = temperature if temperature > 0 else 1.0, temperature <= 0, torch.arange(g, device=dev)
     U = 1 - torch.rand(N + g, B, 3, dtype=torch.float64, device=dev, generator=gen).transpose(0, 1)  # (B, N+g, 3)
@@ -561,12 +513,10 @@ def _residual(logp_mu, logp_s):
     return torch.where(r.sum(-1, keepdim=True) > 0, r, mu)
 
 def _next_token(s, tl, eps, u, skd_topk=0):
-    """
-    One decoding step: the token drawn from mu (eq. 1-2), or from pi_S where the teacher is idle, with beta and
-    the realised KL(mu||pi_S). s, tl: (b, V) policy logits; u: (b, 2) uniforms, None = greedy.
-    skd_topk=K: the SKD baseline; the student proposes, and a token outside the teacher's top-K is replaced by a
-    teacher sample. Returns tok, beta, kl, replaced, all (b,).
-    """
+    """One decoding step: the token drawn from mu (eq. 1-2), or from pi_S where the teacher is idle, with beta and
+    the realised KL(mu||pi_S). s, tl: (b, V) policy logits; u: (b, 2) uniforms, None = greedy. skd_topk=K: the SKD
+    baseline; the student proposes, and a token outside the teacher's top-K is replaced by a teacher sample.
+    Returns tok, beta, kl, replaced, all (b,)."""
     draw = lambda x, i: x.argmax(-1) if u is None else sample(x, u=u[:, i:i + 1])  # noqa: E731
     zero = torch.zeros_like(eps)
     if skd_topk:
@@ -585,11 +535,8 @@ def _new_cache(model):
         return DynamicCache()
 
 def _decode(model, x, attn, pos, cache, V, k=1):
-    """
-    One KV-cached forward; logits of the last position (b, V), or of the last k (b, k, V). The cache object is ours
-    and is updated in place, passed under the keyword this transformers reads ('cache' in 5.24, 'past_key_values'
-    before), so the loop runs on both; the parity tests fail if it were ignored. A PEFT model passes it on.
-    """
+    """One KV-cached forward; logits of the last position (b, V), or of the last k (b, k, V). Our cache object goes
+    under the keyword this transformers reads ('cache' in 5.24, 'past_key_values' before)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = model(input_ids=x, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=k,
                 **{_cache_keyword(type(base)): cache})
@@ -601,23 +548,14 @@ def _cache_keyword(cls):
 
 class TRBLogitsProcessor:
     """
-    TRB's behavior policy inside any HF `student.generate(...)` (and so TRL's trainers): a logits processor
-    (transformers' protocol, __call__(input_ids, scores) -> scores) that turns the student's scores into log mu of
-    eq. 1-2 at every step. The teacher (put in eval mode) keeps its own KV cache, prefilled on the first call and
-    fed one token per step after that, under left padding: attention_mask (B, P) is the prompts' and is extended by
-    one column per step, so rows padded with an EOS id work. EOS ids are folded and logits sliced to V as in
-    rollout() (V = None: the teacher's logits, which must then be as many as the student's; the tokenizers are not
-    seen here: check them with shared_vocab), and the blend runs in float32, outside autocast. eps: a float or (B,)
-    budgets; eps <= 0 everywhere gives pi_S itself (sliced, folded, tempered), and the teacher never runs.
-    temperature tempers both models before the blend, as in rollout(). One processor per generate() call: using it
-    again fails with one line. After the call, .betas holds beta* of every step, (B,) each.
+    TRB's behavior policy inside any HF `student.generate(...)` (and so TRL's trainers): a logits processor that turns
+    the student's scores into log mu of eq. 1-2 at every step, the teacher on its own KV cache. attention_mask (B, P):
+    the prompts'. EOS ids are folded, logits sliced to V (None: the teacher's count) and tempered as in rollout().
+    eps: a float or (B,); eps <= 0 everywhere gives pi_S. One per generate() call; .betas holds each step's beta*.
 
     Tokens are drawn from mu exactly only with generate(**TRBLogitsProcessor.EXACT, logits_processor=[proc]) and
-    no penalty: generate applies its warpers after this processor (temperature, top_k, top_p, min_p, typical_p:
-    a model's generation_config may set them, e.g. top_k 50 or 20) and its penalties before it (repetition,
-    n-gram), neither of which the processor can see. Masks before it (min_new_tokens, bad_words_ids,
-    suppress_tokens) leave -inf scores, and beam search reorders rows: both are refused. do_sample=False decodes
-    argmax mu.
+    no penalty: generate's warpers (top_k, top_p, ...) act after the processor and its penalties before it, unseen.
+    Masked scores (min_new_tokens, bad_words_ids) and beam search are refused. do_sample=False decodes argmax mu.
     """
     EXACT = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0)
 
@@ -710,19 +648,10 @@ def is_lm(m):
 # ---------------------------------------------------------------------------------------------------------------------
 # loss: the reverse KL, fused with the output heads (design choices 7, 8)
 
-def reverse_kl(s_logits, t_logits, topk=0, tokens=None):
-    """
-    Per-position reverse KL(pi_S || pi_T), shape (...). Gradient flows to s_logits only.
-    topk=0: full vocabulary; topk=k: the student's top-k tokens, renormalised on both sides
-    (the paper's estimator, k=16). tokens (...): the single-sample estimator
-    log pi_S(y) - log pi_T(y), whose gradient is the score-function one,
-    (log pi_S(y) - log pi_T(y)) * grad log pi_S(y); unbiased only where y ~ pi_S.
-    """
+def reverse_kl(s_logits, t_logits, topk=0):
+    """Per-position reverse KL(pi_S || pi_T), shape (...). Gradient flows to s_logits only. topk=0: full vocabulary;
+    topk=k: the student's top-k tokens, renormalised on both sides (the paper's estimator, k=16)."""
     t_logits = t_logits.detach()
-    if tokens is not None:
-        lp, lq = token_logp(s_logits, tokens), token_logp(t_logits, tokens)  # (...), (...)
-        k = (lp - lq).detach()
-        return k + k * (lp - lp.detach())
     if topk:
         idx = s_logits.detach().topk(topk, -1).indices       # (..., k)
         s_logits, t_logits = s_logits.gather(-1, idx), t_logits.gather(-1, idx)  # (..., k)
@@ -732,10 +661,8 @@ def reverse_kl(s_logits, t_logits, topk=0, tokens=None):
     return (ps * torch.where(ps > 0, ls - lt, 0.0)).sum(-1)  # (...)
 
 def opd_loss(s_logits, t_logits, mask, topk=0, prep=None):
-    """
-    Sum over masked positions of the reverse KL of prep(s, t) (the caller's: EOS folding, a Veto target), on
-    materialised logits (B, T, V), mask (B, T): the readable reference that fused_loss equals.
-    """
+    """Sum over masked positions of the reverse KL of prep(s, t) (the caller's: EOS folding, a Veto target), on
+    materialised logits (B, T, V), mask (B, T): the readable reference that fused_loss equals."""
     s, t = prep(s_logits, t_logits) if prep is not None else (s_logits, t_logits)
     return torch.where(mask, reverse_kl(s, t, topk), 0.0).sum()  # where, not * m: a masked position may be inf
 
@@ -748,14 +675,10 @@ def loss_prep(eos_ids, veto=0.0):
     return prep
 
 def fused_loss(hs, ht, heads, V, fn, *rest, tile=0):
-    """
-    Sum over tiles of positions of fn(s, t, *rest): s, t (c, V) the logits that the output heads (student's,
-    teacher's: modules; the teacher's gets no gradient) make of the final hidden states hs (n, H_S), ht (n, H_T);
-    rest: (n, ...) tensors, split alike. Under autograd each tile is checkpointed, recomputed in its own backward,
-    so no (n, V) tensor outlives a tile (design choice 7), and the heads' weights (LoRA, tied, FSDP2's gathered once
-    per forward) get their gradient through autograd. tile=0: 1024 positions on a GPU; on a CPU as many as fit
-    ~8 MiB of float32 per (tile, V) buffer.
-    """
+    """Sum over tiles of positions of fn(s, t, *rest): s, t (c, V) the logits that the output heads (student's,
+    teacher's; the teacher's gets no gradient) make of the final hidden states hs (n, H_S), ht (n, H_T); rest:
+    (n, ...) tensors, split alike. Under autograd each tile is recomputed in its own backward (design choice 7).
+    tile=0: 1024 positions on a GPU, else as many as fit ~8 MiB of float32 per (tile, V) buffer."""
     if tile <= 0: tile = 1024 if hs.is_cuda else max(1, 2**21 // V)
     f = lambda a, b, *r: fn(heads[0](a)[:, :V], heads[1](b)[:, :V].detach(), *r)  # noqa: E731
     ckpt = functools.partial(torch.utils.checkpoint.checkpoint, f, use_reentrant=False)
@@ -768,10 +691,8 @@ def response_logits(model, seq, attn, T, V):
     return out.logits[:, -T - 1:-1, :V]                      # (B, T, V); a forward may keep them all
 
 def response_hidden(model, seq, attn, T):
-    """
-    The final hidden states (B, T, H) at the T positions that predict seq[:, -T:], and the output head (a module)
-    that makes the logits of them (design choice 8). The head is handed an empty slice: the forward makes no logits.
-    """
+    """The final hidden states (B, T, H) at the T positions that predict seq[:, -T:], and the output head (a module)
+    that makes the logits of them (design choice 8). The head is handed an empty slice: the forward makes no logits."""
     m = getattr(model, "module", model)                      # DDP's wrapped model
     head, got = m.get_output_embeddings(), []
     def keep(_, x):  # the head's input is kept; the head itself gets none of it
@@ -795,11 +716,9 @@ def check_head(c, who, hooked=True):
 # training loop: budget -> rollout -> score -> loss -> update -> log -> save
 
 def train(cfg, given=None, *, student=None, teacher=None, tokenizer=None):
-    """
-    The loop, in the paper's order: budget -> rollout -> score -> loss -> update -> log -> save. Returns the student.
+    """The loop, in the paper's order: budget -> rollout -> score -> loss -> update -> log -> save. Returns the student.
     student, teacher, tokenizer: models already in memory, trained in place (cfg.student and cfg.teacher are then
-    labels). given: the flags set on the command line (None: the fields that differ from Config's defaults).
-    """
+    labels). given: the flags set on the command line (None: the fields that differ from Config's defaults)."""
     cfg, models = check_start(cfg, student, teacher, tokenizer)
     rank, world, device, amp_dtype = init_runtime(cfg)
     lock = R = None
@@ -889,21 +808,14 @@ def cat_rows(parts, pad_id):
     return {k: None if parts[0][k] is None else torch.cat([pad(p[k], pad_id if k == "tokens" else 0) for p in parts])
             for k in parts[0]}
 
-def build_sequences(prompt_ids, roll, pad_id):
-    """prompt (B, P) + response (B, T) -> ids, attention mask (B, P+T)."""
-    ids, attn = prompt_ids
-    seq = torch.cat([ids, roll["tokens"]], 1)                # (B, P+T)
-    a = torch.cat([attn, roll["mask"].long()], 1)            # (B, P+T)
-    return seq, a
-
 def micro_batches(R, rows, roll):
     """(seq, attn, rollout slice) per --micro_batch_size rows: prompts re-padded, responses cut to the longest."""
     mb = R.cfg.micro_batch_size
     for i in range(0, len(rows), mb):
         r = {k: v[i:i + mb] for k, v in roll.items() if v is not None}
         T = int(r["mask"].sum(1).max())
-        r = {k: v[:, :T] for k, v in r.items()}
-        yield (*build_sequences(left_pad(rows[i:i + mb], R.pad_id, R.device), r, R.pad_id), r)
+        r, (ids, attn) = {k: v[:, :T] for k, v in r.items()}, left_pad(rows[i:i + mb], R.pad_id, R.device)
+        yield torch.cat([ids, r["tokens"]], 1), torch.cat([attn, r["mask"].long()], 1), r  # (b, P+T) x 2
 
 def grad_sync(R, last):
     """Gradients are reduced across ranks on a step's last micro-batch only (FSDP2: reduce-scattered)."""
@@ -911,10 +823,8 @@ def grad_sync(R, last):
     return R.model.no_sync() if R.world > 1 and not last and not R.cfg.fsdp else nullcontext()
 
 def loss_step(R, rows, roll, k, n_tok):
-    """
-    Teacher scores, loss and gradient, micro-batch by micro-batch; the loss is divided by the global number of
-    response tokens n_tok (design choice 7). Returns the step's sums by name (STATS).
-    """
+    """Teacher scores, loss and gradient, micro-batch by micro-batch; the loss is divided by the global number of
+    response tokens n_tok (design choice 7). Returns the step's sums by name (STATS)."""
     cfg, prep, eos = R.cfg, loss_prep(R.eos_ids, k.veto), R.eos_ids
     def fn(s, t, y):  # a tile's loss (the reverse KL, or the SFT warmup's NLL) and sum of log pi_T(y)
         loss = -token_logp(fold_eos(s, eos), y).sum() if k.sft else reverse_kl(*prep(s, t), cfg.loss_topk).sum()
@@ -949,7 +859,8 @@ def evaluate(R):
     gen = torch.Generator(device=R.device).manual_seed(cfg.seed + 10_000 + R.rank)
     mine = R.eval_prompts[R.rank::R.world]
     bs = cfg.rollout_batch_size or max(len(mine), 1)
-    with progress(R, total=-(-len(mine) // bs) * cfg.max_new_tokens, desc="eval_kl (decoding steps)") as bar:
+    with tqdm(total=-(-len(mine) // bs) * cfg.max_new_tokens, desc="eval_kl (decoding steps)", leave=False,
+              disable=not (R.master and sys.stderr.isatty()), dynamic_ncols=True) as bar:  # the master's terminal
         for i in range(0, len(mine), bs):
             roll = rollout_rows(R, mine[i:i + bs], 0.0, Knobs(False, 0, 0.0, cfg.temperature), gen, bar)
             with whole_weights(R), torch.inference_mode(), R.amp:  # FSDP2: gathered once for all micro-batches
@@ -995,11 +906,9 @@ def log(R, rec):
     if R.wandb: R.wandb.log(rec, step=rec["step"])
 
 def save(R):
-    """
-    Checkpoints the step to out_dir/checkpoint-N with the full EOS set, after checking the weights (design choice
+    """Checkpoints the step to out_dir/checkpoint-N with the full EOS set, after checking the weights (design choice
     11); then the older checkpoints keep their weights only, at most --save_total_limit of them. A failed save
-    leaves the previous checkpoint as it was.
-    """
+    leaves the previous checkpoint as it was."""
     sd = gathered_weights(R.student) if R.cfg.fsdp else None  # FSDP2: the full weights, on the master's CPU
     d = os.path.join(R.cfg.out_dir, f"checkpoint-{R.step}")
     if R.master:
@@ -1031,9 +940,8 @@ def save(R):
 def main(argv=None):
     keep_freed_memory()
     quiet_progress_bars()
-    main_thread = threading.current_thread() is threading.main_thread()
-    sigs = (signal.SIGINT, signal.SIGTERM)
-    old = {s: signal.signal(s, _interrupt) for s in sigs} if main_thread else {}  # SIGTERM stops like Ctrl-C
+    sigs = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    old = {s: signal.signal(s, _interrupt) for s in sigs}   # SIGTERM stops like Ctrl-C
     try:
         train(*parse_args(argv))
     except KeyboardInterrupt:
@@ -1136,7 +1044,7 @@ def check_config(c):
     for name in ("eps0", "warmup_steps", "temperature", "lr", "lr_warmup_steps", "loss_topk", "eval_every",
                  "save_every", "eval_prompts", "skd_topk", "skd_steps", "veto_beta", "temp_warmup", "sft_warmup_steps",
                  "loss_chunk", "weight_decay", "grad_clip", "rollout_batch_size", "lora_r", "lora_alpha",
-                 "spec_tokens", "save_total_limit"):
+                 "save_total_limit"):
         x = getattr(c, name)
         if not x >= 0: raise UserError(f"--{name} must be >= 0, got {x}")  # `not >=` also catches NaN
         if isinstance(x, float) and not math.isfinite(x): raise UserError(f"--{name} must be finite, got {x}")
@@ -1156,6 +1064,7 @@ def check_config(c):
     if (c.skd_topk > 0) != (c.skd_steps > 0): raise UserError("--skd_topk and --skd_steps go together")
     on = [n for n in ("skd_topk", "veto_beta", "temp_warmup", "sft_warmup_steps") if getattr(c, n) > 0]
     if len(on) > 1: raise UserError(f"--{on[0]} and --{on[1]} are different warmups: use one at a time")
+    if c.spec_tokens < -1: raise UserError(f"--spec_tokens must be -1 (auto) or >= 0, got {c.spec_tokens}")
     if c.skd_topk and c.spec_tokens not in (0, Config.spec_tokens):  # SKD keeps the lock-step loop
         raise UserError("--spec_tokens speeds up TRB's blend; SKD keeps the lock-step loop")
     if on and c.eps0 > 0: raise UserError(f"--{on[0]} is a warmup of its own, not a TRB option: use it with --eps0 0")
@@ -1197,17 +1106,14 @@ def init_runtime(cfg):
         if dev.startswith("cuda"):
             dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(dev)
-    if cfg.batch_size % world: raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks")
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if dev.startswith("cuda") else "float32")
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
     return rank, world, torch.device(dev), getattr(torch, dtype)
 
 def setup(cfg, given, rank, world, device, amp_dtype, models=None):
-    """
-    Checkpoint, tokenizers, data, models and optimizer, the cheap checks first: no model loads before the flags,
-    out_dir and data are known to be good. models: the student, teacher and tokenizer passed to train().
-    """
+    """Checkpoint, tokenizers, data, models and optimizer, the cheap checks first: no model loads before the flags,
+    out_dir and data are known to be good. models: the student, teacher and tokenizer passed to train()."""
     master, state, changed, done, ckpt = rank == 0, None, [], False, None
     replacing = claim_out_dir(cfg) if master else False      # tidies what a kill left; refuses a run in the way
     barrier(world)
@@ -1224,8 +1130,7 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
         if done and not models: raise Done(done, None)       # no model to load (a student passed in gets its weights)
         if master: write_lines(os.path.join(cfg.out_dir, METRICS), history(state, cfg.out_dir))  # before loading
     if cfg.batch_size % world: raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks")
-    if state is not None and bool(state["config"].get("fsdp")) != cfg.fsdp:
-        raise UserError("--resume: --fsdp must stay as the run began (its optimizer state is saved differently)")
+    if cfg.spec_tokens < 0: cfg = dataclasses.replace(cfg, spec_tokens=4 if device.type == "cuda" else 0)  # auto
     if cfg.fsdp and not torch.distributed.is_initialized():
         raise UserError("this run used --fsdp: resume it under torchrun")
     if models: tok, t_tok = models.tok, models.t_tok
@@ -1243,7 +1148,9 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
                         f"{V}-token vocabulary: the teacher's tokenizer lacks it (a chat token of the student's only?)")
     student, teacher = load_pair(cfg, ckpt, models, device, amp_dtype, n)
     if done: raise Done(done, student)
-    check_logits(V, student=student, teacher=teacher)
+    for who, m in (("student", student), ("teacher", teacher)):  # at least the V logits they are sliced to
+        if (n := m.get_output_embeddings().weight.shape[0]) < V:
+            raise UserError(f"{who} has {n} output logits, fewer than the {V}-token vocabulary")
     eos_all = eos_ids_of((tok, student), (t_tok, teacher))
     eos_ids = [i for i in eos_all if i < V]                  # one beyond V (a chat token of one tokenizer): dropped
     if not eos_ids: raise UserError(f"no EOS id of the models is in the shared {V}-token vocabulary: {eos_all}")
@@ -1255,8 +1162,7 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                             fused=device.type in ("cpu", "cuda"))  # one kernel for all
     if state is not None: load_trainer_state(student, opt, state, cfg, ckpt)
-    step = state["step"] if state is not None else 0
-    run = state.get("run") if state is not None else os.urandom(6).hex()  # tells this run's checkpoints apart
+    step, run = (state["step"], state.get("run")) if state else (0, os.urandom(6).hex())  # run: names the run
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()  # CPU too
     pad = tok.pad_token_id if tok.pad_token_id is not None and tok.pad_token_id < V else eos_ids[0]  # teacher's too
     R = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=master, device=device, amp=amp, tok=tok, V=V,
@@ -1266,26 +1172,21 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     if master:
         ev = f" eval_prompts={len(R.eval_prompts)} eval_skipped_long={e_skipped}" if cfg.eval_data else ""
         print(f"trb | V={V} eos={eos_ids} prompts={len(prompts)} skipped_long={skipped}{ev} world={world} "
-              f"device={device} dtype={amp_dtype}".replace("torch.", ""), flush=True)
+              f"device={device} dtype={amp_dtype} spec_tokens={cfg.spec_tokens}".replace("torch.", ""), flush=True)
         for i in [i for i in eos_all if i >= V]:             # a stop id the models cannot emit: said, not silent
             print(f"trb | EOS id {i} ({max(tok, t_tok, key=len).convert_ids_to_tokens(i)}) is beyond the shared "
                   f"{V}-token vocabulary: dropped from the EOS set, never sampled")
         if replacing: print(f"trb | --overwrite: the run in {cfg.out_dir} is replaced at this run's first save")
         if changed: print(f"trb | resume from step {step}: " + ", ".join(changed), flush=True)
         if cfg.wandb_project:
-            import wandb
-            R.wandb = wandb
-            wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
-    from tqdm import tqdm
+            R.wandb = importlib.import_module("wandb")
+            R.wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg))
     R.bar = tqdm(total=cfg.max_steps, initial=step, disable=not (master and sys.stderr.isatty()), dynamic_ncols=True)
     return R
 
 def load_pair(cfg, ckpt, models, device, amp_dtype, n):
-    """
-    The student (fp32 master weights; with --lora_r, wrapped with fresh adapters or the checkpoint's) and the frozen
-    teacher, from their paths (on --resume, a full student from the checkpoint ckpt) or the models passed to train().
-    The longest rollout's n positions must fit both, and --lora_targets must name modules: checked before loading.
-    """
+    """The student (fp32 master weights; with --lora_r, with fresh adapters or the checkpoint ckpt's) and the frozen
+    teacher, loaded (the student from ckpt on --resume) or passed to train(); n positions must fit both."""
     s_path = ckpt if ckpt and not cfg.lora_r else cfg.student  # LoRA: the checkpoint holds adapters
     student, teacher = (models.student, models.teacher) if models else (s_path, cfg.teacher)
     check_positions(n, cfg, head=True, student=student, teacher=teacher)
@@ -1301,11 +1202,8 @@ def load_pair(cfg, ckpt, models, device, amp_dtype, n):
     return student, teacher
 
 def with_lora(student, cfg, resume_from=None):
-    """
-    The student wrapped by PEFT: fresh LoRA adapters (B = 0: the same function), or the adapters of a checkpoint;
-    only the adapters train. Their config names the base where it is now (a local directory: its absolute path),
-    so that from_pretrained(out_dir) finds it.
-    """
+    """The student wrapped by PEFT, with fresh LoRA adapters (B = 0: the same function) or a checkpoint's; only they
+    train. Their config names the base by its absolute path, where from_pretrained finds it."""
     import peft
     targets = lora_targets(cfg)
     try:
@@ -1365,11 +1263,8 @@ def enable_grad_ckpt(m):
     else: m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)  # transformers before 5.2x
 
 def resume_config(cfg, given, state):
-    """
-    The checkpoint's config, with the flags given again on this command line taking over, and what changed. Where
-    the run lives and runs (out_dir, device, dtype) always comes from this command line. The student is the
-    checkpoint's: another --student is refused, not printed as a change that is not made.
-    """
+    """The checkpoint's config with the flags given again taking over (out_dir, device and dtype always), and what
+    changed. The student is the checkpoint's: another --student is refused."""
     here = {"out_dir", "resume", "overwrite", "device", "dtype"}
     old = Config(**{"spec_tokens": 0, **{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__}})
     new = dataclasses.replace(old, **{k: getattr(cfg, k) for k in set(given) | here})
@@ -1378,7 +1273,7 @@ def resume_config(cfg, given, state):
     if not same and not old.lora_r:  # with LoRA, --student is the base under the adapters: it may have moved
         raise UserError(f"--resume trains the student saved in out_dir (the run began from {old.student!r}); "
                         f"--student cannot change: start a new run in another --out_dir for {new.student!r}")
-    for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"):
+    for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "fsdp"):  # how the state is saved
         if getattr(new, k) != getattr(old, k):
             raise UserError(f"--resume: --{k} cannot change (the run began with {getattr(old, k)}" +
                             ("; 0 is full fine-tuning)" if k == "lora_r" else ")"))
@@ -1386,11 +1281,8 @@ def resume_config(cfg, given, state):
                  if k not in here and getattr(old, k) != getattr(new, k)]
 
 def keep_freed_memory():
-    """
-    On glibc, freed (B, V)-sized buffers go back to the OS and page-fault in again at the next decoding step, which
-    made a CPU TRB step up to 1.5x slower depending on the allocation pattern (bench.py): keep them in the heap
-    (mallopt: M_MMAP_THRESHOLD 64 MiB, M_TRIM_THRESHOLD 256 MiB). A no-op where libc is not glibc.
-    """
+    """On glibc, freed (B, V) buffers go back to the OS and fault in again at the next decoding step (a CPU TRB step
+    up to 1.5x slower, bench.py): keep them in the heap. A no-op where libc is not glibc."""
     with suppress(OSError, AttributeError):                  # no glibc
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 64 << 20)                           # M_MMAP_THRESHOLD
@@ -1403,24 +1295,11 @@ def all_reduce(x, world):
 def barrier(world):
     if world > 1: torch.distributed.barrier()
 
-@contextmanager
-def progress(R, **kw):
-    """A tqdm bar on the master's terminal; none in a log file or a pipe."""
-    from tqdm import tqdm
-    bar = tqdm(disable=not (R.master and sys.stderr.isatty()), leave=False, dynamic_ncols=True, **kw)
-    try:
-        yield bar
-    finally:
-        bar.close()
-
 # ---------------------------------------------------------------------------------------------------------------------
 # plumbing: models, tokenizers, prompts
 
 def _check_path(path, what="model"):
     """A local directory, or something shaped like a hub name (owner/model) while the hub is in reach."""
-    model = any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json"))
-    if os.path.isdir(path) and not model and (cks := checkpoints(path)):
-        raise UserError(f"{what} {path!r} is a run directory: pass one of its checkpoints, such as {cks[-1][1]}")
     if os.path.isdir(path): return
     if os.path.exists(path): raise UserError(f"{what} {path!r} is a file: expected a model directory or a hub name")
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path) or path.startswith("."):
@@ -1428,10 +1307,8 @@ def _check_path(path, what="model"):
     need_hub(path, what)
 
 def need_hub(name, what):
-    """
-    Fails fast when a hub name is asked for and the hub is out of reach: from_pretrained would retry for about a
-    minute first. One TCP connect (3 s at most), skipped offline (HF_HUB_OFFLINE) or behind a proxy.
-    """
+    """Fails fast where a hub name is asked for and the hub is out of reach (from_pretrained retries for a minute):
+    one TCP connect of 3 s at most, skipped offline (HF_HUB_OFFLINE) or behind a proxy."""
     import socket
     from urllib.parse import urlparse
     env = os.environ
@@ -1486,10 +1363,8 @@ def _adapter_base(path):
         return json.load(f).get("base_model_name_or_path")  # else None: no file, or not a JSON object
 
 def check_positions(n, cfg, head=False, **models):
-    """
-    The longest prompt plus --max_new_tokens (n) must fit each model's positions, and with head=True its logits must
-    be its output head's (check_head): read from the config alone, before any model loads.
-    """
+    """The longest prompt plus --max_new_tokens (n) must fit each model's positions, and with head=True its logits
+    be its output head's (check_head): read from the configs, before any model loads."""
     from transformers import AutoConfig
     for who, m in models.items():
         try:
@@ -1528,11 +1403,6 @@ def load_weights(student, ckpt, cfg):
     if missing or unexpected:
         raise UserError(f"--resume: the checkpoint {ckpt} does not fit the student passed in "
                         f"({len(missing)} missing, {len(unexpected)} unexpected weights)")
-
-def check_logits(V, **models):
-    for name, m in models.items():
-        n = m.get_output_embeddings().weight.shape[0]
-        if n < V: raise UserError(f"{name} has {n} output logits, fewer than the {V}-token vocabulary")
 
 def encode_prompts(tok, prompts, cfg, what="--data"):
     """Token ids of the prompts within --max_prompt_len, and how many were skipped; all skipped is an error."""
@@ -1626,12 +1496,9 @@ def check_text(q, where):
 TMP, METRICS, LOCK = ".tmp", "metrics.jsonl", "trb.lock"  # with checkpoint-N, the only names trb writes in out_dir
 
 def save_checkpoint(d, model, tok, state, optimizer=None, state_dict=None, unmark=()):
-    """
-    Writes the checkpoint folder d (out_dir/checkpoint-N): all of it into d.tmp, trainer_state.pt last, then renamed
-    to d (design choice 11). optimizer: the AdamW state, to optimizer.pt (FSDP2's shards are in d.tmp/optimizer
-    already). unmark: the checkpoints of a run this one replaces, unmarked (oldest first, so that a cut-off unmarking
-    leaves the old run resumable) once d.tmp is complete; and so is a folder d already there.
-    """
+    """Writes the checkpoint folder d, out_dir/checkpoint-N: d.tmp in full, trainer_state.pt last, renamed to d (design
+    choice 11). optimizer: the AdamW state (FSDP2's shards are in d.tmp already). unmark: a replaced run's checkpoints,
+    oldest first (a cut-off unmarking leaves that run resumable), once d.tmp is complete."""
     tmp = d + TMP
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if hasattr(model, "peft_config"): model.generation_config.save_pretrained(tmp)  # PEFT writes the adapters only
@@ -1654,7 +1521,7 @@ def prune(d, limit, drop=()):
     """After a save: the folders in drop (a replaced run's, unmarked) go, and the older checkpoints keep their weights
     only, at most `limit` in all (0: every one); a removal starts by unmarking."""
     cks = checkpoints(d)
-    for p in [*drop, *(p for _, p in cks[:max(0, len(cks) - limit) if limit else 0])]:
+    for p in [*drop, *(p for _, p in (cks[:-limit] if limit else []))]:
         _remove(os.path.join(p, "trainer_state.pt"))
         shutil.rmtree(p, ignore_errors=True)
     for _, p in checkpoints(d)[:-1]:
@@ -1672,8 +1539,9 @@ def on_disk(R):
 
 def resume_checkpoint(out_dir):
     """The checkpoint --resume continues from: the newest, which alone holds the optimizer state."""
-    p = (checkpoints(out_dir) or [(0, None)])[-1][1]
-    if p is None: raise UserError(f"--resume: no checkpoint in {out_dir}")
+    cks = checkpoints(out_dir)
+    if not cks: raise UserError(f"--resume: no checkpoint in {out_dir}")
+    p = cks[-1][1]
     if not any(os.path.exists(os.path.join(p, f)) for f in ("optimizer.pt", "optimizer")) and \
             not load_state(p, mmap=True).get("optimizer"):
         raise UserError(f"--resume: {p}, the newest checkpoint, holds weights only (the optimizer state is kept in "
@@ -1732,29 +1600,25 @@ def load_trainer_state(student, opt, state, cfg, ckpt):
 
 def read_metrics(path):
     """The records of a metrics.jsonl; a last line cut short (a kill, a full disk) is dropped."""
-    recs = []
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(r, dict) and isinstance(r.get("step"), int): recs.append(r)
-    return recs
+    def parse(line):
+        with suppress(json.JSONDecodeError): return json.loads(line)
+    if not os.path.isfile(path): return []
+    with open(path, encoding="utf-8", errors="replace") as f: recs = [parse(line) for line in f]
+    return [r for r in recs if isinstance(r, dict) and isinstance(r.get("step"), int)]
 
 def _remove(path):
     with suppress(OSError): os.remove(path)
 
 def claim_out_dir(cfg):
-    """
-    Readies out_dir for this run, each change in one line: folders of trb's names that hold no complete checkpoint go,
-    but a complete checkpoint-N.tmp where no checkpoint is (--overwrite's first save, cut off after it unmarked the
-    old run) is put in place. --resume needs a checkpoint; a fresh run starts where no run is, or with --overwrite
-    replaces it at its first save (and returns True).
-    """
+    """Readies out_dir, saying each change: folders of trb's names without a complete checkpoint go, but a complete
+    checkpoint-N.tmp where no checkpoint is (--overwrite's first save, cut off after unmarking the old run) is put in
+    place. A fresh run needs no run there, or --overwrite (then it returns True)."""
     d, has = cfg.out_dir, bool(checkpoints(cfg.out_dir))
-    check_layout(d)
+    if _complete(d):  # a run saved before checkpoint-N folders, in out_dir itself: how to move it
+        st = load_state(d, mmap=True)
+        n, files = f"checkpoint-{st['step']}", [shlex.quote(f) for f in st.get("files", ["FILES"]) if f != METRICS]
+        raise UserError(f"--out_dir {d!r} holds a checkpoint saved before runs kept checkpoint-N folders: move it into "
+                        f"one, then --resume: cd {shlex.quote(d)} && mkdir {n} && mv {' '.join(files)} {n}/")
     for f in sorted(os.listdir(d)):
         p, m = os.path.join(d, f), re.fullmatch(r"(checkpoint-\d+)(\.tmp)?", f)
         if not m or not os.path.isdir(p) or (not m[2] and _complete(p)): continue
@@ -1768,25 +1632,12 @@ def claim_out_dir(cfg):
     ran = checkpoints(d) or os.path.isfile(os.path.join(d, METRICS))
     if cfg.resume or not ran: return False
     if cfg.overwrite: return True
-    raise UserError(f"--out_dir {cfg.out_dir!r} holds a run ({'checkpoints and ' * bool(checkpoints(d))}"
-                    f"{METRICS}): pass --resume to continue it, or --overwrite to start over (its checkpoints and "
-                    f"metrics go at this run's first save)")
-
-def check_layout(d):
-    """A run saved before checkpoint-N folders (its checkpoint in out_dir itself) is refused, saying how to move it."""
-    if not _complete(d): return
-    st = load_state(d, mmap=True)
-    n, files = f"checkpoint-{st['step']}", [f for f in st.get("files", []) if f != METRICS]
-    raise UserError(f"--out_dir {d!r} holds a checkpoint saved before runs kept checkpoint-N folders: move it into "
-                    f"one, then --resume: cd {shlex.quote(d)} && mkdir {n} && mv " +
-                    (" ".join(map(shlex.quote, files)) if files else "FILES") + f" {n}/")
+    raise UserError(f"--out_dir {cfg.out_dir!r} holds a run ({'checkpoints and ' * bool(checkpoints(d))}{METRICS}): "
+                    f"pass --resume to continue it, or --overwrite to start over")
 
 def lock_out_dir(out_dir):
-    """
-    Makes out_dir if needed and holds it for the run: an exclusive fcntl lock on out_dir/trb.lock, which names the
-    holder's pid, so that a second run on the same directory, by any path to it, stops at once (only removing the lock
-    file of a live run defeats it). Returns the lock: its open file and the directories made for it.
-    """
+    """Makes out_dir if needed and holds it for the run, with an fcntl lock on out_dir/trb.lock that names the pid: a
+    second run on it, by any path, stops at once. Returns the lock: its file and the directories made for it."""
     import fcntl
     if os.path.exists(out_dir) and not os.path.isdir(out_dir): raise UserError(f"--out_dir {out_dir!r} is a file")
     made, d = [], os.path.abspath(out_dir)                   # the directories this run makes, innermost first
@@ -1806,19 +1657,16 @@ def lock_out_dir(out_dir):
         unlock(lock)
         raise UserError(f"--out_dir {out_dir!r} is in use by another trb.py run (pid {holder})") from None
     try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        os.ftruncate(f.fileno(), 0)
+        os.pwrite(f.fileno(), f"{os.getpid()}\n".encode(), 0)
     except OSError as e:  # a full disk
         unlock(lock)
         raise UserError(f"--out_dir {out_dir!r}: cannot write its lock file ({e.strerror})") from None
     return lock
 
 def unlock(lock):
-    """Releases the out_dir (its lock file stays: removing it would free it for a second process that opened it);
-    one this run made that holds nothing else (it failed before writing anything) goes, with the parents it made."""
-    with suppress(OSError): lock.file.close()               # a full disk fails its flush; it is closed all the same
+    """Releases out_dir, its lock file kept (a removal frees a second opener); made here, holding nothing, it goes."""
+    lock.file.close()
     with suppress(OSError):
         if lock.made and os.listdir(lock.made[0]) == [LOCK]:
             os.remove(lock.file.name)
@@ -1861,8 +1709,7 @@ def gathered_weights(student):
     return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 def save_sharded_optimizer(R, tmp):
-    """Every rank writes its AdamW shard to tmp/optimizer (the checkpoint being written) with
-    torch.distributed.checkpoint."""
+    """Every rank writes its AdamW shard to tmp/optimizer (of the checkpoint being written) with DCP."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     if R.master: os.makedirs(tmp)
