@@ -1,9 +1,11 @@
 """
-GSM8K and MATH exact match for a trb.py checkpoint or any HF causal LM: pass@1 averaged over n samples.
+GSM8K and MATH exact match for a trb.py checkpoint, for each checkpoint of a run, or for any HF causal LM: pass@1
+averaged over n samples.
 
-  python eval.py --model out-trb --task gsm8k [--limit 100]
-  python eval.py --model out-trb --task math500 --data_file ../shared/data/math500/test.jsonl
-  python eval.py --plot out-trb out-opd --plot_out compare.png      # curves of trb.py runs
+  python eval.py --model out-trb --task gsm8k [--limit 100]       # a run directory: its newest checkpoint
+  python eval.py --model out-trb --checkpoints all --plot          # each kept checkpoint: step, accuracy, the best
+  python eval.py --model out-trb/checkpoint-200 --task math500 --data_file ../shared/data/math500/test.jsonl
+  python eval.py --plot out-trb out-opd --plot_out compare.png      # curves of trb.py runs (metrics.jsonl)
 
 Data: gsm8k = openai/gsm8k (main, test); math500 = HuggingFaceH4/MATH-500 (test); math = the full 5,000-problem
 MATH test split of DigitalLearningGmbH/MATH-lighteval. --data_file reads the same field names from local JSONL.
@@ -20,7 +22,9 @@ number; compared by normalised string equality, then (GSM8K) as numbers, then by
     is graded on that x, whatever follows. In both tasks a line that opens a new problem (Question:, Problem:, Q:,
     Human:, User:) after a stated answer (\\boxed, '#### x', 'the answer is x') ends the completion there; after a
     bare last number it does not (sub-questions 'Q: ... A: 9' before a \\boxed{} answer are no run-on).
-  - Markdown bold and the unicode minus sign are read as plain text.
+  - Markdown bold and the unicode minus sign are read as plain text; LaTeX's thousands separator {,} is a comma.
+  - A hedge between two values ('18 or 20', '18 to 20', 'between 18 and 20', 'either 18 or 20') is graded whole,
+    so it equals no single gold.
 """
 import json
 import logging
@@ -69,12 +73,13 @@ LEAD = NUM.join((r"(?:[^\w\n]|\\text\{){0,9}?(", r")(?!\d|[.:]\d|,\s*\d|\s*[-+*/
 ANSWER_LIKE = r"[^\w\n]{0,9}?(?:\d(?![\d,]*[.)]\s+[A-Za-z])|(?<=\\)[A-Za-z])"  # a number or LaTeX; not '1. Eggs'
 HASH = rf"(?<!#)####(?!#)[ \t]*(?={ANSWER_LIKE})([^\n]+)"  # '#### 18', not a heading '#### Step 1: ...'
 ANSWER = r"(?=\banswer(?:\s+is|\s*:)\s*:?\s*([^\n]*?)\s*(?:\.(?:\s|$)|$))"  # 'the answer is x.', 'Answer: x'
+HEDGE = r"^\W*(?:between|either)\b|\d\s*(?:\\text\{\s*)?(?:or|and|to)\b\s*\}?\s*\$?\s*-?\d"  # '18 or 20' ...
 NEW_PROBLEM = r"^[#* \t]*(?:Question|Problem|Q|Human|User)\s*\d*\s*:"  # 'Question: ...' after an answer: a run-on
 BOLD = r"(?<![\w)])\*\*|\*\*(?![\w(])"  # markdown bold, not 2**3
 
 def extract_answer(text, task):
     """The final answer of a completion, or None: see the module docstring for the rules."""
-    text = re.sub(BOLD, "", text.replace("\u2212", "-"))
+    text = re.sub(BOLD, "", text.replace("\u2212", "-").replace("{,}", ","))  # LaTeX's thousands separator too
     m = re.search(HASH, text) if task == "gsm8k" else None
     if m: text = text[:m.end()]  # GSM8K's end mark: what follows its first '#### x' is a run-on
     for m in re.finditer(NEW_PROBLEM, text, flags=re.M):  # a new problem after a stated answer: a run-on
@@ -84,8 +89,8 @@ def extract_answer(text, task):
     return _answer(text, task)
 
 def _answer(text, task, last_number=True):
-    def lead(s):  # GSM8K: a number followed by a unit, words or punctuation is that number
-        m = re.match(LEAD, s) if task == "gsm8k" else None
+    def lead(s):  # GSM8K: a number followed by a unit, words or punctuation is that number; a hedge is graded whole
+        m = re.match(LEAD, s) if task == "gsm8k" and not re.search(HEDGE, s) else None
         return m.group(1) if m else s
     b = last_boxed(text)
     if b is not None: return lead(b)
@@ -93,7 +98,8 @@ def _answer(text, task, last_number=True):
     if m: return lead(m[-1].strip())
     spans = [s.strip("$ ") for s in re.findall(ANSWER, text, flags=re.I | re.M)]
     spans = [s for s in spans if s and not re.match(r"(?:in)?correct|right|wrong|as follows", s, flags=re.I) and
-             (task != "gsm8k" or re.match(ANSWER_LIKE, s))]  # not 'the answer is right'; GSM8K: a number
+             (task != "gsm8k" or re.match(ANSWER_LIKE, s) or re.search(HEDGE, s))]  # not 'the answer is right';
+    # on GSM8K a number, or a hedge between two numbers (graded whole: wrong)
     if spans: return lead(spans[-1])
     if task == "gsm8k" and last_number:
         m = re.findall(NUM, text)
@@ -103,9 +109,9 @@ def _answer(text, task, last_number=True):
 def normalise(s):
     """Cheap canonical form: spacing, $, \\left/\\right, \\dfrac, degrees, percent, thousands commas, trailing .0."""
     s = s.strip().strip("$").strip()
-    for a, b in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("dfrac", "frac"),
-                 ("tfrac", "frac"), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""), ("%", ""), ("\\$", ""), ("$", ""),
-                 (" ", "")):
+    for a, b in (("{,}", ","), ("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""),
+                 ("dfrac", "frac"), ("tfrac", "frac"), ("^\\circ", ""), ("^{\\circ}", ""), ("\\%", ""), ("%", ""),
+                 ("\\$", ""), ("$", ""), (" ", "")):
         s = s.replace(a, b)
     s = re.sub(r"\\text\{\s*([^}]*)\}", r"\1", s).rstrip(".")
     if re.fullmatch(r"-?[\d,]*\.?\d+", s):

@@ -2561,6 +2561,26 @@ GRADES = [  # (completion, gold, task, expected)
     ("\\boxed{0}", "0", "math", True),
 ]
 
+HEDGES_AND_SEPARATORS = [  # (completion, gold, task, expected): docs/eval.md's two rules, both ways
+    ("\\boxed{2{,}125}", "2,125", "gsm8k", True), ("\\boxed{2{,}125}", "2125", "math", True),
+    ("$2{,}125$", "2,125", "gsm8k", True), ("The answer is $2{,}125$ dollars.", "2125", "gsm8k", True),
+    ("\\boxed{2{,}125}", "2", "gsm8k", False), ("\\boxed{2{,}125}", "125", "gsm8k", False),
+    ("The answer is 18 dollars.", "18", "gsm8k", True), ("\\boxed{18}", "18", "gsm8k", True),
+    ("#### 18 dollars and 20 cents", "18", "gsm8k", True), ("The answer is 18, and she is glad.", "18", "gsm8k", True),
+    ("The answer is 18 or 20.", "18", "gsm8k", False), ("The answer is between 18 and 20.", "18", "gsm8k", False),
+    ("The answer is either 18 or 20.", "18", "gsm8k", False),
+    ("The answer is between 18 and 20.", "20", "gsm8k", False),
+    ("#### 18 or 20", "18", "gsm8k", False), ("\\boxed{18 \\text{ or } 20}", "18", "gsm8k", False),
+    ("The answer is 10 to 12.", "10", "gsm8k", False), ("The answer is 18 or 20.", "18", "math", False),
+]
+
+@pytest.mark.parametrize("completion,gold,task,expected", HEDGES_AND_SEPARATORS,
+                         ids=[f"{c[:24]}-{g}-{t}" for c, g, t, _ in HEDGES_AND_SEPARATORS])
+def test_thousands_separators_grade_right_and_hedges_wrong(completion, gold, task, expected):
+    """LaTeX's thousands separator {,} is a comma (2{,}125 is 2125); an answer hedged between two values (18 or 20,
+    between 18 and 20, either ...) is graded whole, so it equals no single gold."""
+    assert ev.is_correct(completion, gold, task) == expected, f"{completion!r} vs gold {gold!r} ({task})"
+
 def test_grading_cases_are_balanced():
     """The hand-written grading cases are many, and about half of them true."""
     assert len(GRADES) >= 40 and 0.35 < sum(e for *_, e in GRADES) / len(GRADES) < 0.65
@@ -2968,7 +2988,7 @@ def solve(question):
     return value, steps
 
 TOY_TINY = ["--n_train", "40", "--n_test", "12", "--eval_n", "6", "--layers", "1", "--hidden", "16", "--pretrain_steps",
-        "4", "--sft_steps", "4", "--build_batch", "4", "--max_new_tokens", "24"]
+            "4", "--sft_steps", "4", "--build_batch", "4", "--max_new_tokens", "24", "--regime", "runon"]
 
 def test_toy_answers_are_right():
     """Every answer: its steps parse and evaluate, chain from the question's numbers in its order, and end in
@@ -3034,16 +3054,16 @@ def test_toy_runner_smoke(tmp_path):
     assert [p["step"] for p in res["points"]] == [0, 1, 2]
     assert all(0 <= p["acc"] <= 1 and p["eval_kl"] is not None for p in res["points"])
     assert res["train"][0]["beta"] > 0 and res["train"][1]["beta"] == 0  # TRB blends in step 1 only (K = 1)
-    for f in ("compare.md", "compare.json", "compare.png"): assert (out / f).is_file()
-    assert (out / "runs" / "trb-s0" / toy.MARK).is_file(), "toy.py's mark did not survive trb's checkpoint swaps"
-    assert json.loads((out / "compare.json").read_text())["runs"][0]["seed"] == 0
+    for f in ("compare.md", "compare.json", "compare.png"): assert (out / "runon" / f).is_file()
+    assert (out / "runon" / "runs" / "trb-s0" / toy.MARK).is_file(), "toy.py's mark did not survive trb's saves"
+    assert json.loads((out / "runon" / "compare.json").read_text())["runs"][0]["seed"] == 0
     assert toy.main(argv)[0] == res  # a finished run with the same flags is read back, not run again
-    (out / "junk-s0.json").write_text("[]")                  # files that are not results are passed over
-    (out / "trb-s0.json.bak-s1.json").write_bytes(b"\xff\x00")
+    (out / "runon" / "junk-s0.json").write_text("[]")        # files that are not results are passed over
+    (out / "runon" / "trb-s0.json.bak-s1.json").write_bytes(b"\xff\x00")
     assert toy.main(argv)[0] == res
     (again,) = toy.main(argv + ["--eval_n", "5"])            # other accuracy problems: run again, not read back
     assert again["eval_n"] == 5, "a run scored on other problems was read back"
-    (out / "trb-s0.json").write_text(json.dumps({k: v for k, v in res.items() if k != "seconds"}))
+    (out / "runon" / "trb-s0.json").write_text(json.dumps({k: v for k, v in res.items() if k != "seconds"}))
     assert "seconds" in toy.main(argv)[0], "a result without its wall time was read back"
 
 def test_toy_a_failing_run_is_one_line_and_leaves_no_worker(tmp_path):
@@ -3116,33 +3136,38 @@ def test_toy_damaged_cache_and_a_second_call_on_one_out(tmp_path):
     finally:
         trb.unlock(lock)
 
+TOY_SHIPPED = {"runon": (0.007, 0.987), "filler": (None, None)}  # base and teacher accuracy, held out
+
 def test_toy_shipped_build_is_current():
-    """toy-build/ is the default flags' build: every file as its SHA256SUMS lists it, the task and vocab what toy.py
-    makes now, the README's accuracies, a few MB (its models are rebuilt by the opt-in test below)."""
-    root, info = toy.shipped(toy.ToyConfig())
-    assert root == toy.SHIPPED, "the default flags do not use the shipped build"
-    assert (info["V"], info["params"], round(info["base_acc"], 3), round(info["teacher_acc"], 3)) == \
-        (47, 536960, 0.007, 0.987), f"not the shipped build of the README: {info}"
-    files = toy.sums(root, ())
-    assert {"SHA256SUMS", "build.json", "train.jsonl", "test.jsonl", "base/model.safetensors",
-            "teacher/model.safetensors"} <= set(files), sorted(files)
-    size = sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    assert size < 6e6, f"the shipped build is {size / 1e6:.1f} MB"
+    """toy-build/REGIME/ is each regime's default build: every file as its SHA256SUMS lists it, the task and vocab
+    what toy.py makes now, the README's accuracies (the student near 0, the teacher above 0.9), a few MB each (its
+    models are rebuilt by the opt-in test below)."""
+    for regime, (base, teacher) in TOY_SHIPPED.items():
+        root, info = toy.shipped(toy.ToyConfig(regime=regime))
+        assert root == os.path.join(toy.SHIPPED, regime), f"{regime}: the default flags do not use the shipped build"
+        assert (info["V"], info["params"], round(info["base_acc"], 3), round(info["teacher_acc"], 3)) == \
+            (47, 536960, base, teacher), f"{regime}: not the shipped build of the README: {info}"
+        assert info["base_acc"] < 0.05 and info["teacher_acc"] > 0.9, f"{regime}: not a student near 0, a teacher >0.9"
+        files = toy.sums(root, ())
+        assert {"SHA256SUMS", "build.json", "train.jsonl", "test.jsonl", "base/model.safetensors",
+                "teacher/model.safetensors"} <= set(files), sorted(files)
+        size = sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        assert size < 6e6, f"{regime}: the shipped build is {size / 1e6:.1f} MB"
 
 @pytest.mark.skipif(not os.environ.get("TRB_SLOW"), reason="opt-in: TRB_SLOW=1 (rebuilds the toy models, ~30 min)")
 def test_toy_shipped_build_is_what_toy_builds(tmp_path, capsys):
-    """Opt-in: toy.py --check rebuilds the default build and finds every shipped file byte-identical."""
+    """Opt-in: toy.py --check rebuilds the default builds and finds every shipped file byte-identical."""
     toy.main(["--check", "--cache", str(tmp_path)])
-    assert "byte-identical" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("byte-identical") == len(toy.REGIMES)
 
 @pytest.fixture
 def toy_ship(tmp_path, monkeypatch):
-    """A tiny build shipped as toy-build/ is (the build's folder without times.json), as toy.SHIPPED."""
+    """A tiny build shipped as toy-build/runon/ is (the build's folder without times.json), toy.SHIPPED its parent."""
     root, _ = toy.build(trb.parse_config(toy.ToyConfig, TOY_TINY + ["--cache", str(tmp_path / "built")])[0])
-    ship = tmp_path / "ship"
+    ship = tmp_path / "ship" / "runon"
     shutil.copytree(root, ship)
     os.remove(ship / "times.json")
-    monkeypatch.setattr(toy, "SHIPPED", str(ship))
+    monkeypatch.setattr(toy, "SHIPPED", str(ship.parent))
     return ship
 
 def toy_stop(seen):
@@ -3213,7 +3238,7 @@ def test_toy_check_rebuilds_and_compares_with_the_shipped_build(toy_ship, tmp_pa
     msg = str(e.value)
     assert "files differ (teacher/model.safetensors)" in msg and f"cp -r {root}" in msg and "\n" not in msg, msg
 
-TOY_FOREIGN = [  # (what the user has under --out where a run goes, its files, words of the one line)
+TOY_FOREIGN = [  # (what the user has under --out/runon where a run goes, its files, words of the one line)
     ("a trb run of the user's", {"runs/opd-s0/model.safetensors": "w", "runs/opd-s0/notes.txt": "n"},
      "runs/opd-s0 was not made by toy.py"),
     ("a log of the user's", {"runs/opd-s0.log": "mine"}, "opd-s0.log was not made by toy.py"),
@@ -3228,6 +3253,7 @@ def test_toy_never_removes_what_it_did_not_make(tmp_path, monkeypatch, what, fil
     """`toy.py --out DIR` where DIR holds a run's name that toy.py did not make: one line before the models load or
     any run starts, and every file stays."""
     out = tmp_path / "o"
+    files = {f"runon/{f}": text for f, text in files.items()}
     for f, text in files.items():
         (out / f).parent.mkdir(parents=True, exist_ok=True)
         (out / f).write_text(text)
@@ -3237,7 +3263,7 @@ def test_toy_never_removes_what_it_did_not_make(tmp_path, monkeypatch, what, fil
         toy.main(TOY_TINY + ["--cache", str(tmp_path / "c"), "--out", ".", "--methods", "trb,opd", "--seeds", "1"])
     assert str(e.value).startswith("toy: error: ") and words in str(e.value) and "\n" not in str(e.value), e.value
     for f, text in files.items(): assert (out / f).read_text() == text, f"{what}: {f} was touched"
-    assert not (out / "runs" / "trb-s0").exists(), f"{what}: another run's folder was made before the refusal"
+    assert not (out / "runon" / "runs" / "trb-s0").exists(), f"{what}: another run's folder was made first"
 
 def test_toy_clears_the_run_folders_it_made(tmp_path):
     """A run folder toy.py made (its mark), cut off with a checkpoint and a log, is cleared and marked again for the

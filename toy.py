@@ -6,25 +6,33 @@ The task: word problems of 2-4 operations (+ - *) on numbers up to 99, in GSM8K'
 one line per operation, then '#### N'), so eval.py grades them unchanged. Train and test are disjoint in their
 arithmetic: no chain of operations occurs in both.
 
-The models (one character-level tokenizer): a 'base' Llama pretrained on plain-text documents of such problems,
-several per document, that end only now and then, and whose worked solutions rarely carry the '#### N' line; the
-teacher is that base after SFT on the chat-formatted train split (answer + '#### N' + EOS). The student is the base
-itself: it knows the arithmetic but not the format, so at step 0 it solves a problem and then writes the next one,
-the way a base model runs on past an instruct model's answer. OPD has to teach it to close with '#### N' and stop.
+The models (one character-level tokenizer): a 'base' Llama pretrained on plain-text documents of such problems whose
+worked solutions rarely carry the '#### N' line; the teacher is that base after SFT on the chat-formatted train split
+(answer + '#### N' + EOS). The student is the base itself: it knows the arithmetic but not the format. OPD has to
+teach it to close with '#### N' and stop. Two regimes (--regime), two builds:
+  runon   the base's documents hold several problems and rarely end, so after its steps the student writes the next
+          problem, the way a base model runs on past an instruct model's answer: its rollouts meet the decision
+          ('#' or a blank line after the last step) again in each new problem;
+  filler  each document's steps run on into filler text (words and numbers, no new problem) and end: the student's
+          rollouts meet the decision once, then carry nothing of it (the paper's premise: poor early prefixes).
+At each evaluation point, beside the accuracy: the student's p('#') where the answer line starts (held-out prompt +
+the teacher's steps + newline) and p(newline) one blank line later, and the greedy answers' failures (no '####', a
+wrong number); per training step, the decisions supervised (a response position after a newline where the teacher's
+argmax is '#') and the tokens that neither model would write (p < 0.05 under both).
 
 Every method runs through trb.py (trb.main with its flags, one run that keeps a checkpoint at each evaluation point);
 every accuracy is eval.py's (generate + score, greedy, held-out) on those checkpoints. toy.py adds no method code.
 The protocol (lr, steps, K) was fixed on vanilla OPD alone: docs/toy.md has the pilots and the results.
 
-  python toy.py --quick          # OPD and TRB, 1 seed: ~2 min on 2 cores
-  python toy.py                  # 7 methods x 5 seeds, table + figure in --out: ~25 min on 2 cores
+  python toy.py --quick          # OPD and TRB, 1 seed, in both regimes
+  python toy.py                  # 7 methods x 5 seeds in both regimes, tables + figures in --out/REGIME/
   python toy.py --sweep          # TRB at eps0 0.005, 0.02, 0.05, 0.2 and OPD, 3 seeds each
-  python toy.py --check          # build the task and models afresh (one thread: ~30 min), compare with toy-build/
+  python toy.py --check          # build the task and models afresh (one thread), compare with toy-build/
   python toy.py --help           # every flag
 
-The task and models of the default build flags are shipped in toy-build/ (4.8 MB; its SHA256SUMS lists every file):
-toy.py reads them there, checked against SHA256SUMS and its task against the code, and writes nothing there. Other
-build flags build into --cache, once.
+The task and models of the default build flags are shipped in toy-build/REGIME/ (4-5 MB each; SHA256SUMS lists every
+file): toy.py reads them there, checked against SHA256SUMS and its task against the code, and writes nothing there.
+Other build flags build into --cache, once.
 
 Runs go --jobs at a time (default 2), each a process with OMP_NUM_THREADS=1; a finished run (same flags, same
 --eval_n) is read back, not repeated, so an interrupted comparison continues from its finished runs (a run cut off
@@ -71,9 +79,11 @@ class ToyConfig:
                                            # by file, then stop
     methods: str = ""                      # comma-separated methods, of: opd, trb, fixed_eps, skd, veto,
                                            # temp_warmup, sft_warmup; "" = all seven (--quick: opd,trb)
+    regime: str = "runon,filler"           # where the base's steps run on: runon (into new problems) | filler
+                                           # (into text without the decision); comma-separated, each its own build
     seeds: int = 5                         # seeds per method, 0..N-1 (--quick: 1)
     jobs: int = 2                          # runs side by side, one thread each
-    out: str = "toy-out"                   # runs/, and MODE.md (table), MODE.json, MODE.png (figure), MODE =
+    out: str = "toy-out"                   # per regime REGIME/runs/ and REGIME/MODE.md (table), .json, .png, MODE =
                                            # compare|quick|sweep; a finished run with the same flags is read back
     cache: str = "~/.cache/trb/toy"        # built tasks and models, one folder per build config (the default
                                            # build flags' is shipped in toy-build/ and read there)
@@ -110,12 +120,13 @@ class ToyConfig:
     sweep_seeds: int = 3                   # --sweep: seeds per value
 
 METHODS = ("opd", "trb", "fixed_eps", "skd", "veto", "temp_warmup", "sft_warmup")
+REGIMES = ("runon", "filler")
 
-BUILD_FIELDS = ("task_seed", "n_train", "n_test", "fmt_rate", "end_rate", "layers", "hidden", "pretrain_steps",
-                "sft_steps", "build_batch", "build_lr")
+BUILD_FIELDS = ("regime", "task_seed", "n_train", "n_test", "fmt_rate", "end_rate", "layers", "hidden",
+                "pretrain_steps", "sft_steps", "build_batch", "build_lr")
 BUILD_MAX_NEW = 50                         # the build's own accuracies: responses of at most 50 characters
 POSITIONS, MAX_PROMPT = 512, 128           # the models' positions; a chat-formatted question is under 128 tokens
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy-build")  # the default flags' build
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy-build")  # REGIME/: the default builds
 SUMS = "SHA256SUMS"                        # a build's files and their sha256: `sha256sum -c SHA256SUMS` checks them
 MARK = ".toy-run"                          # in each run folder toy.py made: the only ones it removes
 MOST = dict(seeds=1000, sweep_seeds=1000, jobs=64, steps=10**5, n_train=10**5, n_test=10**4, layers=64, hidden=4096,
@@ -169,22 +180,33 @@ def make_splits(seed, n_train, n_test):
         splits[test].append(dict(question=q, answer=solution(steps, ans)))
     return splits
 
-def base_document(rng, fmt_rate, end_rate, max_len):
+def base_document(rng, fmt_rate, end_rate, max_len, regime="runon"):
     """
     A 'pretraining' document: problems with their steps, separated by blank lines. A solution closes with
     '#### N' only with probability fmt_rate; the document ends (EOS) after a problem with probability end_rate,
-    else it runs on to max_len characters. Test chains never occur.
+    else it runs on to max_len characters. Test chains never occur. regime 'filler': one problem, whose steps run
+    on (but with probability end_rate) into a line of filler text, and the document ends.
     """
     text, ended = "", False
     while len(text) < max_len:
         q, steps, ans = make_problem(rng)
         if is_test(steps): continue
         text += q + "\n" + (solution(steps, ans) if rng.random() < fmt_rate else "\n".join(steps))
+        if regime == "filler":
+            return text + ("\n" + filler(rng) if rng.random() >= end_rate else ""), True
         if rng.random() < end_rate:
             ended = True
             break
         text += "\n\n"
     return text[:max_len], ended and len(text) <= max_len
+
+FILLER = NAMES + ITEMS + sum(VERBS.values(), ()) + ("bags", "of", "has", "how", "many", "now")
+
+def filler(rng):
+    """Degenerate text: 3-9 words of the task's and numbers, on one line, ending in a number (so that a grader's
+    last-number fallback does not read the steps' result)."""
+    words = [rng.choice(FILLER) if rng.random() < 0.7 else str(rng.randint(1, 99)) for _ in range(rng.randint(3, 9))]
+    return " ".join(words + [str(rng.randint(1, 99))])
 
 def jsonl(recs):
     return "".join(json.dumps(r) + "\n" for r in recs)
@@ -268,12 +290,17 @@ def lr_factor(step, steps):
     return min(1.0, (step + 1) / warm) * (0.55 + 0.45 * math.cos(math.pi * max(0, step - warm) / max(1, steps - warm)))
 
 def base_batches(tok, cfg, max_len=256):
-    """Pretraining batches: documents of the plain-text corpus, BOS first, EOS where a document ends."""
+    """Pretraining batches: documents of the plain-text corpus, BOS first, EOS where a document ends; 'filler'
+    documents (one problem each) packed to max_len characters, each BOS ... EOS."""
     def next_batch(rng):
         seqs = []
         for _ in range(cfg.build_batch):
-            text, ended = base_document(rng, cfg.fmt_rate, cfg.end_rate, max_len)
-            seqs.append([tok.bos_token_id] + encode(tok, text) + [tok.eos_token_id] * ended)
+            seq = []
+            while len(seq) <= max_len:
+                text, ended = base_document(rng, cfg.fmt_rate, cfg.end_rate, max_len, cfg.regime)
+                seq += [tok.bos_token_id] + encode(tok, text) + [tok.eos_token_id] * ended
+                if cfg.regime != "filler": break
+            seqs.append(seq[:max_len + 2])
         return seqs, [0] * len(seqs)
     return next_batch
 
@@ -289,10 +316,60 @@ def encode(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 def accuracy(model, tok, problems, max_new_tokens, batch_size=100):
-    """Greedy held-out accuracy through eval.py's generate and score (its GSM8K grader)."""
+    """Greedy held-out accuracy through eval.py's generate and score (its GSM8K grader), the completions and their
+    verdicts."""
     comps, _ = ev.generate(model, tok, [q for q, _, _ in problems], 1, 0.0, max_new_tokens, batch_size, 0,
                            torch.device("cpu"))
-    return ev.score(problems, comps, "gsm8k")[1]["accuracy"], comps
+    verdicts, summary = ev.score(problems, comps, "gsm8k")
+    return summary["accuracy"], [c for c, in comps], [v for v, in verdicts]
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the mechanism: the decision ('#' or not where the answer line starts), held out and in the training rollouts
+
+def decision_prefixes(tok, problems, blank=0):
+    """Per held-out problem, its prompt + the teacher's steps + a newline: where the answer line ('#### N') starts;
+    blank: that many blank lines more."""
+    return [trb.format_prompt(tok, q) + encode(tok, r["answer"].split("\n####")[0] + "\n" * (1 + blank))
+            for q, _, r in problems]
+
+@torch.inference_mode()
+def next_token_p(model, tok, prefixes, char):
+    """The model's probability of the token `char` after each prefix, averaged."""
+    ids, attn = trb.left_pad(prefixes, tok.pad_token_id, "cpu")
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
+    return logits[:, -1].float().softmax(-1)[:, tok.convert_tokens_to_ids(char)].mean().item()
+
+def measure(model, tok, problems, max_new_tokens):
+    """An evaluation point: greedy accuracy, the share of greedy answers with no '####' and with a wrong number, and
+    p('#') and p(newline) at the decision prefixes, and p(newline) one blank line later."""
+    acc, comps, right = accuracy(model, tok, problems, max_new_tokens)
+    at, blank, n = decision_prefixes(tok, problems), decision_prefixes(tok, problems, 1), len(problems)
+    return dict(acc=acc, no_hash=sum(not r and "####" not in c for c, r in zip(comps, right)) / n,
+                wrong=sum(not r and "####" in c for c, r in zip(comps, right)) / n,
+                p_hash=next_token_p(model, tok, at, "#"), p_nl=next_token_p(model, tok, at, "\n"),
+                p_nl2=next_token_p(model, tok, blank, "\n"))
+
+def count_decisions(tok, counts):
+    """Wraps trb.loss_step (in a worker, before trb.main) to count, per step, the response positions that follow a
+    newline and where the teacher's argmax is '#' (the decisions the loss supervises), those where '#' was sampled,
+    and the sampled tokens with p < 0.05 under both models. Inference-mode forwards: the run is unchanged."""
+    orig, h, nl = trb.loss_step, tok.convert_tokens_to_ids("#"), tok.convert_tokens_to_ids("\n")
+    def loss_step(R, rows, roll, k, n_tok):
+        c = dict(decisions=0, decisions_hash=0, off_both=0, resp_tok=0)
+        with torch.inference_mode():
+            for seq, a, r in trb.micro_batches(R, rows, roll):
+                m, y, T = r["mask"], r["tokens"], r["mask"].shape[1]
+                lt, ls = (trb.response_logits(x, seq, a, T, R.V).float().log_softmax(-1)
+                          for x in (R.teacher, R.student))  # (b, T, V) x 2
+                d = m & (seq[:, -T - 1:-1] == nl) & (lt.argmax(-1) == h)  # (b, T) after a newline, the teacher: '#'
+                low = lambda lp: lp.gather(-1, y[..., None])[..., 0] < math.log(0.05)  # noqa: E731
+                c["decisions"] += int(d.sum())
+                c["decisions_hash"] += int((d & (y == h)).sum())
+                c["off_both"] += int((m & low(lt) & low(ls)).sum())
+                c["resp_tok"] += int(m.sum())
+        counts[R.step + 1] = c
+        return orig(R, rows, roll, k, n_tok)
+    trb.loss_step = loss_step
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the cache: task, tokenizer, base (the student) and teacher, built once per build config, deterministically
@@ -396,47 +473,48 @@ def sums(root, skip=("times.json", SUMS)):
 
 def shipped(cfg):
     """
-    The build shipped in toy-build/, (root, build.json's content), if cfg's build flags are its own, else None.
+    The build shipped in toy-build/REGIME/, (root, build.json's content), if cfg's build flags are its own, else None.
     Used only as it was shipped: each file as SHA256SUMS lists it, the task and vocab what this code makes (the
     models' staleness is --check's to find: it rebuilds them); else one line.
     """
-    if not os.path.isdir(SHIPPED): return None
+    ship = os.path.join(SHIPPED, cfg.regime)
+    if not os.path.isdir(ship): return None
     try:
-        with open(os.path.join(SHIPPED, "build.json")) as f:
+        with open(os.path.join(ship, "build.json")) as f:
             if json.load(f)["config"] != build_config(cfg): return None
     except (OSError, ValueError, LookupError, TypeError):    # damaged: the checks below say how
         pass
-    name = f"the shipped build {SHIPPED}"
+    name = f"the shipped build {ship}"
     try:
-        with open(os.path.join(SHIPPED, SUMS)) as f: lines = f.read().splitlines()
+        with open(os.path.join(ship, SUMS)) as f: lines = f.read().splitlines()
         listed = {p: h for h, p in (x.split("  ", 1) for x in lines)}
     except (OSError, ValueError, UnicodeDecodeError):
         raise trb.UserError(f"{name} has no readable {SUMS}: restore it (git checkout -- toy-build)") from None
-    now = sums(SHIPPED)
+    now = sums(ship)
     bad = [p for p, h in listed.items() if now.get(p) != h]
     if bad or not listed:
         raise trb.UserError(f"{name} is not what its {SUMS} lists (edited or damaged: {', '.join(bad[:3]) or SUMS}"
                             f"{', ...' if len(bad) > 3 else ''}): restore it (git checkout -- toy-build)")
-    info = read_build(SHIPPED, "the shipped build", "restore it (git checkout -- toy-build)")
+    info = read_build(ship, "the shipped build", "restore it (git checkout -- toy-build)")
     made = dict(zip(("train.jsonl", "test.jsonl"), make_splits(cfg.task_seed, cfg.n_train, cfg.n_test)))
     stale = [f for f, recs in made.items() if now[f] != hashlib.sha256(jsonl(recs).encode()).hexdigest()]
-    with open(os.path.join(SHIPPED, "base", "tokenizer.json")) as f: vocab = json.load(f)["model"]["vocab"]
+    with open(os.path.join(ship, "base", "tokenizer.json")) as f: vocab = json.load(f)["model"]["vocab"]
     stale += ["base/tokenizer.json's vocab"] * (vocab != make_vocab())
     if stale: raise trb.UserError(f"{name} is stale ({', '.join(stale)}: not what this toy.py makes now): rebuild and "
                                   f"ship it (python toy.py --check says how)")
-    return SHIPPED, info
+    return ship, info
 
-def compare_shipped(root):
-    """--check: the fresh build in root against toy-build/, every file but times.json, or one line."""
-    mine, ship = sums(root, ("times.json",)), sums(SHIPPED, ("times.json",)) if os.path.isdir(SHIPPED) else {}
+def compare_shipped(root, regime):
+    """--check: the fresh build in root against toy-build/REGIME/, every file but times.json, or one line."""
+    d = os.path.join(SHIPPED, regime)
+    mine, ship = sums(root, ("times.json",)), sums(d, ("times.json",)) if os.path.isdir(d) else {}
     diff = sorted(p for p in mine.keys() | ship.keys() if mine.get(p) != ship.get(p))
     if diff:
-        raise trb.UserError(f"the shipped build {SHIPPED} is not what this code builds: {len(diff)} of "
+        raise trb.UserError(f"the shipped build {d} is not what this code builds: {len(diff)} of "
                             f"{len(mine | ship)} files differ ({', '.join(diff[:4])}{', ...' if len(diff) > 4 else ''})"
-                            f"; to ship the fresh build: "
-                            f"rm -r {SHIPPED} && cp -r {root} {SHIPPED} && rm {SHIPPED}/times.json")
-    print(f"toy | the shipped build {SHIPPED} is what this code builds: its {len(mine)} files are byte-identical to "
-          f"the fresh build's in {root}", flush=True)
+                            f"; to ship the fresh build: rm -r {d} && cp -r {root} {d} && rm {d}/times.json")
+    print(f"toy | the shipped build {d} is what this code builds: its {len(mine)} files are byte-identical to the "
+          f"fresh build's in {root}", flush=True)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the runs: every method is trb.main with its flags, resumed from one evaluation point to the next
@@ -476,30 +554,34 @@ def plan(cfg, root, names, seeds):
         for seed in seeds:
             run = f"{name}-s{seed}"
             argv = common_flags(cfg, root) + method_flags(cfg, name) + ["--seed", str(seed)]
-            specs.append(dict(name=name, seed=seed, argv=argv, points=eval_points(cfg), test=os.path.join(root,
-                              "test.jsonl"), eval_n=cfg.eval_n, max_new_tokens=cfg.max_new_tokens,
-                              out_dir=os.path.join(cfg.out, "runs", run), result=os.path.join(cfg.out, run + ".json")))
+            specs.append(dict(name=name, seed=seed, regime=cfg.regime, argv=argv, points=eval_points(cfg),
+                              test=os.path.join(root, "test.jsonl"), eval_n=cfg.eval_n,
+                              max_new_tokens=cfg.max_new_tokens, out_dir=os.path.join(cfg.out, "runs", run),
+                              result=os.path.join(cfg.out, run + ".json")))
     return specs
 
-def run_one(spec, acc0):
+def run_one(spec, base):
     """
     One method and seed, in the fresh out_dir claim() made: one trb.main run, a checkpoint at every point (--save_every
-    divides them), then each point's checkpoint's greedy accuracy. Writes and returns the result: per point step,
-    accuracy and eval_kl, and the per-step training records.
+    divides them), then each point's checkpoint measured. Writes and returns the result: per point step, accuracy,
+    eval_kl and the decision's numbers (measure; step 0: the base's), and the per-step training records with the
+    decisions counted (count_decisions).
     """
-    d, t0 = spec["out_dir"], time.time()
+    d, t0, counts = spec["out_dir"], time.time(), {}
     problems = ev.load_problems("gsm8k", spec["test"], spec["eval_n"])
-    tok, rows = trb.load_tokenizer(spec["argv"][spec["argv"].index("--student") + 1]), [dict(step=0, acc=acc0)]
+    tok, rows = trb.load_tokenizer(spec["argv"][spec["argv"].index("--student") + 1]), [dict(step=0, **base)]
+    count_decisions(tok, counts)
     trb.main(spec["argv"] + ["--out_dir", d])
     for step in spec["points"]:
         model = trb.load_model(os.path.join(d, f"checkpoint-{step}"), torch.float32, torch.device("cpu")).eval()
-        rows.append(dict(step=step, acc=accuracy(model, tok, problems, spec["max_new_tokens"])[0]))
+        rows.append(dict(step=step, **measure(model, tok, problems, spec["max_new_tokens"])))
     recs = trb.read_metrics(os.path.join(d, "metrics.jsonl"))
     kl = {r["step"]: r["eval_kl"] for r in recs if "eval_kl" in r}
     for r in rows: r["eval_kl"] = kl.get(r["step"])
     keep = ("step", "loss", "beta", "frac_teacher", "resp_len", "teacher_logp", "skd_rate", "dt")
-    train = [{k: r[k] for k in keep if k in r} for r in recs if "loss" in r]
-    res = dict(name=spec["name"], seed=spec["seed"], argv=spec["argv"], eval_n=spec["eval_n"], points=rows,
+    train = [{**{k: r[k] for k in keep if k in r}, **counts.get(r["step"], {})} for r in recs if "loss" in r]
+    res = dict(name=spec["name"], seed=spec["seed"], regime=spec.get("regime"), argv=spec["argv"],
+               eval_n=spec["eval_n"], points=rows,
                seconds=round(time.time() - t0, 1), train=train)
     save(spec["result"], json.dumps(res))
     return res
@@ -537,7 +619,7 @@ def is_result(path, keys=("argv", "points", "seed")):
     except (OSError, ValueError, TypeError):
         return False
 
-def worker(spec, acc0):
+def worker(spec, base):
     """run_one in a worker process: one thread, trb's and eval's output into the run's log file, which ends with
     the error, if any (exit status 1). Ctrl-C is the main process's to handle; its SIGTERM ends the run cleanly."""
     import multiprocessing
@@ -550,7 +632,7 @@ def worker(spec, acc0):
     torch.set_num_threads(1)
     with open(spec["out_dir"] + ".log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         try:
-            run_one(spec, acc0)
+            run_one(spec, base)
             return
         except (SystemExit, trb.UserError) as e:  # trb.main's and eval's one-line errors; 1: stopped (SIGTERM)
             if not isinstance(getattr(e, "code", None), int): print(e, flush=True)
@@ -572,7 +654,9 @@ def finished(spec):
             num = (int, float)
             ok = type(res["seconds"]) in num and type(res["seed"]) is int and all(type(t["resp_len"]) in num for t in
                                                                                   res["train"])
-            ok = ok and all(type(p["acc"]) in num and type(p["eval_kl"]) in (*num, type(None)) for p in res["points"])
+            ok = ok and all(type(p["acc"]) in num and type(p["eval_kl"]) in (*num, type(None)) and
+                            type(p["p_hash"]) in num for p in res["points"])
+            ok = ok and all("decisions" in t for t in res["train"])
         except (OSError, ValueError, LookupError, TypeError):  # unreadable, not JSON, not a result
             continue
         if same and ok: return dict(res, name=spec["name"])
@@ -586,7 +670,7 @@ def prepare(specs):
     for s in todo: claim(s)                                  # folder stops the call before it changes anything
     return res
 
-def run_all(specs, acc0, jobs, res=None):
+def run_all(specs, base, jobs, res=None):
     """The runs not finished before (res: prepare's, if main called it), `jobs` at a time, each in a spawned process
     with OMP_NUM_THREADS=1. A run that fails or dies stops the call with one line; on that or a signal the other
     workers are stopped at once (a run cut off starts again at the next call)."""
@@ -604,7 +688,7 @@ def run_all(specs, acc0, jobs, res=None):
         while todo or live:
             while todo and len(live) < jobs:
                 i = todo.pop(0)
-                p = multiprocessing.get_context("spawn").Process(target=worker, args=(specs[i], acc0))
+                p = multiprocessing.get_context("spawn").Process(target=worker, args=(specs[i], base))
                 signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # until p is in `live`; p starts with them
                 try:                                                # blocked (no traceback while it imports)
                     p.start()
@@ -640,8 +724,8 @@ def last_line(path):
     return lines[-1][:300] if lines else ""
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the report: a table (mean ± std over seeds at step 0, K and the end; the paired TRB - OPD difference per seed)
-# and a figure (accuracy, eval_kl and rollout length against step: mean and min-max band per method)
+# the report: tables (mean ± std over seeds at step 0, K/2, K and the end; the paired TRB - OPD difference per seed;
+# the decision's numbers) and a figure (mean and min-max band per method against step)
 
 def by_method(results):
     out = {}
@@ -658,14 +742,21 @@ def mean_std(xs, digits=3):
     if len(xs) == 1: return f"{m:.{digits}f}"
     return f"{m:.{digits}f} ± {math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)):.{digits}f}"
 
-def table(cfg, results, teacher_acc, ref="opd"):
-    """The report in markdown: per method at step 0, K and the end, then each method's paired difference to ref."""
-    K, N, runs = cfg.warmup_steps, cfg.steps, by_method(results)
-    cols = [(f"{k} @{s}", lambda r, s=s, k=k: at(r, s, k)) for k in ("acc", "eval_kl") for s in (0, K, N)]
+def mid(cfg):
+    """The evaluation point nearest the middle of the warmup (step 20 of K = 40)."""
+    return min(eval_points(cfg), key=lambda s: abs(s - cfg.warmup_steps / 2))
+
+def table(cfg, results, teacher, ref="opd"):
+    """The report in markdown: per method at step 0, K/2, K and the end, then each method's paired difference to
+    ref, then the decision's numbers (mechanism)."""
+    K, N, M, runs = cfg.warmup_steps, cfg.steps, mid(cfg), by_method(results)
+    cols = [(f"acc @{s}", lambda r, s=s: at(r, s, "acc")) for s in (0, M, K, N)]
+    cols += [(f"eval_kl @{s}", lambda r, s=s: at(r, s, "eval_kl")) for s in (0, K, N)]
     cols.append(("step of acc ≥ 0.9", first_step))
-    lines = [f"Greedy accuracy on {cfg.eval_n} held-out problems (eval.py's grader; the teacher's: {teacher_acc:.3f}) "
-             f"and trb's eval_kl, mean ± std over seeds, at step 0, the end of the warmup (K={K}) and the end ({N}); "
-             f"the first evaluated step (every {cfg.every}) with accuracy ≥ 0.9.", "",
+    lines = [f"Greedy accuracy on {cfg.eval_n} held-out problems (eval.py's grader; the teacher's: "
+             f"{teacher['acc']:.3f}) and trb's eval_kl, mean ± std over seeds, at step 0, mid-warmup ({M}), the end "
+             f"of the warmup (K={K}) and the end ({N}); the first evaluated step (every {cfg.every}) with accuracy "
+             f"≥ 0.9.", "",
              "| method | seeds | " + " | ".join(c for c, _ in cols) + " | s/run |", "|---|---:|" + "---:|" * len(cols)
              + "---:|"]
     for name, seeds in runs.items():
@@ -674,8 +765,39 @@ def table(cfg, results, teacher_acc, ref="opd"):
         lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + f" | {mean([r['seconds'] for r in rs]):.0f} |")
     for name in [n for n in runs if n != ref and ref in runs]:
         seeds = sorted(set(runs[name]) & set(runs[ref]))
-        if seeds: lines += [""] + paired(runs[name], runs[ref], seeds, f"{name} − {ref}", cols[1:3] + cols[4:])
-    return "\n".join(lines) + "\n"
+        if seeds: lines += [""] + paired(runs[name], runs[ref], seeds, f"{name} − {ref}", cols[1:4] + cols[5:])
+    return "\n".join(lines + [""] + mechanism(cfg, runs, teacher)) + "\n"
+
+def warmup_mean(res, key, K, per=None):
+    """Over the warmup's training steps (1..K): the mean of key per step, or with per, sum(key) / sum(per)."""
+    t = [x for x in res["train"] if x["step"] <= K]
+    n = sum(x[per] for x in t) if per else len(t)
+    return sum(x[key] for x in t) / n if n else None
+
+def mechanism(cfg, runs, teacher):
+    """The decision's numbers per method, mean ± std over seeds: p('#') where the answer line starts and p(newline)
+    there and one blank line later, and the greedy answers' failures, at mid-warmup and K; over the warmup's steps,
+    the decisions supervised per step, the share of them where '#' was sampled, and the tokens neither model writes
+    (p < 0.05 under both) per response token."""
+    K, M = cfg.warmup_steps, mid(cfg)
+    cols = [(f"p(#) @{s}", lambda r, s=s: at(r, s, "p_hash")) for s in (0, M, K)]
+    cols += [(f"p(\\n) @{M}", lambda r: at(r, M, "p_nl")), (f"p(\\n) after a blank @{M}", lambda r: at(r, M, "p_nl2"))]
+    cols += [(f"no #### @{M}", lambda r: at(r, M, "no_hash")), (f"wrong number @{M}", lambda r: at(r, M, "wrong"))]
+    cols += [("decisions / step, 1..K", lambda r: warmup_mean(r, "decisions", K)),
+             ("'#' sampled there", lambda r: warmup_mean(r, "decisions_hash", K, "decisions")),
+             ("off-both tokens", lambda r: warmup_mean(r, "off_both", K, "resp_tok"))]
+    lines = [f"The decision (answer line: '#', or a blank line / filler), mean ± std over seeds. p(#), p(\\n): the "
+             f"student's next-token probabilities after a held-out prompt + the teacher's steps + a newline (the "
+             f"teacher's: p(#) {teacher['p_hash']:.3f}); 'after a blank': one newline more. no ####, wrong number: "
+             f"shares of the greedy answers. Over training steps 1..K: the response positions after a newline where "
+             f"the teacher's argmax is '#' (decisions supervised), the share of them where '#' was sampled, and the "
+             f"share of response tokens with p < 0.05 under both models.", "",
+             "| method | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, seeds in runs.items():
+        rs = list(seeds.values())
+        lines.append(f"| {name} | " + " | ".join(mean_std([f(r) for r in rs], 1 if c.startswith("dec") else 3)
+                                                   for c, f in cols) + " |")
+    return lines
 
 def first_step(res, level=0.9):
     """The first evaluated step with accuracy >= level (inf if none)."""
@@ -706,17 +828,20 @@ def figure(results, K, path):
     except ImportError:  # the table is the result; the figure is a view of it
         print("toy | no figure: it needs matplotlib (pip install matplotlib)", flush=True)
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.4))
+    axes = axes.ravel()
     for c, (name, seeds) in enumerate(by_method(results).items()):
         rs = list(seeds.values())
-        for ax, key in zip(axes, ("acc", "eval_kl", "len")):
+        for ax, key in zip(axes, ("acc", "eval_kl", "len", "p_hash", "decisions", "off_both")):
             cs = [xy for xy in (series(r, key) for r in rs) if None not in xy[1]]
             if not cs: continue
             x, ys = cs[0][0], list(zip(*[y for _, y in cs]))
             ax.plot(x, [mean(v) for v in ys], color=f"C{c}", marker="o" if key != "len" else None, ms=3,
                     label=f"{name} ({len(rs)} seed{'s' * (len(rs) > 1)})")
             if len(cs) > 1: ax.fill_between(x, [min(v) for v in ys], [max(v) for v in ys], color=f"C{c}", alpha=0.15)
-    titles = ("greedy held-out accuracy (eval.py)", "held-out reverse KL (trb eval_kl)", "training rollout length")
+    titles = ("greedy held-out accuracy (eval.py)", "held-out reverse KL (trb eval_kl)", "training rollout length",
+              "student p('#') where the answer line starts", "decisions supervised per step",
+              "share of sampled tokens with p < 0.05 under both models")
     for ax, title in zip(axes, titles):
         ax.axvline(K, color="gray", lw=0.8, ls="--")
         ax.set_title(title, fontsize=10)
@@ -729,8 +854,12 @@ def figure(results, K, path):
     return path
 
 def series(res, key):
-    """(steps, values) of one run: 'acc' and 'eval_kl' at its evaluation points, 'len' (rollout length) per step."""
-    if key == "len": return [t["step"] for t in res["train"]], [t["resp_len"] for t in res["train"]]
+    """(steps, values) of one run: at its evaluation points ('acc', 'eval_kl', 'p_hash'), or per training step ('len',
+    the rollout length; 'decisions'; 'off_both', a share of the response tokens)."""
+    t = res["train"]
+    if key == "len": return [x["step"] for x in t], [x["resp_len"] for x in t]
+    if key == "off_both": return [x["step"] for x in t], [x["off_both"] / x["resp_tok"] for x in t]
+    if key == "decisions": return [x["step"] for x in t], [x["decisions"] for x in t]
     return [p["step"] for p in res["points"]], [p[key] for p in res["points"]]
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -764,6 +893,8 @@ def check(cfg, given):
     if MAX_PROMPT + cfg.max_new_tokens > POSITIONS:
         raise trb.UserError(f"--max_new_tokens must be <= {POSITIONS - MAX_PROMPT}: prompts of up to {MAX_PROMPT} "
                             f"tokens and their responses fit the models' {POSITIONS} positions")
+    if not regimes(cfg) or not set(regimes(cfg)) <= set(REGIMES) or len(set(regimes(cfg))) < len(regimes(cfg)):
+        raise trb.UserError(f"--regime must name each of {', '.join(REGIMES)} at most once, got {cfg.regime!r}")
     names, _ = runs_of(cfg)
     bad = [m for m in names if m not in METHODS and eps_of(m) is None]
     if bad: raise trb.UserError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(METHODS)}, or trb-epsX "
@@ -818,30 +949,11 @@ def main(argv=None):
                 lock = trb.lock_out_dir(cfg.out)             # one toy.py per --out
             except trb.UserError as e:
                 raise trb.UserError(str(e).replace("--out_dir", "--out").replace("trb.py", "toy.py")) from None
-        root, info = (None if cfg.build_only else shipped(cfg)) or build(dataclasses.replace(cfg, cache=cache),
-                                                                         fresh=cfg.check)
-        if cfg.check: compare_shipped(root)
-        print(f"toy | build {root}: V={info['V']}, {info['params']} parameters per model; held-out greedy accuracy "
-              f"base (the student at step 0) {info['base_acc']:.3f}, teacher {info['teacher_acc']:.3f}", flush=True)
-        if cfg.build_only: return info
-        mode = "sweep" if cfg.sweep else "quick" if cfg.quick else "compare"
-        specs = plan(cfg, root, *runs_of(cfg))
-        paths = [os.path.join(cfg.out, f"{mode}.{ext}") for ext in ("md", "json", "png")]
-        if any(map(os.path.lexists, paths)) and not is_result(paths[1], ("config", "build", "runs")):
-            raise trb.UserError(f"{next(filter(os.path.lexists, paths))} was not written by toy.py (no {mode}.json "
-                                f"of its own beside it): move it away or choose another --out")
-        done = prepare(specs)                                # before the models load: a foreign run folder stops it
-        problems = ev.load_problems("gsm8k", os.path.join(root, "test.jsonl"), cfg.eval_n)
-        tok = trb.load_tokenizer(os.path.join(root, "base"))
-        acc0, t_acc = (accuracy(trb.load_model(os.path.join(root, m), torch.float32, torch.device("cpu")), tok,
-                                problems, cfg.max_new_tokens)[0] for m in ("base", "teacher"))
-        results = run_all(specs, acc0, cfg.jobs, done)  # acc0: every run's step 0 (the base student, greedy)
-        text = table(cfg, results, t_acc)
-        save(paths[0], text)
-        save(paths[1], json.dumps(dict(config=dataclasses.asdict(cfg), build=info, runs=results)))
-        paths[2] = figure(results, cfg.warmup_steps, paths[2])
-        print(text + f"\ntoy | {' '.join(p for p in paths if p)} | {time.time() - t0:.0f}s in all", flush=True)
-        return results
+        out = []
+        for regime in regimes(cfg):
+            r_cfg = dataclasses.replace(cfg, regime=regime, out=os.path.join(cfg.out, regime), cache=cache)
+            out.append(run_regime(r_cfg, t0) if not cfg.build_only else build_regime(r_cfg)[1])
+        return out if cfg.build_only else sum(out, [])     # the builds' infos, or the runs' results
     except KeyboardInterrupt:
         raise SystemExit("toy: interrupted; the runs that finished are read back by the next call, a run that was "
                          "cut off starts again") from None
@@ -850,6 +962,40 @@ def main(argv=None):
     finally:
         signal.signal(signal.SIGTERM, old)
         if lock is not None: trb.unlock(lock)
+
+def build_regime(cfg):
+    """The regime's build: shipped, or built into --cache (--check: afresh, then compared with the shipped one)."""
+    root, info = (None if cfg.build_only else shipped(cfg)) or build(cfg, fresh=cfg.check)
+    if cfg.check: compare_shipped(root, cfg.regime)
+    print(f"toy | {cfg.regime}: build {root}: V={info['V']}, {info['params']} parameters per model; held-out greedy "
+          f"accuracy base (the student at step 0) {info['base_acc']:.3f}, teacher {info['teacher_acc']:.3f}",
+          flush=True)
+    return root, info
+
+def run_regime(cfg, t0):
+    """One regime's runs, read back or run, and its table, JSON and figure in --out/REGIME/. Returns the results."""
+    mode = "sweep" if cfg.sweep else "quick" if cfg.quick else "compare"
+    paths = [os.path.join(cfg.out, f"{mode}.{ext}") for ext in ("md", "json", "png")]
+    if any(map(os.path.lexists, paths)) and not is_result(paths[1], ("config", "build", "runs")):
+        raise trb.UserError(f"{next(filter(os.path.lexists, paths))} was not written by toy.py (no {mode}.json of "
+                            f"its own beside it): move it away or choose another --out")
+    root, info = build_regime(cfg)
+    specs = plan(cfg, root, *runs_of(cfg))
+    done = prepare(specs)                                    # before the models load: a foreign run folder stops it
+    problems = ev.load_problems("gsm8k", os.path.join(root, "test.jsonl"), cfg.eval_n)
+    tok = trb.load_tokenizer(os.path.join(root, "base"))
+    base, teacher = (measure(trb.load_model(os.path.join(root, m), torch.float32, torch.device("cpu")).eval(), tok,
+                             problems, cfg.max_new_tokens) for m in ("base", "teacher"))
+    results = run_all(specs, base, cfg.jobs, done)           # base: every run's step 0 (the base student, greedy)
+    text = f"Regime: {cfg.regime}.\n\n" + table(cfg, results, teacher)
+    save(paths[0], text)
+    save(paths[1], json.dumps(dict(config=dataclasses.asdict(cfg), build=info, teacher=teacher, runs=results)))
+    paths[2] = figure(results, cfg.warmup_steps, paths[2])
+    print(text + f"\ntoy | {' '.join(p for p in paths if p)} | {time.time() - t0:.0f}s in all", flush=True)
+    return results
+
+def regimes(cfg):
+    return [r.strip() for r in cfg.regime.split(",") if r.strip()]
 
 def interrupt(signum, frame):
     raise KeyboardInterrupt
