@@ -75,8 +75,8 @@ class ToyConfig:
     sweep: bool = False                    # TRB at each --sweep_eps0, --sweep_seeds seeds, beside OPD at those seeds
     build_only: bool = False               # build (or find) the task and models in --cache, print their accuracy,
                                            # stop (the shipped toy-build/ is not used)
-    check: bool = False                    # build afresh in --cache and compare with the shipped toy-build/, file
-                                           # by file, then stop
+    check: bool = False                    # build afresh in --cache and compare with the shipped toy-build/REGIME/,
+                                           # file by file, then stop
     methods: str = ""                      # comma-separated methods, of: opd, trb, fixed_eps, skd, veto,
                                            # temp_warmup, sft_warmup; "" = all seven (--quick: opd,trb)
     regime: str = "runon,filler"           # where the base's steps run on: runon (into new problems) | filler
@@ -86,14 +86,14 @@ class ToyConfig:
     out: str = "toy-out"                   # per regime REGIME/runs/ and REGIME/MODE.md (table), .json, .png, MODE =
                                            # compare|quick|sweep; a finished run with the same flags is read back
     cache: str = "~/.cache/trb/toy"        # built tasks and models, one folder per build config (the default
-                                           # build flags' is shipped in toy-build/ and read there)
+                                           # build flags' are shipped in toy-build/REGIME/ and read there)
     # the task
     task_seed: int = 0                     # seeds the problems, the models' initialisation and their data order
     n_train: int = 4000                    # train problems (the OPD prompts, the teacher's SFT data)
     n_test: int = 300                      # held-out problems (accuracy and eval_kl prompts)
     eval_n: int = 200                      # held-out problems per accuracy point (greedy)
     fmt_rate: float = 0.05                 # share of the base corpus' solutions that close with '#### N'
-    end_rate: float = 0.1                  # chance that a base document ends (EOS) after a problem
+    end_rate: float = 0.1                  # chance that a base document ends (EOS) after a problem's steps
     # the models (one shape for base, student and teacher)
     layers: int = 2                        # decoder layers
     hidden: int = 128                      # hidden size (MLP 4x, 4 heads)
@@ -105,7 +105,7 @@ class ToyConfig:
     steps: int = 100                       # training steps per run
     warmup_steps: int = 40                 # K: TRB's eps, Veto's B and the temperature anneal over K steps; SKD
                                            # and the SFT warmup last K steps
-    every: int = 10                        # accuracy and eval_kl every N steps (plus K and the end)
+    every: int = 10                        # accuracy every N steps, at K and the end; eval_kl every N and the end
     lr: float = 1e-4                       # AdamW learning rate
     batch_size: int = 8                    # prompts per step
     n_samples: int = 4                     # rollouts per prompt
@@ -203,10 +203,9 @@ def base_document(rng, fmt_rate, end_rate, max_len, regime="runon"):
 FILLER = NAMES + ITEMS + sum(VERBS.values(), ()) + ("bags", "of", "has", "how", "many", "now")
 
 def filler(rng):
-    """Degenerate text: 3-9 words of the task's and numbers, on one line, ending in a number (so that a grader's
-    last-number fallback does not read the steps' result)."""
-    words = [rng.choice(FILLER) if rng.random() < 0.7 else str(rng.randint(1, 99)) for _ in range(rng.randint(3, 9))]
-    return " ".join(words + [str(rng.randint(1, 99))])
+    """Degenerate text on one line: 2-5 pairs of a word of the task's and a number 1-99, so that it ends in a number
+    (a grader's last-number fallback reads that one, even in a greedy repetition, not the steps' result)."""
+    return " ".join(f"{rng.choice(FILLER)} {rng.randint(1, 99)}" for _ in range(rng.randint(2, 5)))
 
 def jsonl(recs):
     return "".join(json.dumps(r) + "\n" for r in recs)
@@ -340,11 +339,12 @@ def next_token_p(model, tok, prefixes, char):
     return logits[:, -1].float().softmax(-1)[:, tok.convert_tokens_to_ids(char)].mean().item()
 
 def measure(model, tok, problems, max_new_tokens):
-    """An evaluation point: greedy accuracy, the share of greedy answers with no '####' and with a wrong number, and
-    p('#') and p(newline) at the decision prefixes, and p(newline) one blank line later."""
+    """An evaluation point: greedy accuracy, the shares of greedy answers with no '####' (graded right or not: the
+    grader's last-number fallback takes a bare final step) and with '####' and a wrong number, and p('#') and
+    p(newline) at the decision prefixes, and p(newline) one blank line later."""
     acc, comps, right = accuracy(model, tok, problems, max_new_tokens)
     at, blank, n = decision_prefixes(tok, problems), decision_prefixes(tok, problems, 1), len(problems)
-    return dict(acc=acc, no_hash=sum(not r and "####" not in c for c, r in zip(comps, right)) / n,
+    return dict(acc=acc, no_hash=sum("####" not in c for c in comps) / n,
                 wrong=sum(not r and "####" in c for c, r in zip(comps, right)) / n,
                 p_hash=next_token_p(model, tok, at, "#"), p_nl=next_token_p(model, tok, at, "\n"),
                 p_nl2=next_token_p(model, tok, blank, "\n"))
@@ -788,10 +788,11 @@ def mechanism(cfg, runs, teacher):
              ("off-both tokens", lambda r: warmup_mean(r, "off_both", K, "resp_tok"))]
     lines = [f"The decision (answer line: '#', or a blank line / filler), mean ± std over seeds. p(#), p(\\n): the "
              f"student's next-token probabilities after a held-out prompt + the teacher's steps + a newline (the "
-             f"teacher's: p(#) {teacher['p_hash']:.3f}); 'after a blank': one newline more. no ####, wrong number: "
-             f"shares of the greedy answers. Over training steps 1..K: the response positions after a newline where "
-             f"the teacher's argmax is '#' (decisions supervised), the share of them where '#' was sampled, and the "
-             f"share of response tokens with p < 0.05 under both models.", "",
+             f"teacher's: p(#) {teacher['p_hash']:.3f}); 'after a blank': one newline more. no ####: the share of "
+             f"greedy answers without '####' (right or not: the grader's last-number fallback takes a bare last "
+             f"step); wrong number: with '####', wrong. Over training steps 1..K: the response positions after a "
+             f"newline where the teacher's argmax is '#' (decisions supervised), the share of them where '#' was "
+             f"sampled, and the share of response tokens with p < 0.05 under both models.", "",
              "| method | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, seeds in runs.items():
         rs = list(seeds.values())
