@@ -26,12 +26,14 @@ number; compared by normalised string equality, then (GSM8K) as numbers, then by
   - A hedge between two values ('18 or 20', '18 to 20', 'between 18 and 20', 'either 18 or 20') is graded whole,
     so it equals no single gold.
 """
+import contextlib
 import json
 import logging
 import math
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -169,7 +171,9 @@ def gold_of(rec, task, where):
 def load_problems(task, data_file="", limit=0):
     """[(problem, gold, record)] from a local JSONL file or the hub."""
     if data_file:
-        if not os.path.isfile(data_file): raise trb.UserError(f"--data_file {data_file!r}: no such file")
+        if not os.path.isfile(data_file):
+            what = "a folder" if os.path.isdir(data_file) else "no such file"
+            raise trb.UserError(f"--data_file {data_file!r}: {what}")
         recs = [(r, f"{data_file}, record {i}") for i, r in enumerate(trb.read_json_records(data_file), 1)]
     else:
         args, split, _ = TASKS[task]
@@ -178,7 +182,7 @@ def load_problems(task, data_file="", limit=0):
         try:
             recs = [(r, f"{args[0]}[{i}]") for i, r in enumerate(load_dataset(*args, split=split))]
         except Exception as e:
-            raise trb.UserError(f"cannot read {args[0]!r}: {trb._first_line(e)}") from None
+            raise trb.UserError(f"cannot read {args[0]!r}: {trb._short(e)}") from None
     recs = recs[:limit] if limit else recs
     if not recs: raise trb.UserError(f"no problems in {data_file or task}")
     return [(*gold_of(r, "gsm8k" if task == "gsm8k" else "math", where), r) for r, where in recs]
@@ -303,6 +307,7 @@ def pyplot(out_png):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
     except ImportError:
         raise trb.UserError("--plot needs matplotlib (pip install matplotlib)") from None
+    if os.path.isdir(out_png): raise trb.UserError(f"--plot_out {out_png!r} is a folder: name the figure's file")
     out_png = out_png if os.path.splitext(out_png)[1] else out_png + ".png"
     ext, folder = os.path.splitext(out_png)[1][1:].lower(), os.path.dirname(os.path.abspath(out_png))
     if ext not in FigureCanvasAgg.get_supported_filetypes():  # no figure made for the question
@@ -423,7 +428,7 @@ def run_checkpoints(model):
                                                                                        "adapter_config.json")):
         return None
     cks = trb.checkpoints(model)
-    if not cks and any(f == "metrics.jsonl" or f.startswith("checkpoint-") for f in os.listdir(model)):
+    if not cks and any(f in ("metrics.jsonl", trb.LOCK) or f.startswith("checkpoint-") for f in os.listdir(model)):
         raise trb.UserError(f"{model} holds no complete checkpoint (a folder with trainer_state.pt) to evaluate")
     return cks or None
 
@@ -451,27 +456,56 @@ def evaluate_run(a, cks, problems, device, dtype):
     n, settings) goes to --out as soon as it is scored, and a row of the same checkpoint and settings there is read
     back, not run again. Prints the table with the best marked. Returns the rows, oldest first.
     """
-    out = a.out or os.path.join(a.model, f"eval-{a.task}.jsonl")
+    out = rows_file(a)
     settings = {k: getattr(a, k) for k in ("task", "limit", "n_samples", "temperature", "max_new_tokens", "batch_size",
                                            "seed")}
     settings.update(data_file=os.path.abspath(a.data_file) if a.data_file else "", dtype=str(dtype), device=device.type)
     kept, rows = trb.read_metrics(out), []
     for step, path in cks:
-        run = trb.load_state(path, mmap=True).get("run")
-        r = next((r for r in kept if (r.get("run"), r["step"], r.get("settings")) == (run, step, settings)), None)
+        try:
+            run = trb.load_state(path).get("run")
+            r = next((r for r in kept if (r.get("run"), r["step"], r.get("settings")) == (run, step, settings)), None)
+            summary = evaluate_model(a, path, problems, device, dtype)[0] if r is None else None
+        except trb.UserError:
+            if trb._complete(path): raise
+            print(f"{a.task} | {path}: removed while evaluating (the run rotates its checkpoints); skipped")
+            continue
         if r is None:
-            summary = evaluate_model(a, path, problems, device, dtype)[0]
             r = dict(step=step, run=run, checkpoint=path, settings=settings,
                      **{k: summary[k] for k in ("accuracy", "stderr", "n")})
             kept = [x for x in kept if (x.get("run"), x["step"], x.get("settings")) != (run, step, settings)] + [r]
             trb.write_lines(out, [json.dumps(x) + "\n" for x in kept])
         else: print(f"{a.task} | accuracy {r['accuracy']:.4f} ± {r['stderr']:.4f} | read back from {out} | {path}")
         rows.append(r)
+    if not rows: raise trb.UserError(f"{a.model}: every checkpoint was removed while it was evaluated")
     b = best_of(rows)
     print(f"\n| step | {a.task} accuracy | stderr | |\n|---:|---:|---:|---|")
     for r in rows: print(f"| {r['step']} | {r['accuracy']:.4f} | {r['stderr']:.4f} | {'best' * (r is b)} |")
     print(f"\nbest: step {b['step']}, accuracy {b['accuracy']:.4f} ({b['checkpoint']}); rows in {out}", flush=True)
     return rows
+
+def rows_file(a):
+    """The file eval.py writes to: --out, or with --checkpoints all RUN/eval-TASK.jsonl. One that holds anything but
+    eval.py's lines of that kind (a run's metrics.jsonl, a file of the user's), or that cannot be written, is refused
+    before anything runs."""
+    every = a.checkpoints == "all"
+    out, keys = (a.out or os.path.join(a.model, f"eval-{a.task}.jsonl"), {"step", "run", "settings"}) if every else (
+        a.out, {"prompt", "completions", "gold", "correct"})
+    flag = "--out" if a.out else "the rows' file (--out)"
+    if os.path.exists(out) and not os.path.isfile(out) and not os.path.isdir(out):  # a device, a FIFO: never replaced
+        raise trb.UserError(f"{flag} {out!r} is not a regular file: choose a file")
+    try:
+        with open(out) if os.path.isfile(out) else contextlib.nullcontext([]) as f:
+            ours = all(isinstance(r := json.loads(l), dict) and keys <= set(r) for l in f if l.strip())
+        tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(out))).close()  # can it be written?
+    except (ValueError, UnicodeDecodeError):
+        ours = False
+    except OSError as e:
+        raise trb.UserError(f"{flag} {out!r} cannot be written ({e.strerror})") from None
+    if not ours or os.path.isdir(out):
+        what = "rows of checkpoints" if every else "lines of problems"
+        raise trb.UserError(f"{flag} {out!r} holds other lines than eval.py's {what}: choose another file")
+    return out
 
 def main(argv=None):
     trb.keep_freed_memory()
@@ -490,6 +524,7 @@ def main(argv=None):
         cks = run_checkpoints(a.model)
         if every and not cks: raise trb.UserError(f"--checkpoints all needs a trb.py run directory as --model, not "
                                                   f"{a.model!r}")
+        if every or a.out: rows_file(a)
         device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         auto = torch.bfloat16 if device.type == "cuda" else torch.float32
         dtype = getattr(torch, a.dtype) if a.dtype != "auto" else auto

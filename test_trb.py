@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -481,6 +482,58 @@ def test_sample_matches_inverse_cdf_reference_and_distribution():
     one = torch.full((5, 40), float("-inf"))
     one[torch.arange(5), torch.tensor([0, 39, 3, 3, 20])] = 0.0
     assert trb.sample(one).tolist() == [0, 39, 3, 3, 20], "a one-hot row always gives its token, at both ends too"
+
+# -----------------------------------------------------------------------------
+# the docs agree with the code: the README's snippets run, its flags table is Config's, every link resolves
+
+README = os.path.join(HERE, "README.md")
+DOCS = [README] + sorted(str(p) for p in pathlib.Path(HERE, "docs").glob("*.md")) + [os.path.join(HERE, "examples",
+                                                                                              "README.md")]
+
+def test_readme_python_blocks_run(tiny, tmp_path, monkeypatch):
+    """Every ```python block of the README runs, in order and in one namespace, on the tests' tiny pair (the paper's
+    model names and the data file replaced by the tiny pair's paths)."""
+    blocks = re.findall(r"```python\n(.*?)```", open(README).read(), flags=re.S)
+    assert len(blocks) >= 2, "the README's snippets"
+    swap = {"Qwen/Qwen3-0.6B-Base": tiny["student"], "Qwen/Qwen3-4B": tiny["teacher"], "prompts.jsonl": tiny["data"]}
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    for code in blocks:
+        for a, b in swap.items(): code = code.replace(f'"{a}"', repr(b))
+        exec(compile(code, "README.md", "exec"), ns)
+    assert [s for s, _ in trb.checkpoints(str(tmp_path / "out-mine"))] == [2], "trb.train's run directory"
+    assert ns["proc"].betas and ns["student"].config.num_hidden_layers == 2
+
+def test_readme_flags_table_is_configs():
+    """The README's table of key flags gives each flag Config's default."""
+    rows = re.findall(r"^\| `--(\w+)` \| ([^|]+) \|", open(README).read(), flags=re.M)
+    assert len(rows) >= 8, rows
+    defaults = {f.name: f.default for f in dataclasses.fields(trb.Config)}
+    for name, shown in rows:
+        assert name in defaults and str(defaults[name]) == shown.strip(), f"--{name}: README {shown!r}, Config " \
+                                                                            f"{defaults.get(name)!r}"
+
+@pytest.mark.parametrize("doc", DOCS, ids=[os.path.relpath(d, HERE) for d in DOCS])
+def test_every_relative_link_resolves(doc):
+    """Every relative link of the README and docs/ names a file that exists."""
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", open(doc).read())
+    local = [l for l in links if not re.match(r"[a-z]+:", l)]
+    missing = [l for l in local if not os.path.exists(os.path.join(os.path.dirname(doc), l))]
+    assert not missing, f"{os.path.relpath(doc, HERE)}: {missing}"
+
+def test_readme_is_short():
+    """The README stays the project's face, at most 16,000 bytes; dates belong in docs/."""
+    text = open(README, encoding="utf-8").read()
+    assert len(text.encode()) <= 16000, f"README.md is {len(text.encode())} bytes"
+    assert not re.search(r"20\d\d-\d\d-\d\d", text), "a date in the README: it belongs in docs/"
+
+@pytest.mark.parametrize("script", ["trb.py", "eval.py", "toy.py", "bench.py"])
+def test_help_states_no_measurement(script):
+    """--help describes what a flag does, not what a run measured (those figures live in docs/)."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "250"}, check=True)
+    for words in ("fastest", "was fast", "README", " minutes", "bench.py's"):
+        assert words not in p.stdout, f"{script} --help: {words!r}"
 
 @pytest.mark.parametrize("script", ["trb.py", "eval.py", "bench.py"])
 def test_help_explains_every_flag(script):
@@ -1103,6 +1156,8 @@ BAD_FLAGS = [  # (flags, words of the one-line error); every one refused before 
     (["--save_every", str(10**400), "--batch_size", "0"], "--batch_size must be >= 1"),
     (["--spec_tokens", "-2"], "--spec_tokens must be -1 (auto) or >= 0"),
     (["--save_total_limit", "-1"], "--save_total_limit must be >= 0"),
+    (["--loss_chunk", str(10**20)], "--loss_chunk must be finite and <= 2^40"),
+    (["--max_new_tokens", str(2**41)], "--max_new_tokens must be >= 1 and <= 2^40"),
     (["--resume", "--overwrite"], "pass one of them"),
     (["--eps0", "0", "--skd_topk", "5", "--skd_steps", "2", "--spec_tokens", "2"], "SKD keeps the lock-step"),
     (["--system_prompt", "a\udcffb"], "--system_prompt is not valid Unicode"),  # argv's undecodable bytes
@@ -1319,7 +1374,7 @@ def test_nan_logits_and_loss_stop_without_saving(tiny, tmp_path, who, eps):
     out = tmp_path / "out"
     msg = cli_error(tiny, tmp_path, f"--{who}", str(bad), "--eps0", eps, "--out_dir", str(out))
     want = f"NaN in the {who} logits" if eps != "0" else "non-finite loss"
-    assert "step 0" in msg and want in msg and "without saving" in msg, msg
+    assert "step 1:" in msg and want in msg and "without saving" in msg and msg.endswith("holds no checkpoint"), msg
     assert not (out / "trainer_state.pt").exists() and not (out / "model.safetensors").exists()
 
 def test_resume_missing_or_corrupt(tiny, tmp_path):
@@ -1339,6 +1394,27 @@ def test_resume_missing_or_corrupt(tiny, tmp_path):
 
 class Killed(BaseException):
     """Stands in for kill -9: no `except Exception` catches it, and no cleanup of ours runs."""
+
+def killed_save(monkeypatch, kill_at, run, step=None):
+    """Calls run() with the kill_at-th filesystem step of trb.save (of the save at `step`, or of every save) killed.
+    Returns the steps that save took: all of them where kill_at is past its end."""
+    orig, steps = trb.save, []
+    def dying_save(R):
+        if step is not None and R.step != step: return orig(R)
+        with monkeypatch.context() as mp:
+            s = fault_injector(mp, kill_at)
+            try:
+                orig(R)
+            finally:
+                steps[:] = s
+    monkeypatch.setattr(trb, "save", dying_save)
+    try:
+        run()
+    except Killed:
+        pass
+    finally:
+        monkeypatch.setattr(trb, "save", orig)
+    return steps
 
 def fault_injector(monkeypatch, kill_at):
     """Patches every filesystem step of a save; the kill_at-th one (from 0) is killed, a write or a removal cut
@@ -1399,24 +1475,12 @@ def test_a_kill_at_each_step_of_a_save_resumes_exactly(tiny, tmp_path, monkeypat
     base = tmp_path / "base"
     for d, n in ((tmp_path / "a", "3"), (base, "1")): main(cli_args(tiny, d, *SAVE_PATHS[path], "--save_every", "1",
                                                                    "--max_steps", n))
-    orig, tried = trb.save, 0
+    tried = 0
     for kill_at in range(100):
-        out, steps = tmp_path / f"k{kill_at}", []
+        out = tmp_path / f"k{kill_at}"
         shutil.copytree(base, out)
-        def dying_save(R):
-            if R.step != 2: return orig(R)
-            with monkeypatch.context() as mp:
-                s = fault_injector(mp, kill_at)
-                try:
-                    orig(R)
-                finally:
-                    steps[:] = s
-        monkeypatch.setattr(trb, "save", dying_save)
-        try:
-            main(["--out_dir", str(out), "--resume", "--max_steps", "3"])
-        except Killed:
-            pass
-        monkeypatch.setattr(trb, "save", orig)
+        steps = killed_save(monkeypatch, kill_at, lambda: main(["--out_dir", str(out), "--resume", "--max_steps", "3"]),
+                            step=2)
         if kill_at >= len(steps): break  # the save ran to its end: every step has been killed once
         tried += 1
         left = trb.checkpoints(str(out))
@@ -1571,18 +1635,29 @@ def test_save_total_limit_keeps_the_newest_and_only_it_resumable(tiny, tmp_path,
     if limit == 1: return
     shutil.rmtree(ckpt(out))  # the newest, removed by hand
     msg = cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--max_steps", "6", base=False, early=True)
-    assert "checkpoint-4, the newest checkpoint, holds weights only" in msg and "--student" in msg, msg
+    assert "checkpoint-4, the newest checkpoint, holds no optimizer state" in msg and "--student" in msg, msg
+
+def test_a_resume_that_fails_or_has_nothing_to_do_removes_no_checkpoint(tiny, tmp_path):
+    """--resume with a tighter --save_total_limit and a mistyped --teacher, or past --max_steps: every checkpoint kept
+    (a limit acts at the next save)."""
+    out = run_cli(tiny, tmp_path / "run", "--max_steps", "3", "--save_every", "1")
+    before = files_of(out)
+    assert "teacher" in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--max_steps", "4",
+                                  "--save_total_limit", "1", "--teacher", str(tmp_path / "none"), base=False)
+    trb.main(["--out_dir", str(out), "--resume", "--max_steps", "2", "--save_total_limit", "1"])  # nothing to do
+    assert files_of(out) == before, "a resume that took no step changed the run directory"
 
 def test_a_fresh_run_into_a_run_is_refused_and_loses_nothing(tiny, finished_run, tmp_path):
     """Re-running into an out_dir that holds a run, or the metrics of one that never saved: one line naming --resume
-    and --overwrite; every file unchanged."""
+    (where there is a checkpoint to resume) and --overwrite; every file unchanged."""
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     for what in ("checkpoints and metrics.jsonl", "metrics.jsonl"):
         if what == "metrics.jsonl": shutil.rmtree(ckpt(out))  # a run killed before its first save
         before = files_of(out)
         msg = cli_error(tiny, tmp_path, "--out_dir", str(out), early=True)
-        assert f"holds a run ({what}): pass --resume" in msg and "--overwrite" in msg, msg
+        says = "pass --resume to continue it, or --overwrite" if "checkpoints" in what else "pass --overwrite"
+        assert f"holds a run ({what}): {says} to start over" in msg, msg
         assert files_of(out) == before, "a refused run changed the out_dir"
 
 def test_overwrite_replaces_the_run_only_at_its_first_save(tiny, finished_run, tmp_path, monkeypatch):
@@ -1618,43 +1693,37 @@ def test_a_kill_during_the_first_save_of_an_overwrite_leaves_one_whole_run(tiny,
         trb.main(["--out_dir", str(d), "--resume", "--max_steps", "3"])
         refs[name] = (weights(d), [r.get("loss") for r in trb.read_metrics(str(d / "metrics.jsonl"))])
     old_run = trb.load_state(ckpt(finished_run))["run"]
-    orig, outcomes = trb.save, set()
+    outcomes = set()
     for kill_at in range(100):
-        out, steps = tmp_path / f"k{kill_at}", []
+        out = tmp_path / f"k{kill_at}"
         shutil.copytree(finished_run, out)
         before = files_of(out)
-        def dying_save(R):
-            with monkeypatch.context() as mp:
-                s = fault_injector(mp, kill_at)
-                try:
-                    orig(R)
-                finally:
-                    steps[:] = s
-        monkeypatch.setattr(trb, "save", dying_save)
-        try:
-            run_cli(tiny, out, *new, "--overwrite")
-        except Killed:
-            pass
-        monkeypatch.setattr(trb, "save", orig)
+        steps = killed_save(monkeypatch, kill_at, lambda: run_cli(tiny, out, *new, "--overwrite"))
         if kill_at >= len(steps): break
         complete = [p for p in out.glob("checkpoint-2*") if trb._complete(str(p)) and
                     trb.load_state(str(p))["run"] != old_run]
         if not complete:
             assert {k: v for k, v in files_of(out).items() if not k.startswith("checkpoint-2.tmp")} == before, \
                 f"kill at {kill_at} ({steps[-1]}): the old run changed before the new checkpoint was complete"
-        trb.main(["--out_dir", str(out), "--resume", "--max_steps", "3"])
+        msg = cli_error(tiny, tmp_path, "--out_dir", str(out))  # a plain start: refused, what the kill left tidied
+        assert "holds a run" in msg, f"kill at {kill_at}: {msg}"
         which = "new" if trb.load_state(ckpt(out))["run"] != old_run else "old"
-        outcomes.add(which)
         w, losses = refs[which]
+        assert [r.get("loss") for r in trb.read_metrics(str(out / "metrics.jsonl"))] == losses[:2], \
+            f"kill at {kill_at} ({steps[-1]}): metrics.jsonl is not the {which} run's"
+        trb.main(["--out_dir", str(out), "--resume", "--max_steps", "3"])
+        outcomes.add(which)
         assert all(torch.equal(w[k], weights(out)[k]) for k in w), f"kill at {kill_at} ({steps[-1]}): {which} run"
         assert [r.get("loss") for r in trb.read_metrics(str(out / "metrics.jsonl"))] == losses, f"kill at {kill_at}"
     assert outcomes == {"old", "new"} and kill_at >= 8, (outcomes, kill_at)
 
 def test_a_users_files_in_the_run_directory_survive_everything(tiny, tmp_path, monkeypatch):
     """Files and folders of the user's in the run directory, names like trb's included (checkpoint-best,
-    checkpoint-7.bak), outlive a run, a kill mid-save, a resume, an overwrite and a failed start."""
+    checkpoint-7.bak, checkpoint-01, .trb-notes.tmp, notes.del, eval.py's scratch file), outlive a run, a kill mid-save, a resume, an
+    overwrite and a failed start."""
     out = tmp_path / "run"
-    for f in ("notes.txt", "plots/a.png", "checkpoint-best/config.json", "checkpoint-7.bak/x"):
+    for f in ("notes.txt", "plots/a.png", "checkpoint-best/config.json", "checkpoint-7.bak/x", ".trb-notes.tmp",
+              ".trb-eval-gsm8k.jsonl.tmp", "notes.del", "backup.del/x", "checkpoint-01/x", "checkpoint-\u0663.tmp/x"):
         (out / f).parent.mkdir(parents=True, exist_ok=True)
         (out / f).write_text(f)
     mine = files_of(out)
@@ -1669,29 +1738,151 @@ def test_a_users_files_in_the_run_directory_survive_everything(tiny, tmp_path, m
     assert {k: v for k, v in files_of(out).items() if k in mine} == mine and [s for s, _ in trb.checkpoints(
         str(out))] == [1]
 
-def test_a_run_in_the_layout_before_checkpoint_folders_is_moved_then_resumed(tiny, tmp_path):
+def test_overwrite_of_a_run_that_never_saved_keeps_none_of_its_metrics(tiny, tmp_path):
+    """--overwrite where the old run left metrics.jsonl but no checkpoint (killed before its first save): at the first
+    save metrics.jsonl becomes the new run's, every line of it, and none of the old run's."""
+    out = run_cli(tiny, tmp_path / "run", "--max_steps", "2", "--seed", "7")
+    shutil.rmtree(ckpt(out))
+    run_cli(tiny, out, "--max_steps", "4", "--save_every", "2", "--overwrite")
+    ref = run_cli(tiny, tmp_path / "ref", "--max_steps", "4", "--save_every", "2")
+    assert [r["loss"] for r in trb.read_metrics(str(out / "metrics.jsonl"))] == \
+        [r["loss"] for r in trb.read_metrics(str(ref / "metrics.jsonl"))], "the old run's lines stayed"
+
+FOREIGN_NAMES = {  # what the user has under trb's name checkpoint-N in out_dir
+    "a folder of another trainer": lambda p: (p.mkdir(), (p / "trainer_state.json").write_text("{}")),
+    "a file": lambda p: p.write_text("x"),
+    "a symlink": lambda p: p.symlink_to(p.parent.parent),
+}
+
+@pytest.mark.parametrize("what", list(FOREIGN_NAMES))
+def test_a_foreign_thing_named_like_a_checkpoint_is_refused_and_kept(tiny, tmp_path, what):
+    """A folder, file or symlink named checkpoint-N that is no checkpoint of trb's: one line before any model loads,
+    for a fresh run and for --resume, and it is left as it was (never taken for a cut-off save and removed)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    FOREIGN_NAMES[what](out / "checkpoint-2")
+    before = files_of(out)
+    msg = cli_error(tiny, tmp_path, "--out_dir", str(out), "--max_steps", "2", "--save_every", "1", early=True)
+    assert "holds checkpoint-2, which is no checkpoint of trb's" in msg, msg
+    assert files_of(out) == before and os.path.lexists(out / "checkpoint-2")
+
+def test_a_users_part_files_and_the_cut_off_cleanups(tiny, finished_run, tmp_path):
+    """trb's scratch names are its own (.trb-NAME.tmp): a user's metrics.jsonl.part survives a resume and an
+    overwrite; leftovers of trb's (.tmp, .del, .trb-*.tmp) go at the next start, each with a line."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    (out / "metrics.jsonl.part").write_text("notes")
+    (out / "checkpoint-1.del").mkdir()
+    (out / ".trb-metrics.jsonl.tmp").write_text("half")
+    trb.main(["--out_dir", str(out), "--resume", "--max_steps", "3"])
+    run_cli(tiny, out, "--max_steps", "1", "--overwrite")
+    assert (out / "metrics.jsonl.part").read_text() == "notes"
+    assert sorted(os.listdir(out)) == ["checkpoint-1", "metrics.jsonl", "metrics.jsonl.part", "trb.lock"]
+
+def test_a_finished_run_cut_off_after_its_rename_is_pruned_and_its_metrics_cut(tiny, tmp_path, monkeypatch):
+    """The last save killed after its rename (before the older checkpoints drop their optimizer state), then
+    --resume with nothing to do: the older checkpoints are pruned to --save_total_limit, and metrics.jsonl is cut to
+    the newest checkpoint's lines, both before the one line that there is nothing to do."""
+    out, orig = tmp_path / "run", trb.prune
+    def dies_after_the_last_rename(d, limit):
+        if os.path.isdir(os.path.join(d, "checkpoint-4")): raise Killed("after the rename")
+        return orig(d, limit)
+    with monkeypatch.context() as mp:
+        mp.setattr(trb, "prune", dies_after_the_last_rename)
+        with pytest.raises(Killed):
+            run_cli(tiny, out, "--max_steps", "4", "--save_every", "2", "--save_total_limit", "1")
+    assert [s for s, _ in trb.checkpoints(str(out))] == [2, 4] and (out / "checkpoint-2" / "optimizer.pt").exists()
+    with open(out / "metrics.jsonl", "a") as f: f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")
+    trb.main(["--out_dir", str(out), "--resume"])
+    assert [s for s, _ in trb.checkpoints(str(out))] == [4], os.listdir(out)
+    assert metric_steps(out) == [1, 2, 3, 4]
+
+def test_out_dir_that_is_a_checkpoint_is_refused_and_left_clean(tiny, finished_run, tmp_path):
+    """--out_dir RUN/checkpoint-N (a checkpoint, not its run directory): one line naming the run directory, no lock
+    file left in the checkpoint."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    c = pathlib.Path(ckpt(out))
+    before = files_of(c, skip=())
+    msg = cli_error(tiny, tmp_path, "--out_dir", str(c), "--resume", base=False, early=True)
+    assert f"is a checkpoint; pass its run directory, {out}" in msg, msg
+    assert files_of(c, skip=()) == before, "the checkpoint changed (a lock file left in it?)"
+
+def test_stop_lines_name_the_step_and_what_is_on_disk(tiny, tmp_path, monkeypatch):
+    """A non-finite loss at the second step names step 2, as the log does, and the newest checkpoint; a signal just
+    before the first save's rename names the complete checkpoint-N.tmp that the next start puts in place."""
+    import signal
+    orig, calls = trb.clip_grad, []
+    def inf_on_step_2(R):
+        calls.append(1)
+        return float("inf") if len(calls) == 2 else orig(R)
+    monkeypatch.setattr(trb, "clip_grad", inf_on_step_2)
+    msg = cli_error(tiny, tmp_path, "--out_dir", str(tmp_path / "a"), "--max_steps", "3", "--save_every", "1")
+    assert msg.startswith("trb: error: step 2: non-finite loss") and msg.endswith(
+        f"the newest checkpoint is {tmp_path / 'a' / 'checkpoint-1'}"), msg
+    monkeypatch.undo()
+    orig_replace = os.replace
+    def sigterm_before_the_rename(src, dst, *x, **k):
+        if str(src).endswith("checkpoint-1.tmp"): os.kill(os.getpid(), signal.SIGTERM)
+        return orig_replace(src, dst, *x, **k)
+    monkeypatch.setattr(os, "replace", sigterm_before_the_rename)
+    with pytest.raises(SystemExit) as e:
+        run_cli(tiny, tmp_path / "b", "--max_steps", "2", "--save_every", "1")
+    monkeypatch.undo()
+    tmp = tmp_path / "b" / "checkpoint-1.tmp"
+    assert str(e.value).endswith(f"the next start puts {tmp} in place") or \
+        str(e.value).endswith(f"the newest checkpoint is {tmp_path / 'b' / 'checkpoint-1'}"), e.value
+    trb.main(["--out_dir", str(tmp_path / "b"), "--resume"])
+    assert metric_steps(tmp_path / "b") == [1, 2]
+
+@pytest.mark.parametrize("at,says", [("checkpoint-1", "the run it was to replace in {d} is untouched"),
+                                     ("checkpoint-2.tmp", "the next start puts {d}/checkpoint-2.tmp in place")])
+def test_a_signal_during_an_overwrites_first_save_says_what_the_next_start_keeps(tiny, tmp_path, monkeypatch, at, says):
+    """SIGTERM as --overwrite's first save moves the old run's first checkpoint away, or renames its own into place:
+    the stop line says which run the directory holds, and the next start finds that run there."""
+    import signal
+    d = run_cli(tiny, tmp_path / "run", "--max_steps", "2", "--save_every", "1")
+    old_run, orig_replace = trb.load_state(ckpt(d))["run"], os.replace
+    def sigterm(src, dst, *x, **k):
+        if str(src) == str(d / at): os.kill(os.getpid(), signal.SIGTERM)
+        return orig_replace(src, dst, *x, **k)
+    monkeypatch.setattr(os, "replace", sigterm)
+    with pytest.raises(SystemExit) as e:
+        run_cli(tiny, d, "--max_steps", "2", "--save_every", "2", "--seed", "7", "--overwrite")
+    monkeypatch.undo()
+    assert str(e.value).endswith(says.format(d=d)), e.value
+    assert "holds a run" in cli_error(tiny, tmp_path, "--out_dir", str(d)), "the next start"
+    kept = trb.load_state(ckpt(d))
+    assert (kept["run"] == old_run) == (at == "checkpoint-1"), f"the next start kept the other run: {kept['run']}"
+    assert [json.loads(x)["step"] for x in kept["history"]] == metric_steps(d) == [1, 2], metric_steps(d)
+
+@pytest.mark.parametrize("script,flags", [("trb.py", ["--save_total_limit", "x"]), ("eval.py", ["--limit", "x"]),
+                                          ("trb.py", ["--no_such_flag"])])
+def test_argparse_errors_are_one_line(script, flags):
+    """A flag of the wrong type or an unknown one: one line (no usage block), exit status 2."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, script), *flags], capture_output=True, text=True)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"{script[:-3]}: error: ") and "--help" in p.stderr, p.stderr
+
+def test_a_run_in_the_layout_before_checkpoint_folders_is_refused_and_its_weights_start_a_run(tiny, tmp_path):
     """A run saved with its checkpoint at the top of out_dir (before checkpoint-N folders): --resume, a fresh run and
-    --overwrite stop with one line giving the commands that move it into checkpoint-N; after them, --resume
-    continues it exactly."""
-    a = run_cli(tiny, tmp_path / "a", "--max_steps", "3", "--save_every", "1")
+    --overwrite stop with one line, the folder as it was; its weights start a new run with --student."""
     b = run_cli(tiny, tmp_path / "b", "--max_steps", "2")
     c = pathlib.Path(ckpt(b))
     state = torch.load(c / "trainer_state.pt", weights_only=True)
-    old = dict({k: state[k] for k in ("step", "config", "world", "run", "rng")}, files=sorted(
-        [f for f in os.listdir(c) if f != "optimizer.pt"]), optimizer=torch.load(c / "optimizer.pt", weights_only=True))
     for f in os.listdir(c):
         if f not in ("optimizer.pt", "trainer_state.pt"): os.replace(c / f, b / f)
     shutil.rmtree(c)
-    torch.save(old, b / "trainer_state.pt")
+    torch.save(dict({k: state[k] for k in ("step", "config", "world", "run", "rng")}, optimizer={}),
+               b / "trainer_state.pt")
+    before = files_of(b)
     for flags in (["--resume"], [], ["--overwrite"]):
-        msg = cli_error(tiny, tmp_path, "--out_dir", str(b), *flags, base=not flags or flags == ["--overwrite"],
-                        early=True)
-        assert "saved before runs kept checkpoint-N folders: move it into one, then --resume: cd " in msg, msg
-    cmd = msg.split("then --resume: ", 1)[1]
-    subprocess.run(cmd, shell=True, check=True)
-    trb.main(["--out_dir", str(b), "--resume", "--max_steps", "3"])
-    wa, wb = weights(a), weights(b)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa) and metric_steps(b) == [1, 2, 3]
+        msg = cli_error(tiny, tmp_path, "--out_dir", str(b), *flags, base=flags != ["--resume"], early=True)
+        assert msg.endswith(f"saved before trb.py kept checkpoint-N folders: continue it with the trb.py that saved "
+                            f"it, or start a new run from its weights with --student {b}"), msg
+        assert files_of(b) == before, f"{flags}: the old run changed"
+    new = run_cli(dict(tiny, student=str(b)), tmp_path / "new", "--max_steps", "1")
+    assert trb.load_state(ckpt(new))["step"] == 1
 
 def test_symlinked_out_dir_saves_resumes_and_locks_where_it_points(tiny, tmp_path):
     """out_dir -> real: saves go where the link points and the link stays; the same directory by either path cannot
@@ -1711,6 +1902,50 @@ def test_symlinked_out_dir_saves_resumes_and_locks_where_it_points(tiny, tmp_pat
                                                                                   str(path), "--resume")
     finally:
         trb.unlock(lock)
+
+def test_a_damaged_newest_state_is_one_line_and_overwrite_replaces_it(tiny, tmp_path):
+    """A newest trainer_state.pt cut short: one line on --resume; --overwrite starts over all the same."""
+    out = run_cli(tiny, tmp_path / "run", "--max_steps", "2", "--save_every", "1")
+    p = os.path.join(ckpt(out), "trainer_state.pt")
+    pathlib.Path(p).write_bytes(pathlib.Path(p).read_bytes()[:1000])
+    assert "corrupt checkpoint state" in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", base=False)
+    run_cli(tiny, out, "--max_steps", "1", "--overwrite")
+    assert [s for s, _ in trb.checkpoints(str(out))] == [1] and metric_steps(out) == [1], os.listdir(out)
+
+def test_a_lock_file_that_is_a_link_and_a_link_to_nothing_are_refused(tiny, tmp_path):
+    """out_dir/trb.lock -> a file of the user's: refused, the file untouched; an out_dir that links to nothing: one
+    line, nothing made."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / trb.LOCK).symlink_to(tmp_path / "notes.txt")
+    assert "not writable" in cli_error(tiny, tmp_path, "--out_dir", str(tmp_path / "run"), early=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine", "the lock wrote through a link"
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    assert "is a link to nothing" in cli_error(tiny, tmp_path, "--out_dir", str(tmp_path / "dangling"), early=True)
+    assert not (tmp_path / "gone").exists()
+
+def test_a_lock_file_removed_under_a_starting_run_locks_nothing(tmp_path, monkeypatch):
+    """A failed start removes the lock file it made; a run that opened that file just before holds a lock on nothing:
+    it stops, and the run that made the new lock file holds the directory alone."""
+    import fcntl
+    d, orig, third = tmp_path / "o", fcntl.flock, []
+    d.mkdir()
+    (d / trb.LOCK).write_text("")
+    def removed_first(f, how):
+        if not third:  # between this run's open and its flock: the failed start's unlock, then a third run
+            os.remove(d / trb.LOCK)
+            third.append(None)
+            third.append(trb.lock_out_dir(str(d)))
+        return orig(f, how)
+    monkeypatch.setattr(fcntl, "flock", removed_first)
+    with pytest.raises(trb.UserError, match="in use by another trb.py run"):
+        trb.lock_out_dir(str(d))
+    monkeypatch.undo()
+    try:
+        with pytest.raises(trb.UserError, match="in use by another trb.py run"):
+            trb.lock_out_dir(str(d))
+    finally:
+        trb.unlock(third[-1])
 
 @pytest.mark.parametrize("who", ["student", "teacher", "resume"])
 def test_weights_that_do_not_match_the_model_are_refused(tiny, tmp_path, who, capfd):
@@ -1822,7 +2057,7 @@ def test_resume_on_a_full_disk_is_one_line(tiny, tmp_path, monkeypatch):
     """--resume cannot rewrite metrics.jsonl: one line, the file untouched, no partial file; later it resumes."""
     out = run_cli(tiny, tmp_path / "run", "--max_steps", "1")
     before = files_of(out)
-    monkeypatch.setattr(trb, "open", no_space("metrics.jsonl.part", "w"), raising=False)
+    monkeypatch.setattr(trb, "open", no_space(".trb-metrics.jsonl.tmp", "w"), raising=False)
     msg = cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--max_steps", "2", base=False)
     assert "cannot write" in msg and "metrics.jsonl (No space left" in msg, msg
     assert files_of(out) == before
@@ -1835,17 +2070,17 @@ BAD_STATE = {  # name -> (a change to trainer_state.pt, words of the one-line er
     "step text": (lambda s: s.update(step="two"), "'step' is 'two', not a valid step"),
     "negative step": (lambda s: s.update(step=-1), "'step' is '-1'"),
     "no config": (lambda s: s.pop("config"), "lacks its 'config' entry"),
-    "optimizer int": (lambda s: s.update(optimizer=5), "its optimizer or history entry is mistyped"),
-    "history text": (lambda s: s.update(history="step 1"), "its optimizer or history entry is mistyped"),
+    "history text": (lambda s: s.update(history="step 1"), "'history' is 'step 1', not a valid history"),
+    "history of numbers": (lambda s: s.update(history=[1, 2]), "'history' is '[1, 2]', not a valid history"),
     "config lr text": (lambda s: s["config"].update(lr="fast"), "config: lr is 'fast', not of type float"),
     "config seed float": (lambda s: s["config"].update(seed=1.5), "config: seed is 1.5, not of type int"),
-    "rng missing torch": (lambda s: s["rng"].pop("torch"), "optimizer or RNG state does not fit"),
+    "rng missing torch": (lambda s: s["rng"].pop("torch"), "is damaged or does not fit"),
     "other optimizer": (lambda s, o: o.clear() or o.update(torch.optim.AdamW([torch.zeros(2, requires_grad=True)])
-                                                         .state_dict()), "optimizer or RNG state does not fit"),
+                                                         .state_dict()), "is damaged or does not fit"),
     "moments of another model": (lambda s, o: o["state"][0].update(exp_avg=torch.zeros(48, 48)),
                                  "exp_avg (48, 48) for a"),
     "NaN moments": (lambda s, o: o["state"][1]["exp_avg_sq"].fill_(float("nan")), "non-finite exp_avg_sq"),
-    "no optimizer.pt": (lambda s, o: o.clear(), "holds weights only"),
+    "no optimizer.pt": (lambda s, o: o.clear(), "holds no optimizer state"),
 }
 
 @pytest.mark.parametrize("case", list(BAD_STATE))
@@ -1934,9 +2169,9 @@ def test_late_signals_cannot_change_the_end_of_a_run(tiny, tmp_path, monkeypatch
     error is one line naming the step and what is on disk."""
     import signal
     orig = trb.unlock
-    def unlock_with_sigint(lock):
+    def unlock_with_sigint(lock, failed=False):
         os.kill(os.getpid(), signal.SIGINT)
-        orig(lock)
+        orig(lock, failed)
     monkeypatch.setattr(trb, "unlock", unlock_with_sigint)
     run_cli(tiny, tmp_path / "run", "--max_steps", "2")
     assert trb.load_state(ckpt(tmp_path / "run"))["step"] == 2
@@ -2629,6 +2864,54 @@ def eval_error(*args):
     assert msg.startswith("eval: error: ") and "\n" not in msg, f"not a one-line error: {msg!r}"
     return msg
 
+def test_eval_checkpoints_all_is_the_papers_protocol(tiny, tmp_path, capsys, monkeypatch):
+    """eval.py --model RUN --checkpoints all on a run of 3 checkpoints: 3 rows, the best marked, the rows in
+    RUN/eval-gsm8k.jsonl; a second call reads them back (no generation); other settings are scored again; --plot
+    draws accuracy against step; --model RUN alone evaluates the newest checkpoint."""
+    out = run_cli(tiny, tmp_path / "run", "--max_steps", "3", "--save_every", "1")
+    flags = ["--model", str(out), "--data_file", tiny["data"], "--limit", "3", "--max_new_tokens", "6"]
+    rows = ev.main(flags + ["--checkpoints", "all", "--plot", "--plot_out", str(tmp_path / "acc.png")])
+    said = capsys.readouterr().out
+    assert [r["step"] for r in rows] == [1, 2, 3] and (tmp_path / "acc.png").stat().st_size > 0
+    best = ev.best_of(rows)["step"]
+    assert f"| {best} | " in said and said.count("| best |") == 1 and f"best: step {best}" in said, said
+    assert [r["step"] for r in trb.read_metrics(str(out / "eval-gsm8k.jsonl"))] == [1, 2, 3]
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("a scored checkpoint was evaluated again"))
+    assert ev.main(flags + ["--checkpoints", "all"]) == rows, "read back"
+    monkeypatch.undo()
+    assert len(ev.main(flags + ["--checkpoints", "all", "--max_new_tokens", "4"])) == 3
+    assert len(trb.read_metrics(str(out / "eval-gsm8k.jsonl"))) == 6, "rows of both settings kept"
+    assert ev.main(flags)["model"] == os.path.join(str(out), "checkpoint-3"), "--model RUN: its newest checkpoint"
+
+def test_eval_checkpoints_all_refuses_foreign_rows_files_and_skips_removed(tiny, tmp_path, capsys, monkeypatch):
+    """eval.py never rewrites a file that is not its own (a foreign --out, the run's metrics.jsonl), in either mode, and
+    says so before evaluating; a checkpoint the run rotates away while it is evaluated is skipped, not fatal."""
+    out = run_cli(tiny, tmp_path / "run", "--max_steps", "2", "--save_every", "1")
+    flags = ["--model", str(out), "--data_file", tiny["data"], "--limit", "2", "--max_new_tokens", "4", "--checkpoints",
+             "all"]
+    (tmp_path / "mine.csv").write_text("step,acc\n1,0.5\n")
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("evaluated before refusing --out"))
+    for o in (tmp_path / "mine.csv", out / "metrics.jsonl"):
+        before = o.read_bytes()
+        assert "holds other lines than eval.py's rows" in eval_error(*flags, "--out", str(o))
+        assert "holds other lines than eval.py's lines of problems" in eval_error(*flags[:-2], "--out", str(o))
+        assert o.read_bytes() == before, f"{o} was rewritten"
+    os.mkfifo(tmp_path / "fifo")
+    assert "is not a regular file" in eval_error(*flags, "--out", str(tmp_path / "fifo"))
+    assert "is not a regular file" in eval_error(*flags[:-2], "--out", str(tmp_path / "fifo"))
+    assert stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode), "a FIFO replaced by a file"
+    monkeypatch.undo()
+    ev.main(flags[:-2] + ["--out", str(tmp_path / "problems.jsonl")])
+    ev.main(flags[:-2] + ["--out", str(tmp_path / "problems.jsonl")])  # its own lines: replaced
+    assert len((tmp_path / "problems.jsonl").read_text().splitlines()) == 2, "one line per problem"
+    orig = ev.evaluate_model
+    def removed_meanwhile(a, path, *x):
+        if path.endswith("checkpoint-1"): shutil.rmtree(path)
+        return orig(a, path, *x)
+    monkeypatch.setattr(ev, "evaluate_model", removed_meanwhile)
+    rows = ev.main(flags)
+    assert [r["step"] for r in rows] == [2] and "checkpoint-1: removed while evaluating" in capsys.readouterr().out
+
 EVAL_BAD = [  # (a data file's lines, or raw bytes, or flags; words of the one-line error)
     ([{"question": "q", "answer": "#### 1"}, {"question": "q2"}], "bad.jsonl, record 2: a GSM8K record needs"),
     ([{"question": "q", "answer": "#### "}], "record 1: empty answer"),
@@ -3135,6 +3418,46 @@ def test_toy_damaged_cache_and_a_second_call_on_one_out(tmp_path):
         assert (tmp_path / "o" / "mine.txt").read_text() == "kept"
     finally:
         trb.unlock(lock)
+
+def test_toy_mechanism_numbers_match_forwards_on_single_prefixes(monkeypatch):
+    """measure's p('#') and count_decisions' counts on the shipped models equal forwards of one unpadded prefix at a
+    time: p('#') in (0, 1) at the decision prefixes, and the decisions of two fixed rollouts of unequal length (the
+    teacher's steps, then its answer line or a blank line) counted position by position."""
+    root = os.path.join(toy.SHIPPED, "runon")
+    tok = trb.load_tokenizer(os.path.join(root, "tokenizer"))
+    base, teacher = (trb.load_model(os.path.join(root, w), torch.float32, torch.device("cpu")).eval()
+                     for w in ("base", "teacher"))
+    problems = ev.load_problems("gsm8k", os.path.join(root, "test.jsonl"), 3)
+    h, nl = tok.convert_tokens_to_ids("#"), tok.convert_tokens_to_ids("\n")
+    last = lambda m, ids: m(torch.tensor([ids])).logits[0, -1].float()  # noqa: E731
+    with torch.inference_mode():
+        for m in (base, teacher):
+            p = toy.next_token_p(m, tok, toy.decision_prefixes(tok, problems), "#")
+            direct = sum(last(m, x).softmax(-1)[h].item() for x in toy.decision_prefixes(tok, problems)) / 3
+            assert 0 < p < 1 and abs(p - direct) < 1e-5, (p, direct)
+    rows = [trb.format_prompt(tok, q) for q, _, _ in problems[:2]]
+    steps = [r["answer"].split("\n####")[0] + "\n" for _, _, r in problems[:2]]
+    resp = [toy.encode(tok, steps[0] + "#### 7"), toy.encode(tok, steps[1] + "\nab")]
+    T = max(map(len, resp))
+    roll = dict(tokens=torch.tensor([r + [0] * (T - len(r)) for r in resp]),
+                mask=torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in resp]).bool(), logp=None)
+    hand = dict(decisions=0, decisions_hash=0, off_both=0, resp_tok=sum(map(len, resp)))
+    with torch.inference_mode():
+        for x, r in zip(rows, resp):
+            for t in range(len(r)):
+                lt, ls = (last(m, x + r[:t]).log_softmax(-1) for m in (teacher, base))
+                d = (x + r[:t])[-1] == nl and int(lt.argmax()) == h
+                hand["decisions"] += d
+                hand["decisions_hash"] += d and r[t] == h
+                hand["off_both"] += bool(lt[r[t]] < math.log(0.05) and ls[r[t]] < math.log(0.05))
+    assert hand["decisions"] >= 2 and hand["decisions_hash"] == 1, f"not the fixed rollouts meant: {hand}"
+    counts = {}
+    monkeypatch.setattr(trb, "loss_step", lambda *a: None)
+    toy.count_decisions(tok, counts)
+    R = trb.SimpleNamespace(cfg=trb.SimpleNamespace(micro_batch_size=2), pad_id=tok.pad_token_id, V=len(tok),
+                            device=torch.device("cpu"), teacher=teacher, student=base, step=4)
+    trb.loss_step(R, rows, roll, None, None)
+    assert counts == {5: hand}, (counts, hand)
 
 TOY_SHIPPED = {"runon": (0.007, 0.987), "filler": (0.003, 0.943)}  # base and teacher accuracy, held out
 

@@ -24,25 +24,22 @@ Design choices (docs/design.md has each in full)
  5. The EOS ids of student and teacher are folded into the student's (logsumexp; paper App. G), before the blend
     and the loss; the checkpoint's generation_config lists them all, so eval.py, generate() and vLLM stop alike.
  6. Both models work on the shared tokenizer vocabulary: logits are sliced to V (checkpoints pad differently).
- 7. The loss is the reverse KL over the full vocab or the student's renormalised top-k (paper: k=16), summed over
-    response positions (EOS included) and divided by the step's global response-token count, so micro-batching,
-    DDP and FSDP give one process's gradient. It is fused with the output heads, a tile of positions at a time and
-    recomputed in backward: never (B, T, V) logits or their gradient.
+ 7. The loss is the reverse KL over the full vocab or the student's renormalised top-k (paper: k=16), divided by the
+    step's global response-token count (EOS included): micro-batches, DDP and FSDP give one process's gradient. It is
+    fused with the output heads, a tile of positions at a time, recomputed in backward: no (B, T, V) logits.
  8. The teacher re-scores the finished sequences in one forward, which returns hidden states (B, T, H), not logits.
  9. Tokens are drawn by inverse CDF from one uniform per original row and step, from a generator seeded by (seed,
     step, rank): --resume replays exactly, whichever rows are still decoding.
 10. A step's rows decode as one batch, both models with KV caches; once a quarter has ended, finished rows leave it.
     One host sync per decoding step (plus one per solver iteration); blend and sampler in float32.
 11. A run directory holds checkpoint-N folders (from_pretrained loads each) and metrics.jsonl. A save writes
-    checkpoint-N.tmp, trainer_state.pt last, and renames it: a kill at any point leaves the previous checkpoint
-    intact. Only the newest keeps the optimizer state. A lock keeps a second run off the directory; a non-finite
-    loss, gradient or weight stops the run before it saves.
+    checkpoint-N.tmp, trainer_state.pt last, and renames it: a kill leaves the previous checkpoint intact. Only the
+    newest keeps the optimizer state; a lock keeps a second run off; a non-finite number stops the run unsaved.
 12. Multi-GPU: DDP, or FSDP2 (--fsdp) for students beyond one GPU, gathered whole once per rollout for decoding. The
     teacher is replicated; one too large for a GPU is not built in.
-13. Speculative sampling from mu (--spec_tokens g): the student drafts g tokens and the teacher scores them in one
-    forward; a draft is kept with probability min(1, mu/pi_S), the first rejected one replaced by a draw from
-    norm(max(0, mu - pi_S)). Every token is exactly a draw from mu, and a draft is kept with probability
-    1 - TV(mu, pi_S) >= 1 - sqrt(eps/2) (Pinsker): the trust region bounds the rejections.
+13. Speculative sampling from mu (--spec_tokens g): the student drafts g tokens, the teacher scores them in one forward,
+    a draft is kept with probability min(1, mu/pi_S) and the first rejected one redrawn from norm(max(0, mu - pi_S)):
+    exactly mu, with drafts kept with probability 1 - TV(mu, pi_S) >= 1 - sqrt(eps/2) (Pinsker).
 
 Usage
   python trb.py --student Qwen/Qwen3-0.6B-Base --teacher Qwen/Qwen3-4B --data gsm8k        # one GPU
@@ -62,7 +59,6 @@ import math
 import os
 import random
 import re
-import shlex
 import shutil
 import signal
 import sys
@@ -74,7 +70,8 @@ from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-if __name__ == "__main__":  # Ctrl-C while torch imports: one line, not a traceback
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while torch imports: one line, not a traceback
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.excepthook = lambda t, e, tb: (print("trb: interrupted", file=sys.stderr) if t is KeyboardInterrupt else
                                        sys.__excepthook__(t, e, tb))
 
@@ -140,9 +137,8 @@ class Config:
     lora_dropout: float = 0.0              # dropout on the adapters' input (training forward only)
     lora_targets: str = "all-linear"       # modules to adapt: all-linear, or comma-separated names (q_proj,v_proj)
     lora_merge: bool = False               # also write student + adapters merged to the last checkpoint's merged/
-    # multi-GPU (under torchrun; DDP by default)
-    fsdp: bool = False                     # shard the student, its gradients and AdamW state with FSDP2
     # system
+    fsdp: bool = False                     # under torchrun: shard the student, its gradients and AdamW state (FSDP2)
     out_dir: str = "out-trb"               # the run directory: checkpoint-N folders and metrics.jsonl
     device: str = "auto"                   # auto | cpu | cuda | cuda:N
     dtype: str = "auto"                    # autocast and teacher dtype: auto (bf16 on CUDA) | bfloat16 | float32
@@ -156,8 +152,10 @@ class Config:
 class UserError(Exception):
     """Bad input: reported as one line, never as a traceback."""
 
-def _first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+def _short(e, n=120):
+    """An exception's message on one line, cut at a word if longer than n."""
+    m = " ".join(str(e).split()) or type(e).__name__
+    return m if len(m) <= n else m[:n].rsplit(" ", 1)[0] + " ..."
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the policies: temperature, EOS folding, the shared vocabulary (design choices 3, 5, 6)
@@ -363,7 +361,7 @@ def format_prompt(tok, question, system=SYSTEM_PROMPT):
         try:
             text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # the template's own refusal (e.g. no system role), or a broken template
-            raise UserError(f"the student's chat template fails: {_first_line(e)}" + (
+            raise UserError(f"the student's chat template fails: {_short(e)}" + (
                 "; --system_prompt '' leaves the system message out" if system else "")) from None
         return tok(text, add_special_tokens=False)["input_ids"]
     return tok(f"{system}\n\n{question}\n")["input_ids"]
@@ -385,10 +383,9 @@ def rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_new_tok
     ids, attn: (B, P) left-padded prompts. eps: float or (B,) per-row budgets; where every row has eps <= 0 the
     teacher never runs. temperature 0 = greedy. skd_topk: see _next_token. bar: a progress bar, one tick per step.
     Once a fraction `compact` of the batch has emitted EOS (0 = never), finished rows leave it (design choice 10).
-    spec_tokens=g > 0: the same distribution by speculative sampling while the teacher blends (spec_rollout).
-    Returns tokens, mask (response incl. EOS), beta, kl (realised KL(mu||pi_S)), replaced (SKD), t_logp (teacher
-    log-prob of each token, None when the teacher did not run), accepted (a kept draft) and t_fwd (a teacher
-    forward began at this token), all (B, T)."""
+    spec_tokens=g > 0: the same distribution by speculative sampling while the teacher blends (spec_rollout). Returns
+    tokens, mask (response incl. EOS), beta, kl (realised KL(mu||pi_S)), replaced (SKD), t_logp (the teacher's log-prob
+    of each token; None if it did not run), accepted (a kept draft), t_fwd (a teacher forward began), all (B, T)."""
     B, N, dev = ids.shape[0], max_new_tokens, ids.device
     eps = torch.as_tensor(eps, dtype=torch.float32, device=dev).expand(B)  # (B,)
     use_t = teacher is not None and (skd_topk > 0 or bool((eps > 0).any()))
@@ -506,8 +503,7 @@ def spec_rollout(student, teacher, ids, attn, eps, *, V, eos_ids, pad_id, max_ne
     return {k: v[:, :T] for k, v in out.items()}
 
 def _residual(logp_mu, logp_s):
-    """A rejected draft's replacement is drawn from norm(max(0, mu - pi_S)); mu where rounding left it no mass.
-    (b, V) log-probabilities -> unnormalised probabilities."""
+    """norm(max(0, mu - pi_S)), unnormalised, from (b, V) log-probabilities; mu where rounding left it no mass."""
     mu = logp_mu.exp()
     r = (mu - logp_s.exp()).clamp(min=0)
     return torch.where(r.sum(-1, keepdim=True) > 0, r, mu)
@@ -547,16 +543,12 @@ def _cache_keyword(cls):
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 class TRBLogitsProcessor:
-    """
-    TRB's behavior policy inside any HF `student.generate(...)` (and so TRL's trainers): a logits processor that turns
-    the student's scores into log mu of eq. 1-2 at every step, the teacher on its own KV cache. attention_mask (B, P):
-    the prompts'. EOS ids are folded, logits sliced to V (None: the teacher's count) and tempered as in rollout().
-    eps: a float or (B,); eps <= 0 everywhere gives pi_S. One per generate() call; .betas holds each step's beta*.
-
-    Tokens are drawn from mu exactly only with generate(**TRBLogitsProcessor.EXACT, logits_processor=[proc]) and
-    no penalty: generate's warpers (top_k, top_p, ...) act after the processor and its penalties before it, unseen.
-    Masked scores (min_new_tokens, bad_words_ids) and beam search are refused. do_sample=False decodes argmax mu.
-    """
+    """TRB's behavior policy inside any HF `student.generate(...)` (and so TRL's trainers): a logits processor that
+    turns the student's scores into log mu of eq. 1-2 at every step, the teacher on its own KV cache. attention_mask:
+    the prompts' (B, P). EOS ids are folded, logits sliced to V (None: the teacher's count) and tempered as in
+    rollout(). eps: a float or (B,); eps <= 0 everywhere gives pi_S. One per generate() call; .betas: each step's beta*.
+    Exact only with generate(**TRBLogitsProcessor.EXACT, logits_processor=[proc]) and no penalty (generate's warpers
+    and penalties act unseen); masked scores and beam search are refused. do_sample=False decodes argmax mu."""
     EXACT = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0)
 
     def __init__(self, teacher, eps, attention_mask, *, eos_ids, V=None, temperature=1.0):
@@ -737,7 +729,7 @@ def train(cfg, given=None, *, student=None, teacher=None, tokenizer=None):
             try:
                 roll = rollout_rows(R, rows, eps, k, gen)                        # mu while eps > 0, then pi_S
             except UserError as e:
-                raise UserError(f"step {step}: {e}; stopping without saving") from None
+                raise UserError(f"step {step + 1}: {e}; stopping without saving; {on_disk(R)}") from None
             t_roll = time.time() - t0
             n_tok = all_reduce(roll["mask"].sum().float(), R.world)              # global response tokens
             sums = loss_step(R, rows, roll, k, n_tok)                            # teacher scores, loss, gradient
@@ -745,8 +737,8 @@ def train(cfg, given=None, *, student=None, teacher=None, tokenizer=None):
             for g in R.opt.param_groups: g["lr"] = lr_at(step, cfg)
             gnorm = clip_grad(R)                                                 # the update: clip, check, AdamW
             if not (math.isfinite(S["loss"]) and math.isfinite(gnorm)):
-                raise UserError(f"step {step}: non-finite loss ({S['loss'] / max(S['tokens'], 1):.4g}) or gradient "
-                                f"norm ({gnorm:.4g}); stopping without saving")
+                raise UserError(f"step {step + 1}: non-finite loss ({S['loss'] / max(S['tokens'], 1):.4g}) or "
+                                f"gradient norm ({gnorm:.4g}); stopping without saving; {on_disk(R)}")
             R.opt.step()
             R.opt.zero_grad(set_to_none=True)
             R.step = step + 1
@@ -771,12 +763,11 @@ def train(cfg, given=None, *, student=None, teacher=None, tokenizer=None):
     finally:
         if signal.getsignal(signal.SIGINT) is _interrupt: _ignore_signals()  # over: a late signal changes nothing
         if R is not None: R.bar.close()
-        if lock is not None: unlock(lock)
+        if lock is not None: unlock(lock, failed=R is None)
         if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
     return R.student
 
-STATS = ("loss", "beta", "kl_mu_s", "teacher_logp", "frac_teacher", "tokens", "skd_replaced", "accepted",
-         "t_fwd")  # a step's sums
+STATS = ("loss", "beta", "kl_mu_s", "teacher_logp", "frac_teacher", "tokens", "skd_replaced", "accepted", "t_fwd")
 
 def batch_indices(step, n, cfg, rank, world):
     """Prompt indices of this rank at `step`: a fresh seeded permutation per epoch, a function of step alone."""
@@ -909,28 +900,35 @@ def save(R):
     """Checkpoints the step to out_dir/checkpoint-N with the full EOS set, after checking the weights (design choice
     11); then the older checkpoints keep their weights only, at most --save_total_limit of them. A failed save
     leaves the previous checkpoint as it was."""
-    sd = gathered_weights(R.student) if R.cfg.fsdp else None  # FSDP2: the full weights, on the master's CPU
+    sd = None
+    if R.cfg.fsdp:  # FSDP2: the full weights, gathered to the master's CPU (every rank takes part)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions as Opts, get_model_state_dict
+        sd = get_model_state_dict(R.student, options=Opts(full_state_dict=True, cpu_offload=True))
     d = os.path.join(R.cfg.out_dir, f"checkpoint-{R.step}")
     if R.master:
         params = sd.values() if sd is not None else R.student.parameters()
         if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
-            raise UserError(f"step {R.step}: non-finite weights after the update; stopping without saving")
+            raise UserError(f"step {R.step}: non-finite weights after the update; {on_disk(R)}; stopping")
         if R.student.generation_config is not None:  # eval.py, generate() and vLLM stop where training did
             R.student.generation_config.eos_token_id = list(R.eos_ids)
         shutil.rmtree(d + TMP, ignore_errors=True)
     try:
-        if R.cfg.fsdp: save_sharded_optimizer(R, d + TMP)    # every rank writes its shard of AdamW
+        if R.cfg.fsdp:                                       # every rank writes its shard of AdamW
+            if R.master: os.makedirs(d + TMP)
+            barrier(R.world)
+            sharded_optimizer(R.student, R.opt, d + TMP)
+            barrier(R.world)
         if R.master:
             state = dict(step=R.step, config=dataclasses.asdict(R.cfg), world=R.world, run=R.run, history=R.history,
                          rng=dict(torch=torch.get_rng_state(), python=random.getstate()))
             old = [p for _, p in checkpoints(R.cfg.out_dir)] if R.replacing else []  # the run this one replaces
             save_checkpoint(d, R.student, R.tok, state, None if R.cfg.fsdp else R.opt.state_dict(), sd, old)
-            R.replacing = False
-            if old: write_lines(os.path.join(R.cfg.out_dir, METRICS), R.history)  # the replaced run's metrics go
-            prune(R.cfg.out_dir, R.cfg.save_total_limit, [p for p in old if p != d])
+            replaced, R.replacing = R.replacing, False
+            if replaced: write_lines(os.path.join(R.cfg.out_dir, METRICS), R.history)  # the replaced run's go
+            prune(R.cfg.out_dir, R.cfg.save_total_limit)
     except Exception as e:  # a full disk, a quota, a failed rename
         shutil.rmtree(d + TMP, ignore_errors=True)
-        raise UserError(f"step {R.step}: saving the checkpoint failed ({_first_line(e)}); {on_disk(R)}; "
+        raise UserError(f"step {R.step}: saving the checkpoint failed ({_short(e)}); {on_disk(R)}; "
                         f"stopping") from None
     barrier(R.world)
 
@@ -975,6 +973,7 @@ def parse_config(cls, argv=None, description=""):
     """cls from the command line, each field a --flag whose help is its comment. Returns (cfg, the flags given)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    p.error = lambda msg: p.exit(2, f"{os.path.splitext(p.prog)[0]}: error: {msg} (--help lists the flags)\n")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for title, names in config_help(cls):
         g = p.add_argument_group(title)
@@ -995,9 +994,8 @@ def parse_args(argv=None):
                                       "trb.Config")
 
 def check_start(cfg, student, teacher, tokenizer):
-    """The checks before anything runs (on --resume, check_config waits for the checkpoint's config). Returns cfg
-    with its local paths absolute, and the models passed to train(), if any, as one namespace (tokenizer: one for
-    both, or a (student's, teacher's) pair, checked against each other)."""
+    """The checks before anything runs (on --resume, check_config waits for the checkpoint's config). Returns cfg,
+    local paths absolute, and the models passed to train(), if any (tokenizer: one, or a student's, teacher's pair)."""
     if not isinstance(cfg, Config): raise UserError(f"train(): cfg must be a trb.Config, got {type(cfg).__name__}")
     check_types(dataclasses.asdict(cfg), "train(): cfg")
     if cfg.resume and cfg.overwrite:
@@ -1040,14 +1038,15 @@ def check_types(values, where):
 
 def check_config(c):
     for name in ("batch_size", "micro_batch_size", "n_samples", "max_new_tokens", "max_steps", "max_prompt_len"):
-        if getattr(c, name) < 1: raise UserError(f"--{name} must be >= 1, got {getattr(c, name)}")
+        if not 1 <= (x := getattr(c, name)) <= 2**40: raise UserError(f"--{name} must be >= 1 and <= 2^40, got {x}")
     for name in ("eps0", "warmup_steps", "temperature", "lr", "lr_warmup_steps", "loss_topk", "eval_every",
                  "save_every", "eval_prompts", "skd_topk", "skd_steps", "veto_beta", "temp_warmup", "sft_warmup_steps",
                  "loss_chunk", "weight_decay", "grad_clip", "rollout_batch_size", "lora_r", "lora_alpha",
                  "save_total_limit"):
         x = getattr(c, name)
         if not x >= 0: raise UserError(f"--{name} must be >= 0, got {x}")  # `not >=` also catches NaN
-        if isinstance(x, float) and not math.isfinite(x): raise UserError(f"--{name} must be finite, got {x}")
+        if isinstance(x, float) and not math.isfinite(x) or x > 2**40:
+            raise UserError(f"--{name} must be finite and <= 2^40, got {x}")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(c, name) < 1: raise UserError(f"--{name} must be in [0, 1), got {getattr(c, name)}")
     for name in ("temperature", "temp_warmup"):  # logits / tau overflow float32 below MIN_TAU: NaN samples
@@ -1117,22 +1116,26 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     master, state, changed, done, ckpt = rank == 0, None, [], False, None
     replacing = claim_out_dir(cfg) if master else False      # tidies what a kill left; refuses a run in the way
     barrier(world)
-    if cfg.resume:
-        ckpt = resume_checkpoint(cfg.out_dir)
+    if cfg.resume:  # the newest checkpoint, which alone holds the optimizer state
+        cks = checkpoints(cfg.out_dir)
+        if not cks: raise UserError(f"--resume: no checkpoint in {cfg.out_dir}; --overwrite starts over")
+        ckpt = cks[-1][1]
         state = load_state(ckpt)
+        if not any(os.path.exists(os.path.join(ckpt, f)) for f in ("optimizer.pt", "optimizer")):  # FSDP2: a folder
+            raise UserError(f"--resume: {ckpt}, the newest checkpoint, holds no optimizer state (optimizer.pt), which "
+                            f"resuming needs: start a new run from its weights with --student {ckpt}")
         given = given if given is not None else {f.name for f in dataclasses.fields(Config)
                                                  if getattr(cfg, f.name) != getattr(Config(), f.name)}
         cfg, changed = resume_config(cfg, given, state)
         check_config(cfg)
+        if master: write_lines(os.path.join(cfg.out_dir, METRICS), state["history"])  # the checkpoint's lines
         done = state["step"] >= cfg.max_steps and (  # a finished run: one line, exit 0
             f"nothing to do: the run in {cfg.out_dir} is at step {state['step']} and --max_steps is "
             f"{cfg.max_steps}; pass --max_steps above {state['step']} to continue it")
         if done and not models: raise Done(done, None)       # no model to load (a student passed in gets its weights)
-        if master: write_lines(os.path.join(cfg.out_dir, METRICS), history(state, cfg.out_dir))  # before loading
     if cfg.batch_size % world: raise UserError(f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks")
     if cfg.spec_tokens < 0: cfg = dataclasses.replace(cfg, spec_tokens=4 if device.type == "cuda" else 0)  # auto
-    if cfg.fsdp and not torch.distributed.is_initialized():
-        raise UserError("this run used --fsdp: resume it under torchrun")
+    if cfg.fsdp and not torch.distributed.is_initialized(): raise UserError("an --fsdp run resumes under torchrun")
     if models: tok, t_tok = models.tok, models.t_tok
     else: tok, t_tok = (load_tokenizer(p, cfg.trust_remote_code, w) for p, w in (
         (ckpt or cfg.student, "student"), (cfg.teacher, "teacher")))
@@ -1168,7 +1171,7 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
     R = SimpleNamespace(cfg=cfg, rank=rank, world=world, master=master, device=device, amp=amp, tok=tok, V=V,
                         eos_ids=eos_ids, pad_id=pad, prompts=prompts, eval_prompts=evals[:cfg.eval_prompts],
                         student=student, teacher=teacher, model=model, opt=opt, step=step, bar=None, wandb=None,
-                        replacing=replacing, run=run, history=history(state, cfg.out_dir) if state else [])
+                        replacing=replacing, run=run, history=list(state["history"]) if state else [])
     if master:
         ev = f" eval_prompts={len(R.eval_prompts)} eval_skipped_long={e_skipped}" if cfg.eval_data else ""
         print(f"trb | V={V} eos={eos_ids} prompts={len(prompts)} skipped_long={skipped}{ev} world={world} "
@@ -1345,16 +1348,19 @@ def load_model(path, dtype, device, trust_remote_code=False, what="model"):
         m, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                        output_loading_info=True)
     except Exception as e:  # missing files, corrupt safetensors, no network: one line, not a traceback
-        raise UserError(f"cannot load {what} {path!r}: {_first_line(e)}") from None
+        raise UserError(f"cannot load {what} {path!r}: {_short(e)}") from None
     finally:
         logging.set_verbosity(level)
     bad = [f"{len(v)} {k.split('_')[0]} ({', '.join(sorted(v)[:3])}{', ...' * (len(v) > 3)})"
            for k in ("missing_keys", "unexpected_keys") if (v := info.get(k))]
     if bad: raise UserError(f"{what} {path!r}: its weights do not match its config: " + "; ".join(bad))
-    if os.path.isfile(os.path.join(path, "adapter_config.json")) and m.can_generate():  # LoRA: the base + adapters
+    if os.path.isfile(os.path.join(path, "generation_config.json")) and m.can_generate():  # its EOS set
         from transformers import GenerationConfig
-        if os.path.isfile(os.path.join(path, "generation_config.json")):  # ... and the run's EOS set, not the base's
-            m.generation_config = GenerationConfig.from_pretrained(path)
+        try:
+            gc = GenerationConfig.from_pretrained(path)
+        except Exception as e:
+            raise UserError(f"{what} {path!r}: its generation_config.json is unreadable ({_short(e)})") from None
+        if os.path.isfile(os.path.join(path, "adapter_config.json")): m.generation_config = gc  # LoRA: not the base's
     return m.to(device)
 
 def _adapter_base(path):
@@ -1372,7 +1378,7 @@ def check_positions(n, cfg, head=False, **models):
                                                                                  cfg.trust_remote_code)
             c = c.get_text_config()
         except Exception as e:
-            raise UserError(f"cannot load the {who}'s config {m!r}: {_first_line(e)}") from None
+            raise UserError(f"cannot load the {who}'s config {m!r}: {_short(e)}") from None
         if head: check_head(c, f"the {who} ({type(c).__name__})")
         m = getattr(c, "max_position_embeddings", None)
         if isinstance(m, int) and n > m:
@@ -1385,7 +1391,7 @@ def load_tokenizer(path, trust_remote_code=False, what="model"):
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise UserError(f"cannot load tokenizer {path!r}: {_first_line(e)}") from None
+        raise UserError(f"cannot load tokenizer {path!r}: {_short(e)}") from None
 
 def load_weights(student, ckpt, cfg):
     """--resume of a student passed to train(): the weights of the checkpoint ckpt (a PEFT student's: its adapters),
@@ -1465,7 +1471,7 @@ def load_records(data, split="train", what="--data"):
     try:
         return list(datasets.load_dataset(*args, **kw)), field
     except Exception as e:  # no network, parse errors: datasets raises many types
-        raise UserError(f"cannot read {data!r}: {_first_line(e)}") from None
+        raise UserError(f"cannot read {data!r}: {_short(e)}") from None
 
 def load_prompts(data, field="", what="--data"):
     """Prompt strings from a hub name or local file, the field auto-detected; refuses records without one."""
@@ -1493,101 +1499,91 @@ def check_text(q, where):
 # ---------------------------------------------------------------------------------------------------------------------
 # plumbing: the run directory: checkpoint-N folders, metrics.jsonl, the lock (design choice 11)
 
-TMP, METRICS, LOCK = ".tmp", "metrics.jsonl", "trb.lock"  # with checkpoint-N, the only names trb writes in out_dir
+TMP, DEL, METRICS, LOCK, CK = ".tmp", ".del", "metrics.jsonl", "trb.lock", "checkpoint-[1-9][0-9]*"  # trb's names
 
-def save_checkpoint(d, model, tok, state, optimizer=None, state_dict=None, unmark=()):
+def save_checkpoint(d, model, tok, state, optimizer=None, state_dict=None, replaces=()):
     """Writes the checkpoint folder d, out_dir/checkpoint-N: d.tmp in full, trainer_state.pt last, renamed to d (design
-    choice 11). optimizer: the AdamW state (FSDP2's shards are in d.tmp already). unmark: a replaced run's checkpoints,
-    oldest first (a cut-off unmarking leaves that run resumable), once d.tmp is complete."""
+    choice 11). optimizer: the AdamW state (FSDP2's shards are in d.tmp already). replaces: a replaced run's
+    checkpoints, moved to NAME.del oldest first once d.tmp is complete (the next start finishes a cut-off move); prune
+    removes them."""
     tmp = d + TMP
     model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if hasattr(model, "peft_config"): model.generation_config.save_pretrained(tmp)  # PEFT writes the adapters only
     tok.save_pretrained(tmp)
     if optimizer is not None: torch.save(optimizer, os.path.join(tmp, "optimizer.pt"))
-    torch.save(state, os.path.join(tmp, "trainer_state.part"))
-    os.replace(os.path.join(tmp, "trainer_state.part"), os.path.join(tmp, "trainer_state.pt"))  # last: complete
-    for p in [*unmark, d]: _remove(os.path.join(p, "trainer_state.pt"))
-    shutil.rmtree(d, ignore_errors=True)
+    write_state(tmp, state)                                  # last: the folder is complete
+    for p in replaces: os.replace(p, p + DEL)
     os.replace(tmp, d)
+
+def retire(p):  # renamed first: a cut-off removal leaves no checkpoint-N folder behind
+    os.replace(p, p + DEL)
+    shutil.rmtree(p + DEL)
 
 def checkpoints(d):
     """The complete checkpoints in the run directory d, oldest first: [(step, path)], the folders checkpoint-N that
     hold a trainer_state.pt."""
     found = [(int(f[11:]), os.path.join(d, f)) for f in (os.listdir(d) if os.path.isdir(d) else [])
-             if re.fullmatch(r"checkpoint-\d+", f)]
+             if re.fullmatch(CK, f)]
     return sorted((n, p) for n, p in found if _complete(p))
 
-def prune(d, limit, drop=()):
-    """After a save: the folders in drop (a replaced run's, unmarked) go, and the older checkpoints keep their weights
-    only, at most `limit` in all (0: every one); a removal starts by unmarking."""
-    cks = checkpoints(d)
-    for p in [*drop, *(p for _, p in (cks[:-limit] if limit else []))]:
-        _remove(os.path.join(p, "trainer_state.pt"))
-        shutil.rmtree(p, ignore_errors=True)
+def prune(d, limit):
+    """After a save: the older checkpoints keep their weights only, and at most `limit` stay (0: every one)."""
+    for f in os.listdir(d): re.fullmatch(CK + re.escape(DEL), f) and shutil.rmtree(os.path.join(d, f))  # replaced
+    for _, p in checkpoints(d)[:-limit] if limit else []: retire(p)
     for _, p in checkpoints(d)[:-1]:
         _remove(os.path.join(p, "optimizer.pt"))
         shutil.rmtree(os.path.join(p, "optimizer"), ignore_errors=True)  # FSDP2's shards
+
+def write_state(p, state):  # atomically: torch.save writes in place
+    torch.save(state, os.path.join(p, "trainer_state.part"))
+    os.replace(os.path.join(p, "trainer_state.part"), os.path.join(p, "trainer_state.pt"))
 
 def _complete(d):
     return os.path.isfile(os.path.join(d, "trainer_state.pt"))
 
 def on_disk(R):
-    """The newest checkpoint on disk, for a stopped run's line."""
-    if R.replacing: return f"the run it was to replace in {R.cfg.out_dir} is untouched"
-    cks = checkpoints(R.cfg.out_dir)
-    return f"the newest checkpoint is {cks[-1][1]}" if cks else f"{R.cfg.out_dir} holds no checkpoint"
-
-def resume_checkpoint(out_dir):
-    """The checkpoint --resume continues from: the newest, which alone holds the optimizer state."""
-    cks = checkpoints(out_dir)
-    if not cks: raise UserError(f"--resume: no checkpoint in {out_dir}")
-    p = cks[-1][1]
-    if not any(os.path.exists(os.path.join(p, f)) for f in ("optimizer.pt", "optimizer")) and \
-            not load_state(p, mmap=True).get("optimizer"):
-        raise UserError(f"--resume: {p}, the newest checkpoint, holds weights only (the optimizer state is kept in "
-                        f"the newest, and that one was removed): start a new run with --student {p}")
-    return p
-
-def history(state, out_dir):
-    """The metrics lines up to the checkpoint's step: its own record, or (saved before it kept one) metrics.jsonl's."""
-    if "history" in state: return list(state["history"])
-    return [json.dumps(r) + "\n" for r in read_metrics(os.path.join(out_dir, METRICS)) if r["step"] <= state["step"]]
+    """What out_dir holds, for a stopped run's line: what the next start makes of it (claim_out_dir)."""
+    d = R.cfg.out_dir
+    moved = os.path.isdir(d) and any(re.fullmatch(CK + re.escape(DEL), f) for f in os.listdir(d))  # being removed
+    cks, tmp = checkpoints(d), os.path.join(d, f"checkpoint-{R.step}{TMP}")
+    if R.replacing and not moved: return f"the run it was to replace in {d} is untouched"
+    if _complete(tmp) and (moved or not cks): return f"the next start puts {tmp} in place"
+    return f"the newest checkpoint is {cks[-1][1]}" if cks else f"{d} holds no checkpoint"
 
 def write_lines(path, lines):
-    """Replaces the file at path by these lines, atomically; a failure (a full disk) is one line, the file as it was."""
+    """Replaces path's lines atomically, through .trb-NAME.tmp beside it; a failure is one line, the file as it was."""
+    tmp = os.path.join(os.path.dirname(path), f".trb-{os.path.basename(path)}{TMP}")
     try:
-        with open(path + ".part", "w") as f: f.writelines(lines)
-        os.replace(path + ".part", path)
+        with open(tmp, "w") as f: f.writelines(lines)
+        os.replace(tmp, path)
     except OSError as e:
-        _remove(path + ".part")
+        _remove(tmp)
         raise UserError(f"cannot write {path} ({e.strerror})") from None
 
-STATE = dict(step=int, config=dict, world=int, rng=dict)  # trainer_state.pt's entries
+STATE = dict(step=int, config=dict, world=int, rng=dict, history=list)  # trainer_state.pt's entries
 
-def load_state(d, mmap=False):
+def load_state(d):
     """The trainer_state.pt of the checkpoint folder d, its entries and the config's types checked; bad content is one
     line."""
     path = os.path.join(d, "trainer_state.pt")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)  # data only, never code
+        state = torch.load(path, map_location="cpu", weights_only=True)  # data only, never code
     except Exception as e:
-        raise UserError(f"corrupt checkpoint state {path} ({_first_line(e)[:80]})") from None
+        raise UserError(f"corrupt checkpoint state {path} ({_short(e)})") from None
     if not isinstance(state, dict): raise UserError(f"corrupt checkpoint state {path} (not a dict)")
     for k, t in STATE.items():
         if k not in state: raise UserError(f"{path} lacks its {k!r} entry")
-        if not isinstance(state[k], t) or isinstance(state[k], bool) or (t is int and state[k] < 0):
+        if not isinstance(state[k], t) or isinstance(state[k], bool) or (t is int and state[k] < 0) or (
+                t is list and not all(isinstance(line, str) for line in state[k])):  # history: metrics.jsonl's lines
             raise UserError(f"{path}: {k!r} is {str(state[k])[:40]!r}, not a valid {k}")
-    if not isinstance(state.get("optimizer"), (dict, type(None))) or not isinstance(state.get("history", []), list):
-        raise UserError(f"{path}: its optimizer or history entry is mistyped")
     check_types(state["config"], f"{path}: config")
     return state
 
 def load_trainer_state(student, opt, state, cfg, ckpt):
     """The optimizer and RNG states of --resume; a state that does not fit this student is one line."""
     try:
-        if cfg.fsdp: load_sharded_optimizer(student, opt, ckpt)
-        else: opt.load_state_dict(state.get("optimizer") or torch.load(os.path.join(ckpt, "optimizer.pt"),
-                                                                      map_location="cpu", weights_only=True))
+        if cfg.fsdp: sharded_optimizer(student, opt, ckpt, load=True)
+        else: opt.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu", weights_only=True))
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         for p, st in opt.state.items() if not cfg.fsdp else ():  # another model's moments: read out of bounds
@@ -1595,82 +1591,97 @@ def load_trainer_state(student, opt, state, cfg, ckpt):
                 if st[k].shape != p.shape: raise ValueError(f"{k} {tuple(st[k].shape)} for a {tuple(p.shape)} weight")
                 if not bool(st[k].isfinite().all()): raise ValueError(f"non-finite {k}")
     except Exception as e:  # KeyError, ValueError, TypeError, RuntimeError: a state of another model, or mistyped
-        raise UserError(f"--resume: the checkpoint's optimizer or RNG state does not fit ({_first_line(e)[:100]})"
+        raise UserError(f"--resume: the optimizer or RNG state of {ckpt} is damaged or does not fit ({_short(e)})"
                         ) from None
 
 def read_metrics(path):
     """The records of a metrics.jsonl; a last line cut short (a kill, a full disk) is dropped."""
     def parse(line):
         with suppress(json.JSONDecodeError): return json.loads(line)
-    if not os.path.isfile(path): return []
-    with open(path, encoding="utf-8", errors="replace") as f: recs = [parse(line) for line in f]
+    recs = [parse(line) for line in read_lines(path)]
     return [r for r in recs if isinstance(r, dict) and isinstance(r.get("step"), int)]
+
+def read_lines(path):  # [] where there is no file
+    if not os.path.isfile(path): return []
+    with open(path, encoding="utf-8", errors="replace") as f: return f.readlines()
 
 def _remove(path):
     with suppress(OSError): os.remove(path)
 
 def claim_out_dir(cfg):
-    """Readies out_dir, saying each change: folders of trb's names without a complete checkpoint go, but a complete
-    checkpoint-N.tmp where no checkpoint is (--overwrite's first save, cut off after unmarking the old run) is put in
-    place. A fresh run needs no run there, or --overwrite (then it returns True)."""
-    d, has = cfg.out_dir, bool(checkpoints(cfg.out_dir))
-    if _complete(d):  # a run saved before checkpoint-N folders, in out_dir itself: how to move it
-        st = load_state(d, mmap=True)
-        n, files = f"checkpoint-{st['step']}", [shlex.quote(f) for f in st.get("files", ["FILES"]) if f != METRICS]
-        raise UserError(f"--out_dir {d!r} holds a checkpoint saved before runs kept checkpoint-N folders: move it into "
-                        f"one, then --resume: cd {shlex.quote(d)} && mkdir {n} && mv {' '.join(files)} {n}/")
-    for f in sorted(os.listdir(d)):
-        p, m = os.path.join(d, f), re.fullmatch(r"(checkpoint-\d+)(\.tmp)?", f)
-        if not m or not os.path.isdir(p) or (not m[2] and _complete(p)): continue
-        if m[2] and _complete(p) and not has and not os.path.lexists(os.path.join(d, m[1])):
-            os.replace(p, os.path.join(d, m[1]))
-            print(f"trb | {p}: a complete checkpoint whose rename was cut off, put in place as {m[1]}")
-            has = True
-        else:
-            shutil.rmtree(p)
-            print(f"trb | {p}: removed, an incomplete checkpoint that a cut-off save or removal left")
-    ran = checkpoints(d) or os.path.isfile(os.path.join(d, METRICS))
+    """Readies out_dir, saying each change: leftovers of trb's go (NAME.tmp, NAME.del), but a complete checkpoint-N.tmp
+    where none is, or where --overwrite's first save was cut off after it began to move the old run away (to .del),
+    is put in place. A fresh run needs no run there, or --overwrite (then it returns True)."""
+    d, names = cfg.out_dir, sorted(os.listdir(cfg.out_dir))
+    if _complete(d):  # a checkpoint, or a run that a trb.py before checkpoint-N folders saved in out_dir itself
+        if not os.path.isfile(os.path.join(d, METRICS)):  # a run kept its metrics beside its checkpoint
+            raise UserError(f"--out_dir {d!r} is a checkpoint; pass its run directory, {os.path.dirname(d) or '.'}")
+        raise UserError(f"--out_dir {d!r} holds a run saved before trb.py kept checkpoint-N folders: continue it with "
+                        f"the trb.py that saved it, or start a new run from its weights with --student {d}")
+    if bad := [f for f in names if re.fullmatch(CK, f) and (os.path.islink(os.path.join(d, f)) or
+                                                                         not _complete(os.path.join(d, f)))]:
+        raise UserError(f"--out_dir {d!r} holds {bad[0]}, which is no checkpoint of trb's (no trainer_state.pt): trb "
+                        f"saves under that name; move it away")
+    ours = rf"{CK}(\{TMP}|\{DEL})|\.trb-{re.escape(METRICS + TMP)}"  # trb's scratch names
+    left = [os.path.join(d, f) for f in names if re.fullmatch(ours, f)]
+    tmps = [p for p in left if p.endswith(TMP) and _complete(p) and not os.path.islink(p)]
+    if tmps and (any(p.endswith(DEL) for p in left) or not checkpoints(d)):
+        for _, p in checkpoints(d): retire(p)                # the run that --overwrite was replacing
+        os.replace(tmps[-1], tmps[-1][:-len(TMP)])
+        print(f"trb | {left.pop(left.index(tmps[-1]))}: a complete checkpoint whose save was cut off, put in place")
+    for p in left:
+        if os.path.isdir(p) and not os.path.islink(p): shutil.rmtree(p)
+        else: os.remove(p)
+        print(f"trb | {p}: removed, what a cut-off save or removal left", flush=True)
+    if (cks := checkpoints(d)) and not cfg.overwrite:  # metrics.jsonl begins with the newest checkpoint's lines
+        m, lines = os.path.join(d, METRICS), load_state(cks[-1][1])["history"]
+        if read_lines(m)[:len(lines)] != lines:  # the replaced run's, where an --overwrite's first save was cut off
+            write_lines(m, lines)
+            print(f"trb | {m}: rewritten from {cks[-1][1]}", flush=True)
+    ran = cks or os.path.isfile(os.path.join(d, METRICS))
     if cfg.resume or not ran: return False
     if cfg.overwrite: return True
-    raise UserError(f"--out_dir {cfg.out_dir!r} holds a run ({'checkpoints and ' * bool(checkpoints(d))}{METRICS}): "
-                    f"pass --resume to continue it, or --overwrite to start over")
+    raise UserError(f"--out_dir {cfg.out_dir!r} holds a run ({'checkpoints and ' * bool(cks)}{METRICS}): "
+                    f"pass {'--resume to continue it, or ' * bool(cks)}--overwrite to start over")
 
 def lock_out_dir(out_dir):
     """Makes out_dir if needed and holds it for the run, with an fcntl lock on out_dir/trb.lock that names the pid: a
     second run on it, by any path, stops at once. Returns the lock: its file and the directories made for it."""
     import fcntl
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir): raise UserError(f"--out_dir {out_dir!r} is a file")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir {out_dir!r} is {'a file' if os.path.exists(out_dir) else 'a link to nothing'}")
     made, d = [], os.path.abspath(out_dir)                   # the directories this run makes, innermost first
     while not os.path.exists(d): made, d = made + [d], os.path.dirname(d)
     try:
         os.makedirs(out_dir, exist_ok=True)
-        f = open(os.path.join(out_dir, LOCK), "a+")
+        fresh = not os.path.exists(os.path.join(out_dir, LOCK))
+        f = open(os.path.join(out_dir, LOCK), "a+", opener=lambda p, fl: os.open(p, fl | os.O_NOFOLLOW, 0o666))
     except OSError as e:
         if made: shutil.rmtree(made[-1], ignore_errors=True)
         raise UserError(f"--out_dir {out_dir!r} is not writable: {e.strerror}") from None
-    lock = SimpleNamespace(file=f, made=made)
+    lock = SimpleNamespace(file=f, made=made, fresh=fresh)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
+        if os.fstat(f.fileno()).st_ino != os.stat(f.name).st_ino: raise OSError  # a lock file a failed start removed
+    except OSError:  # held by another run
+        holder = os.pread(f.fileno(), 64, 0).decode(errors="replace").strip() or "?"
         unlock(lock)
         raise UserError(f"--out_dir {out_dir!r} is in use by another trb.py run (pid {holder})") from None
     try:
         os.ftruncate(f.fileno(), 0)
         os.pwrite(f.fileno(), f"{os.getpid()}\n".encode(), 0)
     except OSError as e:  # a full disk
-        unlock(lock)
+        unlock(lock, failed=True)
         raise UserError(f"--out_dir {out_dir!r}: cannot write its lock file ({e.strerror})") from None
     return lock
 
-def unlock(lock):
-    """Releases out_dir, its lock file kept (a removal frees a second opener); made here, holding nothing, it goes."""
+def unlock(lock, failed=False):
+    """Releases out_dir. Its lock file stays (a removal would free the lock for a process that opened it), but one made
+    for a run that failed before it began goes, with the directories made for it."""
     lock.file.close()
     with suppress(OSError):
-        if lock.made and os.listdir(lock.made[0]) == [LOCK]:
-            os.remove(lock.file.name)
-            for d in lock.made: os.rmdir(d)
+        if failed and lock.fresh: os.remove(lock.file.name)
+        for d in lock.made: os.rmdir(d)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # plumbing: FSDP2 (--fsdp, design choice 12)
@@ -1703,27 +1714,14 @@ def whole_weights(R):
             m.reshard()
             m.set_reshard_after_forward(m is not R.student, recurse=False)  # FSDP2's defaults: the root keeps its own
 
-def gathered_weights(student):
-    """The full state dict, gathered to the master's CPU (every rank takes part; the others get {})."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-def save_sharded_optimizer(R, tmp):
-    """Every rank writes its AdamW shard to tmp/optimizer (of the checkpoint being written) with DCP."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    if R.master: os.makedirs(tmp)
-    barrier(R.world)
-    dcp.save(get_optimizer_state_dict(R.student, R.opt), checkpoint_id=os.path.join(tmp, "optimizer"))
-    barrier(R.world)
-
-def load_sharded_optimizer(student, opt, ckpt):
-    """The AdamW state of ckpt/optimizer, resharded by DCP onto this run's ranks (any world size)."""
+def sharded_optimizer(student, opt, path, load=False):
+    """FSDP2's AdamW state in path/optimizer, by torch.distributed.checkpoint: every rank writes its shard, or reads it
+    resharded onto this run's ranks (any world size)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    osd = get_optimizer_state_dict(student, opt)             # the layout to load into
-    dcp.load(osd, checkpoint_id=os.path.join(ckpt, "optimizer"))
-    set_optimizer_state_dict(student, opt, optim_state_dict=osd)
+    osd = get_optimizer_state_dict(student, opt)             # load: the layout to load into
+    (dcp.load if load else dcp.save)(osd, checkpoint_id=os.path.join(path, "optimizer"))
+    if load: set_optimizer_state_dict(student, opt, optim_state_dict=osd)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # plumbing: signals
@@ -1740,7 +1738,7 @@ def _interrupt(signum=None, frame=None):
     raise KeyboardInterrupt
 
 def _ignore_signals():
-    for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, lambda *_: None)  # not SIG_IGN: a pending one errs
 
 
 if __name__ == "__main__":
