@@ -1639,7 +1639,7 @@ def test_save_total_limit_keeps_the_newest_and_only_it_resumable(tiny, tmp_path,
 
 def test_a_resume_that_fails_or_has_nothing_to_do_removes_no_checkpoint(tiny, tmp_path):
     """--resume with a tighter --save_total_limit and a mistyped --teacher, or past --max_steps: every checkpoint kept
-    (a limit acts at the next save)."""
+    (a new limit acts at the next save; a start only finishes a cut-off save's pruning, at the run's own limit)."""
     out = run_cli(tiny, tmp_path / "run", "--max_steps", "3", "--save_every", "1")
     before = files_of(out)
     assert "teacher" in cli_error(tiny, tmp_path, "--out_dir", str(out), "--resume", "--max_steps", "4",
@@ -1719,11 +1719,12 @@ def test_a_kill_during_the_first_save_of_an_overwrite_leaves_one_whole_run(tiny,
 
 def test_a_users_files_in_the_run_directory_survive_everything(tiny, tmp_path, monkeypatch):
     """Files and folders of the user's in the run directory, names like trb's included (checkpoint-best,
-    checkpoint-7.bak, checkpoint-01, .trb-notes.tmp, notes.del, eval.py's scratch file), outlive a run, a kill mid-save, a resume, an
-    overwrite and a failed start."""
+    checkpoint-7.bak, checkpoint-01, .trb-notes.tmp, notes.del, eval.py's scratch file), outlive a run, a kill
+    mid-save, a resume, an overwrite and a failed start."""
     out = tmp_path / "run"
     for f in ("notes.txt", "plots/a.png", "checkpoint-best/config.json", "checkpoint-7.bak/x", ".trb-notes.tmp",
-              ".trb-eval-gsm8k.jsonl.tmp", "notes.del", "backup.del/x", "checkpoint-01/x", "checkpoint-\u0663.tmp/x"):
+              ".trb-eval-gsm8k.jsonl.tmp", "notes.del", "backup.del/x", "checkpoint-01/x",
+              "checkpoint-\u0663.tmp/x"):
         (out / f).parent.mkdir(parents=True, exist_ok=True)
         (out / f).write_text(f)
     mine = files_of(out)
@@ -3207,7 +3208,8 @@ def test_eval_out_through_a_symlink_replaces_its_target_atomically(tiny, tmp_pat
     """--out that is a symlink to an older results file: the target gets the results, the link stays a link, and
     no temporary file is left."""
     d = write_jsonl(tmp_path / "data.jsonl", [{"question": "q", "answer": "#### 1"}])
-    (tmp_path / "old.jsonl").write_text("old results\n")
+    old = dict(prompt="q", completions=["2"], gold="2", correct=[True])  # an earlier result of eval.py's
+    (tmp_path / "old.jsonl").write_text(json.dumps(old) + "\n")
     os.symlink(tmp_path / "old.jsonl", tmp_path / "res.jsonl")
     ev.main(["--model", tiny["student"], "--data_file", d, "--max_new_tokens", "2", "--out",
              str(tmp_path / "res.jsonl")])

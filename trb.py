@@ -908,7 +908,7 @@ def save(R):
     if R.master:
         params = sd.values() if sd is not None else R.student.parameters()
         if not bool(torch.stack([p.isfinite().all() for p in params]).all()):
-            raise UserError(f"step {R.step}: non-finite weights after the update; {on_disk(R)}; stopping")
+            raise UserError(f"step {R.step}: non-finite weights after AdamW; stopping without saving; {on_disk(R)}")
         if R.student.generation_config is not None:  # eval.py, generate() and vLLM stop where training did
             R.student.generation_config.eos_token_id = list(R.eos_ids)
         shutil.rmtree(d + TMP, ignore_errors=True)
@@ -1128,7 +1128,9 @@ def setup(cfg, given, rank, world, device, amp_dtype, models=None):
                                                  if getattr(cfg, f.name) != getattr(Config(), f.name)}
         cfg, changed = resume_config(cfg, given, state)
         check_config(cfg)
-        if master: write_lines(os.path.join(cfg.out_dir, METRICS), state["history"])  # the checkpoint's lines
+        if master:  # metrics.jsonl from the checkpoint's lines; a cut-off save's pruning, at the run's own limit
+            write_lines(os.path.join(cfg.out_dir, METRICS), state["history"])
+            prune(cfg.out_dir, state["config"].get("save_total_limit", 0))
         done = state["step"] >= cfg.max_steps and (  # a finished run: one line, exit 0
             f"nothing to do: the run in {cfg.out_dir} is at step {state['step']} and --max_steps is "
             f"{cfg.max_steps}; pass --max_steps above {state['step']} to continue it")
