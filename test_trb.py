@@ -1377,6 +1377,16 @@ def test_nan_logits_and_loss_stop_without_saving(tiny, tmp_path, who, eps):
     assert "step 1:" in msg and want in msg and "without saving" in msg and msg.endswith("holds no checkpoint"), msg
     assert not (out / "trainer_state.pt").exists() and not (out / "model.safetensors").exists()
 
+def test_hub_data_reads_the_train_split_and_eval_data_the_test_split(monkeypatch):
+    """--data gsm8k trains on the hub's train split; --eval_data gsm8k scores eval_kl on its test split, held out."""
+    import datasets
+    splits = []
+    monkeypatch.setattr(trb, "need_hub", lambda *a: None)
+    rec = {"question": "q?", "problem": "q?"}
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: splits.append(k["split"]) or [rec])
+    assert trb.load_prompts("gsm8k", what="--data") == trb.load_prompts("math", what="--eval_data") == ["q?"]
+    assert splits == ["train", "test"], splits
+
 def test_resume_missing_or_corrupt(tiny, tmp_path):
     """--resume of a missing, corrupt or half-written checkpoint is one line."""
     assert "no checkpoint" in cli_error(tiny, tmp_path, "--out_dir", str(tmp_path / "nothing"), "--resume", base=False,

@@ -98,7 +98,7 @@ class Config:
     prompt_field: str = ""                 # the prompt's field; "" = the first of question, problem, prompt
     system_prompt: str = SYSTEM_PROMPT     # the paper's system prompt; "" = no system message
     max_prompt_len: int = 512              # longer prompts (in tokens) are skipped and counted
-    eval_data: str = ""                    # held-out prompts (same formats) for eval_kl; "" = no eval
+    eval_data: str = ""                    # held-out prompts for eval_kl (a hub name: its test split); "" = no eval
     eval_prompts: int = 64                 # how many held-out prompts
     eval_every: int = 25                   # steps between evals (0 = never)
     # TRB budget (eq. 3)
@@ -1477,7 +1477,7 @@ def load_records(data, split="train", what="--data"):
 
 def load_prompts(data, field="", what="--data"):
     """Prompt strings from a hub name or local file, the field auto-detected; refuses records without one."""
-    recs, hub_field = load_records(data, what=what)
+    recs, hub_field = load_records(data, "test" if what == "--eval_data" else "train", what)  # held out: test split
     if not recs: raise UserError(f"{what} {data!r} is empty")
     field = field or hub_field or next((f for f in ("question", "problem", "prompt") if f in recs[0]), None)
     if field is None or field not in recs[0]:
