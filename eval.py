@@ -307,8 +307,9 @@ def pyplot(out_png):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
     except ImportError:
         raise trb.UserError("--plot needs matplotlib (pip install matplotlib)") from None
-    if os.path.isdir(out_png): raise trb.UserError(f"--plot_out {out_png!r} is a folder: name the figure's file")
     out_png = out_png if os.path.splitext(out_png)[1] else out_png + ".png"
+    if os.path.exists(out_png) and not os.path.isfile(out_png):
+        raise trb.UserError(f"--plot_out {out_png!r} is not a regular file (a folder?): name the figure's file")
     ext, folder = os.path.splitext(out_png)[1][1:].lower(), os.path.dirname(os.path.abspath(out_png))
     if ext not in FigureCanvasAgg.get_supported_filetypes():  # no figure made for the question
         raise trb.UserError(f"--plot_out {out_png!r}: matplotlib cannot write .{ext} files")
@@ -463,7 +464,7 @@ def evaluate_run(a, cks, problems, device, dtype):
     kept, rows = trb.read_metrics(out), []
     for step, path in cks:
         try:
-            run = trb.load_state(path).get("run")
+            run = str(trb.load_state(path).get("run"))  # JSON, whatever the state holds
             r = next((r for r in kept if (r.get("run"), r["step"], r.get("settings")) == (run, step, settings)), None)
             summary = evaluate_model(a, path, problems, device, dtype)[0] if r is None else None
         except trb.UserError:

@@ -1656,6 +1656,11 @@ def test_a_resume_that_fails_or_has_nothing_to_do_removes_no_checkpoint(tiny, tm
                                   "--save_total_limit", "1", "--teacher", str(tmp_path / "none"), base=False)
     trb.main(["--out_dir", str(out), "--resume", "--max_steps", "2", "--save_total_limit", "1"])  # nothing to do
     assert files_of(out) == before, "a resume that took no step changed the run directory"
+    p = os.path.join(ckpt(out), "trainer_state.pt")
+    state = torch.load(p, weights_only=True)
+    torch.save(dict(state, config=dict(state["config"], save_total_limit=-5)), p)  # a damaged saved limit
+    trb.main(["--out_dir", str(out), "--resume", "--max_steps", "2", "--save_total_limit", "1"])
+    assert [s for s, _ in trb.checkpoints(str(out))] == [1, 2, 3], os.listdir(out)
 
 def test_a_fresh_run_into_a_run_is_refused_and_loses_nothing(tiny, finished_run, tmp_path):
     """Re-running into an out_dir that holds a run, or the metrics of one that never saved: one line naming --resume
@@ -2083,6 +2088,7 @@ BAD_STATE = {  # name -> (a change to trainer_state.pt, words of the one-line er
     "no config": (lambda s: s.pop("config"), "lacks its 'config' entry"),
     "history text": (lambda s: s.update(history="step 1"), "'history' is 'step 1', not a valid history"),
     "history of numbers": (lambda s: s.update(history=[1, 2]), "'history' is '[1, 2]', not a valid history"),
+    "history not encodable": (lambda s: s.update(history=["\ud800\n"]), "can't encode character"),
     "config lr text": (lambda s: s["config"].update(lr="fast"), "config: lr is 'fast', not of type float"),
     "config seed float": (lambda s: s["config"].update(seed=1.5), "config: seed is 1.5, not of type int"),
     "rng missing torch": (lambda s: s["rng"].pop("torch"), "is damaged or does not fit"),
@@ -2911,6 +2917,8 @@ def test_eval_checkpoints_all_refuses_foreign_rows_files_and_skips_removed(tiny,
     assert "is not a regular file" in eval_error(*flags, "--out", str(tmp_path / "fifo"))
     assert "is not a regular file" in eval_error(*flags[:-2], "--out", str(tmp_path / "fifo"))
     assert stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode), "a FIFO replaced by a file"
+    (tmp_path / "fig.png").mkdir()
+    assert "not a regular file" in eval_error(*flags, "--plot", "--plot_out", str(tmp_path / "fig"))
     monkeypatch.undo()
     ev.main(flags[:-2] + ["--out", str(tmp_path / "problems.jsonl")])
     ev.main(flags[:-2] + ["--out", str(tmp_path / "problems.jsonl")])  # its own lines: replaced

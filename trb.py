@@ -1531,7 +1531,7 @@ def checkpoints(d):
 def prune(d, limit):
     """After a save: the older checkpoints keep their weights only, and at most `limit` stay (0: every one)."""
     for f in os.listdir(d): re.fullmatch(CK + re.escape(DEL), f) and shutil.rmtree(os.path.join(d, f))  # replaced
-    for _, p in checkpoints(d)[:-limit] if limit else []: retire(p)
+    for _, p in checkpoints(d)[:-limit] if limit > 0 else []: retire(p)
     for _, p in checkpoints(d)[:-1]:
         _remove(os.path.join(p, "optimizer.pt"))
         shutil.rmtree(os.path.join(p, "optimizer"), ignore_errors=True)  # FSDP2's shards
@@ -1558,9 +1558,9 @@ def write_lines(path, lines):
     try:
         with open(tmp, "w") as f: f.writelines(lines)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, UnicodeError) as e:                    # a full disk; a damaged state's history
         _remove(tmp)
-        raise UserError(f"cannot write {path} ({e.strerror})") from None
+        raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or _short(e)})") from None
 
 STATE = dict(step=int, config=dict, world=int, rng=dict, history=list)  # trainer_state.pt's entries
 
@@ -1739,12 +1739,12 @@ def _interrupt(signum=None, frame=None):
     _ignore_signals()
     raise KeyboardInterrupt
 
-def _ignore_signals():
-    for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, lambda *_: None)  # not SIG_IGN: a pending one errs
+def _ignore_signals(final=False):  # a no-op while stopping (SIG_IGN: a race error); at exit SIG_IGN: shutdown keeps it
+    for sig in (signal.SIGINT, signal.SIGTERM): signal.signal(sig, signal.SIG_IGN if final else lambda *_: None)
 
 
 if __name__ == "__main__":
     try:
         main()
     finally:  # the process is ending: a late signal must not replace its exit status (1, or 0) with its own
-        _ignore_signals()
+        _ignore_signals(final=True)
