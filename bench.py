@@ -554,8 +554,8 @@ def write_md(path, block, title, t0):
     """--md: the run's table into path (docs/benchmarks.md) as the block named `block`, between its two marker lines:
     replaced where the file has it, appended where it does not; the rest of the file stays."""
     import platform
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor()) if os.path.isfile("/proc/cpuinfo") else platform.processor()
+    cpu = next((l.split(":", 1)[1].strip() for l in trb.read_lines("/proc/cpuinfo") if l.startswith("model name")),
+               platform.processor())
     here = os.path.dirname(os.path.abspath(__file__))
     git = lambda *c: subprocess.run(["git", *c], cwd=here, capture_output=True, text=True).stdout.strip()  # noqa
     commit = (git("rev-parse", "--short", "HEAD") or "?") + (" + uncommitted changes" * bool(git("status", "-s",
@@ -569,8 +569,7 @@ def write_md(path, block, title, t0):
     old = open(path).read() if os.path.isfile(path) else "# Benchmarks\n"
     i, j = old.find(begin), old.find(end)
     new = old[:i] + text + old[j + len(end):] if 0 <= i < j else old.rstrip("\n") + "\n\n" + text + "\n"
-    with open(path + ".part", "w") as f: f.write(new)
-    os.replace(path + ".part", path)
+    trb.write_lines(path, [new])                             # atomically; a failure is one line
     print(f"bench | the table is in {path} ({block})", flush=True)
 
 @dataclass

@@ -451,13 +451,12 @@ def evaluate_model(a, path, problems, device, dtype):
 def best_of(rows):
     return max(rows, key=lambda r: r["accuracy"])  # the earliest of the best
 
-def evaluate_run(a, cks, problems, device, dtype):
+def evaluate_run(a, cks, problems, device, dtype, out):
     """
     --checkpoints all: every checkpoint of the run, with the same settings. Each row (step, run, accuracy, stderr,
-    n, settings) goes to --out as soon as it is scored, and a row of the same checkpoint and settings there is read
-    back, not run again. Prints the table with the best marked. Returns the rows, oldest first.
+    n, settings) goes to out (rows_file's) as soon as it is scored, and a row of the same checkpoint and settings
+    there is read back, not run again. Prints the table with the best marked. Returns the rows, oldest first.
     """
-    out = rows_file(a)
     settings = {k: getattr(a, k) for k in ("task", "limit", "n_samples", "temperature", "max_new_tokens", "batch_size",
                                            "seed")}
     settings.update(data_file=os.path.abspath(a.data_file) if a.data_file else "", dtype=str(dtype), device=device.type)
@@ -493,7 +492,7 @@ def rows_file(a):
     out, keys = (a.out or os.path.join(a.model, f"eval-{a.task}.jsonl"), {"step", "run", "settings"}) if every else (
         a.out, {"prompt", "completions", "gold", "correct"})
     flag = "--out" if a.out else "the rows' file (--out)"
-    if os.path.exists(out) and not os.path.isfile(out) and not os.path.isdir(out):  # a device, a FIFO: never replaced
+    if os.path.exists(out) and not os.path.isfile(out):  # a folder, a device, a FIFO: never replaced
         raise trb.UserError(f"{flag} {out!r} is not a regular file: choose a file")
     try:
         with open(out) if os.path.isfile(out) else contextlib.nullcontext([]) as f:
@@ -503,7 +502,7 @@ def rows_file(a):
         ours = False
     except OSError as e:
         raise trb.UserError(f"{flag} {out!r} cannot be written ({e.strerror})") from None
-    if not ours or os.path.isdir(out):
+    if not ours:
         what = "rows of checkpoints" if every else "lines of problems"
         raise trb.UserError(f"{flag} {out!r} holds other lines than eval.py's {what}: choose another file")
     return out
@@ -525,13 +524,13 @@ def main(argv=None):
         cks = run_checkpoints(a.model)
         if every and not cks: raise trb.UserError(f"--checkpoints all needs a trb.py run directory as --model, not "
                                                   f"{a.model!r}")
-        if every or a.out: rows_file(a)
+        out = rows_file(a) if every or a.out else ""
         device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         auto = torch.bfloat16 if device.type == "cuda" else torch.float32
         dtype = getattr(torch, a.dtype) if a.dtype != "auto" else auto
         problems = load_problems(a.task, a.data_file, a.limit)
         if every:
-            rows = evaluate_run(a, cks, problems, device, dtype)
+            rows = evaluate_run(a, cks, problems, device, dtype, out)
             if "plot" in given: print(plot_accuracy(rows, a.task, a.plot_out))
             return rows
         summary, comps, verdicts = evaluate_model(a, cks[-1][1] if cks else a.model, problems, device, dtype)

@@ -2917,6 +2917,9 @@ def test_eval_checkpoints_all_refuses_foreign_rows_files_and_skips_removed(tiny,
     assert "is not a regular file" in eval_error(*flags, "--out", str(tmp_path / "fifo"))
     assert "is not a regular file" in eval_error(*flags[:-2], "--out", str(tmp_path / "fifo"))
     assert stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode), "a FIFO replaced by a file"
+    (out / "eval-gsm8k.jsonl").mkdir()  # the default rows file, a folder of the user's
+    assert "the rows' file (--out)" in (msg := eval_error(*flags)) and "is not a regular file" in msg, msg
+    (out / "eval-gsm8k.jsonl").rmdir()
     (tmp_path / "fig.png").mkdir()
     assert "not a regular file" in eval_error(*flags, "--plot", "--plot_out", str(tmp_path / "fig"))
     monkeypatch.undo()
@@ -3036,7 +3039,23 @@ BENCH_BAD = {  # what is wrong -> (flags, words of the one line); {f}: a file, {
     "--export to a file": (["--export", "{f}"], "is a file"),
     "--export under a file": (["--export", "{f}/pair"], "cannot write the SmolLM2 pair to"),
     "--export where a teacher/ holds no model": (["--export", "{d}"], "teacher' exists but holds no model"),
+    "--md in a missing folder": (["--md", "{d}/no/benchmarks.md"], "no such folder"),
 }
+
+def test_bench_md_replaces_its_own_block_and_keeps_the_rest(tmp_path, monkeypatch):
+    """bench.py --md: a run's table goes between its block's markers, replacing that block's earlier table; another
+    kind's block and the page's own text stay; a page without the block gets it appended."""
+    import bench
+    md = tmp_path / "benchmarks.md"
+    md.write_text("# Benchmarks\n\nmy notes\n\n<!-- bench.py: gpu-step -->\nold gpu\n<!-- /bench.py: gpu-step -->\n")
+    for value in ("0.111", "0.222"):
+        monkeypatch.setattr(bench, "ROWS", [])
+        bench.row("R1 TRB rollout / floor", value, "<= 1.15")
+        bench.write_md(str(md), "cpu", "cpu: bench.py (a test)", 0.0)
+    text = md.read_text()
+    assert text.count("<!-- bench.py: cpu -->") == 1 and "0.222" in text and "0.111" not in text, text
+    assert "my notes" in text and "old gpu" in text and text.index("old gpu") < text.index("0.222"), text
+    assert not [f for f in os.listdir(tmp_path) if f != "benchmarks.md"], "a temporary file was left"
 
 @pytest.mark.parametrize("case", list(BENCH_BAD))
 def test_bench_bad_flags_are_one_line_before_any_model(tmp_path, monkeypatch, case):
